@@ -1,0 +1,256 @@
+//! The local control API: HTTP/1.1 + JSON over the daemon's unix socket.
+//!
+//! Routes (all under `/v1`):
+//! - `GET  /v1/status` → [`Status`]
+//! - `POST /v1/services/{name}/{start|stop|restart}` → [`ActionReply`]
+//! - `GET  /v1/services/{name}/logs?n=N&follow=BOOL` → `text/plain` lines (streamed when following)
+//! - `POST /v1/shutdown` with [`ShutdownRequest`] → [`ActionReply`], or with `wait` a
+//!   stream of [`Event`] as JSON lines until the daemon is `off`
+//! - `GET  /v1/events` → a stream of [`Event`] as JSON lines
+//!
+//! Errors are a non-2xx status with an [`ApiError`] body.
+
+use serde::{Deserialize, Serialize};
+
+/// Workspace lifecycle, in Coder's vocabulary and order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Lifecycle {
+    Created,
+    Starting,
+    StartTimeout,
+    StartError,
+    Ready,
+    ShuttingDown,
+    ShutdownTimeout,
+    ShutdownError,
+    Off,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Created => "created",
+            Lifecycle::Starting => "starting",
+            Lifecycle::StartTimeout => "start_timeout",
+            Lifecycle::StartError => "start_error",
+            Lifecycle::Ready => "ready",
+            Lifecycle::ShuttingDown => "shutting_down",
+            Lifecycle::ShutdownTimeout => "shutdown_timeout",
+            Lifecycle::ShutdownError => "shutdown_error",
+            Lifecycle::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for Lifecycle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// State of one supervised service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Not started yet (waiting for its turn or for a dependency to become healthy).
+    Pending,
+    /// Running, health check not yet passed.
+    Starting,
+    /// Running and healthy (or running with no health check).
+    Running,
+    /// Running, but the health check has failed past its threshold.
+    Unhealthy,
+    /// Exited; waiting out the restart delay.
+    Backoff,
+    /// Being stopped.
+    Stopping,
+    /// Stopped on request (or exited with `restart = never` / clean exit under `on-failure`).
+    Stopped,
+    /// Gave up: too many failures in the window, or never became healthy. Stays so until
+    /// started by hand.
+    Failed,
+    /// A default service whose program is not installed.
+    Absent,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Pending => "pending",
+            ServiceState::Starting => "starting",
+            ServiceState::Running => "running",
+            ServiceState::Unhealthy => "unhealthy",
+            ServiceState::Backoff => "backoff",
+            ServiceState::Stopping => "stopping",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Failed => "failed",
+            ServiceState::Absent => "absent",
+        }
+    }
+}
+
+impl std::fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Result of the last health check of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// The service has no health check.
+    None,
+    /// No verdict yet.
+    Unknown,
+    Healthy,
+    Unhealthy,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// RFC 3339 time of the exit.
+    pub at: String,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit {c}"),
+            (None, Some(s)) => write!(f, "signal {s}"),
+            _ => f.write_str("unknown"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub state: ServiceState,
+    pub pid: Option<u32>,
+    /// Restarts since the daemon started (by policy or by hand).
+    pub restarts: u32,
+    pub health: Health,
+    pub last_exit: Option<ExitInfo>,
+    /// Why the service is in its state (e.g. the failing health check, the missing program).
+    pub message: Option<String>,
+}
+
+/// One step of the startup pipeline or one phase of the stop sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepStatus {
+    pub name: String,
+    /// `running`, `ok`, `failed`, `cut` or `skipped`.
+    pub outcome: String,
+    pub duration_ms: Option<u64>,
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    /// True when the daemon runs as PID 1 of its pid namespace.
+    pub pid1: bool,
+    pub lifecycle: Lifecycle,
+    pub uptime_ms: u64,
+    pub config_files: Vec<String>,
+    pub services: Vec<ServiceStatus>,
+    /// Startup steps, in order.
+    pub startup: Vec<StepStatus>,
+    /// Stop phases, in order (empty until the stop sequence starts).
+    pub shutdown: Vec<StepStatus>,
+    /// Control-plane state: `standalone`, `connected`, `unreachable`, ...
+    #[serde(default)]
+    pub control_plane: Option<String>,
+    /// The most recent save of each repository (from the journal).
+    #[serde(default)]
+    pub last_save: Vec<crate::save::RepoOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionReply {
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ShutdownRequest {
+    /// Stream progress until the daemon is `off`.
+    #[serde(default)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// Log levels, in Coder's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+/// What an [`Event`] is about.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The workspace lifecycle changed.
+    Lifecycle { state: Lifecycle },
+    /// A startup step or a stop phase started or ended.
+    Step {
+        /// `startup` or `shutdown`.
+        stage: String,
+        name: String,
+        outcome: String,
+        duration_ms: Option<u64>,
+    },
+    /// A service changed state or health.
+    Service {
+        name: String,
+        state: ServiceState,
+        health: Health,
+        pid: Option<u32>,
+    },
+    /// One repository's save finished.
+    Save { outcome: crate::save::RepoOutcome },
+    /// Anything else worth a line in the dashboard.
+    Note,
+}
+
+/// Something the daemon did that a user may want to see: the unit of the event sink that
+/// the control-plane reporter, `shutdown --wait` and `save` stream consume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// RFC 3339 time.
+    pub at: String,
+    pub level: Level,
+    /// One human-readable line.
+    pub message: String,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}

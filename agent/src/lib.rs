@@ -1,0 +1,19 @@
+//! wsagent: PID 1 for cloud development workspaces.
+//!
+//! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin shell over
+//! [`cli::main`].
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod events;
+pub mod health;
+pub mod logging;
+pub mod procs;
+pub mod save;
+pub mod secrets;
+pub mod signals;
+pub mod supervisor;
+pub mod tokens;

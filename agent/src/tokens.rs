@@ -1,0 +1,164 @@
+//! Git hosting tokens: which providers exist, where their tokens are cached, and the
+//! credentials the save phase pushes with.
+//!
+//! A provider is a Coder external-auth provider (`id`, e.g. `github`) tied to a git host
+//! (`github.com`). Its token is cached in one file (mode 0600, e.g.
+//! `~/.cache/coder/github_token`); that file is the only place on disk a token may be.
+//! The control-plane module keeps the cache fresh; [`Tokens::for_host`] gives the save
+//! phase the candidates to try, freshest first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secrets::Secret;
+
+/// One git provider (`[git_providers.<id>]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitProvider {
+    /// Git host served by this provider, e.g. `github.com`.
+    pub host: String,
+    /// Basic-auth user name sent with the token. Default by host: GitHub
+    /// `x-access-token`, GitLab `oauth2`, Bitbucket `x-token-auth`, others
+    /// `x-access-token`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Where the token is cached; default `~/.cache/coder/<id>_token`.
+    #[serde(default)]
+    pub cache_file: Option<String>,
+    /// The `match` sent to Coder's external-auth route; default `https://<host>`.
+    #[serde(default, rename = "match")]
+    pub match_url: Option<String>,
+    /// How often the cached token is refreshed from the control plane.
+    #[serde(default = "default_refresh", with = "humantime_serde")]
+    pub refresh_interval: std::time::Duration,
+}
+
+fn default_refresh() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 60)
+}
+
+impl GitProvider {
+    pub fn username(&self) -> String {
+        if let Some(u) = &self.username {
+            return u.clone();
+        }
+        let h = self.host.to_ascii_lowercase();
+        if h.contains("gitlab") {
+            "oauth2".into()
+        } else if h.contains("bitbucket") {
+            "x-token-auth".into()
+        } else {
+            "x-access-token".into()
+        }
+    }
+
+    pub fn cache_path(&self, id: &str, home: &Path) -> PathBuf {
+        match &self.cache_file {
+            Some(p) => crate::config::expand_home(p, home),
+            None => home.join(".cache/coder").join(format!("{id}_token")),
+        }
+    }
+
+    pub fn match_url(&self) -> String {
+        self.match_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{}", self.host))
+    }
+}
+
+/// A user name and token to push with.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub username: String,
+    pub token: Secret,
+    /// Where it came from (`fresh`, `cache`), for logs.
+    pub source: &'static str,
+}
+
+/// Fetches a fresh token for a provider id (the control plane plugs in here).
+pub type FreshFetch = Arc<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Secret>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The token source the save phase uses.
+#[derive(Clone)]
+pub struct Tokens {
+    pub providers: BTreeMap<String, GitProvider>,
+    pub home: PathBuf,
+    /// Optional fresh fetch, tried before the cache file (bounded by the caller).
+    pub fresh: Option<FreshFetch>,
+}
+
+impl Tokens {
+    pub fn new(providers: BTreeMap<String, GitProvider>, home: PathBuf) -> Tokens {
+        Tokens {
+            providers,
+            home,
+            fresh: None,
+        }
+    }
+
+    /// The provider id serving `host`, if any.
+    pub fn provider_for_host(&self, host: &str) -> Option<(&String, &GitProvider)> {
+        self.providers
+            .iter()
+            .find(|(_, p)| p.host.eq_ignore_ascii_case(host))
+    }
+
+    /// Read a provider's cached token (trimmed); `None` when absent or empty.
+    pub fn cached(&self, id: &str) -> Option<Secret> {
+        let p = self.providers.get(id)?;
+        let text = std::fs::read_to_string(p.cache_path(id, &self.home)).ok()?;
+        let t = text.trim();
+        (!t.is_empty()).then(|| Secret::new(t))
+    }
+
+    /// Credentials to try for `host`, freshest first, without duplicates.
+    pub async fn for_host(&self, host: &str) -> Vec<Credential> {
+        let Some((id, p)) = self.provider_for_host(host) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Credential> = Vec::new();
+        if let Some(fetch) = &self.fresh
+            && let Some(t) = fetch(id.clone()).await
+        {
+            out.push(Credential {
+                username: p.username(),
+                token: t,
+                source: "fresh",
+            });
+        }
+        if let Some(t) = self.cached(id)
+            && !out.iter().any(|c| c.token == t)
+        {
+            out.push(Credential {
+                username: p.username(),
+                token: t,
+                source: "cache",
+            });
+        }
+        out
+    }
+}
+
+/// The default providers: GitHub.
+pub fn default_providers() -> BTreeMap<String, GitProvider> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "github".into(),
+        GitProvider {
+            host: "github.com".into(),
+            username: None,
+            cache_file: Some("~/.cache/coder/github_token".into()),
+            match_url: Some("https://github.com".into()),
+            refresh_interval: default_refresh(),
+        },
+    );
+    m
+}
