@@ -90,6 +90,7 @@ pub fn serve(
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/events", get(events))
+        .merge(crate::startup::routes())
         .layer(axum::middleware::from_fn(check_peer))
         .with_state(shared);
     tracing::info!(socket = %socket.display(), "local API listening");

@@ -39,6 +39,12 @@ pub struct Config {
     pub control_plane: crate::control::ControlPlaneConfig,
     /// Git hosts whose tokens wsagent caches and pushes with, by Coder provider id.
     pub git_providers: BTreeMap<String, crate::tokens::GitProvider>,
+    pub startup: crate::startup::StartupConfig,
+    pub dotfiles: crate::startup::DotfilesConfig,
+    /// `[[once]]`: one-time tasks guarded by marker files.
+    pub once: Vec<crate::startup::OnceConfig>,
+    /// `[[task]]`: startup tasks, each in a pseudo-terminal.
+    pub task: Vec<crate::startup::TaskConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -735,6 +741,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     }
     out.extend(crate::save::validate(&config.save));
     out.extend(crate::control::validate(&config.control_plane));
+    out.extend(crate::startup::validate(config));
     out
 }
 

@@ -365,6 +365,12 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         ),
     }
 
+    if failed.is_none()
+        && let Err(e) = crate::startup::before_services(&shared).await
+    {
+        failed = Some(e);
+    }
+
     let t = Instant::now();
     shared.record("startup", "services", "running", None, None);
     {
@@ -394,6 +400,9 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         ),
     };
     shared.record("startup", "services", outcome, Some(t.elapsed()), msg);
+    if let Err(e) = crate::startup::after_services(&shared).await {
+        failed = Some(e);
+    }
     let lifecycle = if failed.is_some() {
         Lifecycle::StartError
     } else {

@@ -16,5 +16,6 @@ pub mod procs;
 pub mod save;
 pub mod secrets;
 pub mod signals;
+pub mod startup;
 pub mod supervisor;
 pub mod tokens;
