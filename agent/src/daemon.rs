@@ -262,6 +262,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     };
 
+    let (_watcher, mut config_changed) = watch_config_files(&opts.sources);
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<
@@ -292,6 +293,15 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
                 }
                 None => {}
             },
+            Some(()) = config_changed.recv() => {
+                // Editors write in several steps: let the burst settle, then reload once.
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while config_changed.try_recv().is_ok() {}
+                if stopping.is_none() {
+                    tracing::info!("a config file changed");
+                    reload(&shared).await;
+                }
+            }
             _ = shared.stop.cancelled(), if stopping.is_none() => {
                 stopping = Some(Box::pin(stop_sequence(shared.clone())));
             }
@@ -309,6 +319,46 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     let _ = std::fs::remove_file(&socket);
     signal_thread.close();
     code
+}
+
+/// Watch the config files (their directories, since editors replace files by rename).
+fn watch_config_files(
+    sources: &Sources,
+) -> (
+    Option<notify::RecommendedWatcher>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use notify::Watcher;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let files: Vec<PathBuf> = [sources.system_file.clone(), sources.explicit.clone()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let wanted = files.clone();
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !ev.kind.is_access()
+            && ev.paths.iter().any(|p| wanted.iter().any(|w| p == w))
+        {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config files; reload with SIGHUP");
+            return (None, rx);
+        }
+    };
+    for f in &files {
+        if let Some(dir) = f.parent()
+            && dir.is_dir()
+            && let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a config directory");
+        }
+    }
+    (Some(watcher), rx)
 }
 
 async fn reload(shared: &Arc<Shared>) {

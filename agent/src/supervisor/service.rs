@@ -221,6 +221,7 @@ impl Task {
                     if !self.wait_for_start().await {
                         return;
                     }
+                    self.bump_restarts();
                     continue;
                 }
                 RunEnd::Restart => {
@@ -268,6 +269,7 @@ impl Task {
                     if !self.wait_for_start().await {
                         return;
                     }
+                    self.bump_restarts();
                 }
                 AfterExit::GiveUp => {
                     let n = self.failures.at.len();
@@ -284,6 +286,7 @@ impl Task {
                     if !self.wait_for_start().await {
                         return;
                     }
+                    self.bump_restarts();
                 }
             }
         }
