@@ -90,6 +90,7 @@ pub fn serve(
         .route("/v1/services/{name}/logs", get(service_logs))
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/events", get(events))
+        .route("/v1/save", post(save))
         .merge(crate::startup::routes())
         .layer(axum::middleware::from_fn(check_peer))
         .with_state(shared);
@@ -258,6 +259,68 @@ async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownReques
         })
         .into_response()
     }
+}
+
+/// Save now: stream each repository's outcome as it lands, then all of them.
+async fn save(
+    State(s): State<Arc<Shared>>,
+    body: Option<Json<agent_proto::local::SaveRequest>>,
+) -> Response {
+    use agent_proto::local::SaveLine;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    if s.stop.is_cancelled() {
+        return err(
+            StatusCode::CONFLICT,
+            "the stop sequence is running; it saves the work itself",
+        );
+    }
+    let rx = s.events.subscribe();
+    let budget = s.config.read().expect("lock").config.shutdown.budget;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let s2 = s.clone();
+    s.tracker.spawn(async move {
+        let deadline = tokio::time::Instant::now() + budget;
+        let only = req.repo.map(PathBuf::from);
+        let r = s2
+            .save(crate::save::Reason::Manual, only, req.dry_run, deadline)
+            .await;
+        let _ = done_tx.send(r);
+    });
+    let line = |l: &SaveLine| {
+        let mut v = serde_json::to_vec(l).unwrap_or_default();
+        v.push(b'\n');
+        Ok::<Bytes, Infallible>(Bytes::from(v))
+    };
+    let stream = futures::stream::unfold((rx, Some(done_rx)), move |(mut rx, done)| async move {
+        let mut done = done?;
+        loop {
+            // Events first: when the save ends, its last events are already queued.
+            tokio::select! {
+                biased;
+                ev = rx.recv() => match ev {
+                    Ok(ev) if matches!(ev.kind, EventKind::Save { .. }) => {
+                        return Some((line(&SaveLine::Progress { event: ev }), (rx, Some(done))));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                },
+                r = &mut done => {
+                    let item = match r {
+                        Ok(Ok(outcomes)) => line(&SaveLine::Done { outcomes }),
+                        Ok(Err(e)) => line(&SaveLine::Progress { event: agent_proto::local::Event {
+                            at: crate::events::now_rfc3339(),
+                            level: agent_proto::local::Level::Error,
+                            message: format!("save failed: {e}"),
+                            kind: EventKind::Note,
+                        }}),
+                        Err(_) => return None,
+                    };
+                    return Some((item, (rx, None)));
+                }
+            }
+        }
+    });
+    Body::from_stream(stream).into_response()
 }
 
 #[derive(serde::Deserialize)]

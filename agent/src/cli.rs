@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Save git work now: commit and push every repository with unsaved work (Coder's
+    /// `shutdown_script`). Exits 1 when anything was not pushed.
+    Save {
+        /// Only the repository containing this path.
+        #[arg(long)]
+        repo: Option<PathBuf>,
+        /// Show what would be saved; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the outcomes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check or show the configuration.
     Config {
         #[command(subcommand)]
@@ -311,10 +324,70 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
                 }
             }
         }
+        Cmd::Save {
+            repo,
+            dry_run,
+            json,
+        } => save(&client, repo, dry_run, json).await,
         Cmd::Demo => crate::demo::run().await,
         Cmd::Run { .. } | Cmd::Config { .. } | Cmd::Version | Cmd::DemoService { .. } => {
             ExitCode::SUCCESS
         }
+    }
+}
+
+async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool) -> ExitCode {
+    use agent_proto::local::SaveLine;
+    let repo = repo.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+    let body =
+        serde_json::to_vec(&agent_proto::local::SaveRequest { repo, dry_run }).unwrap_or_default();
+    let mut reply = match client.request("POST", "/v1/save", Some(body)).await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if reply.status != 200 {
+        return match reply.json::<serde_json::Value>().await {
+            Err(e) => fail(e),
+            Ok(_) => ExitCode::from(EX_FAILED),
+        };
+    }
+    let mut outcomes = None;
+    while let Some(line) = reply.next_line().await {
+        match serde_json::from_str::<SaveLine>(&line) {
+            Ok(SaveLine::Progress { event }) => {
+                if !json {
+                    println!("{}", event.message);
+                }
+            }
+            Ok(SaveLine::Done { outcomes: o }) => outcomes = Some(o),
+            Err(_) => {}
+        }
+    }
+    let Some(outcomes) = outcomes else {
+        eprintln!("wsagent: the daemon did not report the end of the save");
+        return ExitCode::from(EX_FAILED);
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).unwrap_or_default()
+        );
+    } else if outcomes.is_empty() {
+        println!("no repository found");
+    }
+    let unsafe_: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !dry_run && !crate::daemon::save_ok(o))
+        .collect();
+    if unsafe_.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "wsagent: {} of {} repositories not pushed",
+            unsafe_.len(),
+            outcomes.len()
+        );
+        ExitCode::from(EX_FAILED)
     }
 }
 

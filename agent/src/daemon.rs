@@ -44,6 +44,12 @@ pub struct Shared {
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
     pub control_status: Mutex<String>,
+    /// Every background task of the daemon, joined at exit.
+    pub tracker: TaskTracker,
+    /// One save at a time (stop, `wsagent save`, SIGUSR1).
+    pub save_lock: tokio::sync::Mutex<()>,
+    /// A fresh-token fetch from the control plane, when there is one.
+    pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
 }
 
 impl Shared {
@@ -67,8 +73,51 @@ impl Shared {
             startup: self.startup.lock().expect("lock").clone(),
             shutdown: self.shutdown.lock().expect("lock").clone(),
             control_plane: Some(self.control_status.lock().expect("lock").clone()),
-            last_save: Vec::new(),
+            last_save: crate::save::last_outcomes(&self.state_dir),
         }
+    }
+
+    /// What the save needs to know about this workspace.
+    pub fn save_env(&self) -> crate::save::SaveEnv {
+        let config = self.config.read().expect("lock").config.clone();
+        let mut tokens =
+            crate::tokens::Tokens::new(config.git_providers.clone(), self.home.clone());
+        tokens.fresh = self.fresh_token.lock().expect("lock").clone();
+        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        crate::save::SaveEnv {
+            home: self.home.clone(),
+            state_dir: self.state_dir.clone(),
+            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "workspace".into())
+            }),
+            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
+            tokens,
+            events: self.events.clone(),
+        }
+    }
+
+    /// Save git work, one save at a time, returning by `deadline`.
+    pub async fn save(
+        &self,
+        reason: crate::save::Reason,
+        only: Option<PathBuf>,
+        dry_run: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
+        let Ok(_guard) = tokio::time::timeout_at(deadline, self.save_lock.lock()).await else {
+            return Err("another save is still running".into());
+        };
+        let cfg = self.config.read().expect("lock").config.save.clone();
+        let req = crate::save::SaveRequest {
+            reason,
+            only,
+            dry_run,
+        };
+        Ok(crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await)
     }
 
     pub fn set_lifecycle(&self, state: Lifecycle) {
@@ -240,7 +289,16 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         state_dir: state_dir.clone(),
         log_dir,
         control_status: Mutex::new("standalone".into()),
+        tracker: tracker.clone(),
+        save_lock: tokio::sync::Mutex::new(()),
+        fresh_token: Mutex::new(None),
     });
+    if let Some(summary) = crate::save::previous_save_summary(&state_dir) {
+        tracing::info!("previous save: {summary}");
+        shared
+            .events
+            .note(Level::Info, format!("previous save: {summary}"));
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         pid = std::process::id(),
@@ -288,8 +346,19 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
                     }
                 }
                 Some(Signal::SaveNow) => {
-                    tracing::info!("SIGUSR1 received: saving git work now");
-                    shared.events.note(Level::Info, "SIGUSR1: save requested");
+                    if stopping.is_some() {
+                        tracing::info!("SIGUSR1 received during the stop sequence: the stop saves anyway");
+                    } else {
+                        tracing::info!("SIGUSR1 received: saving git work now");
+                        let s = shared.clone();
+                        let budget = s.config.read().expect("lock").config.shutdown.budget;
+                        tracker.spawn(async move {
+                            let deadline = tokio::time::Instant::now() + budget;
+                            if let Err(e) = s.save(crate::save::Reason::Signal, None, false, deadline).await {
+                                tracing::warn!("SIGUSR1 save skipped: {e}");
+                            }
+                        });
+                    }
                 }
                 None => {}
             },
@@ -639,9 +708,42 @@ impl Drop for KillGroupOnDrop {
     }
 }
 
-/// The save phase: the seam the save-on-stop work fills.
-async fn save_phase(_shared: Arc<Shared>, _deadline: tokio::time::Instant) -> Phase {
-    Phase::Ok(Some("saving is not configured".into()))
+/// The save phase: every repository's unsaved work, committed and pushed.
+async fn save_phase(shared: Arc<Shared>, deadline: tokio::time::Instant) -> Phase {
+    let outcomes = match shared
+        .save(crate::save::Reason::Stop, None, false, deadline)
+        .await
+    {
+        Ok(o) => o,
+        Err(e) => return Phase::Failed(e),
+    };
+    summarize_save(&outcomes)
+}
+
+/// `ok` when nothing is left unpushed; the message counts each result.
+fn summarize_save(outcomes: &[agent_proto::save::RepoOutcome]) -> Phase {
+    if outcomes.is_empty() {
+        return Phase::Ok(Some("no repository found".into()));
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in outcomes {
+        *counts.entry(o.result.as_str()).or_default() += 1;
+    }
+    let msg = counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if outcomes.iter().all(|o| save_ok(o)) {
+        Phase::Ok(Some(msg))
+    } else {
+        Phase::Failed(msg)
+    }
+}
+
+/// A repository whose work is safe on its remote (or had nothing to save).
+pub fn save_ok(o: &agent_proto::save::RepoOutcome) -> bool {
+    matches!(o.result.as_str(), "pushed" | "clean" | "unchanged")
 }
 
 /// The flush phase: deliver reports (the control-plane reporter plugs in here).
