@@ -734,7 +734,7 @@ fn summarize_save(outcomes: &[agent_proto::save::RepoOutcome]) -> Phase {
         .map(|(k, v)| format!("{v} {k}"))
         .collect::<Vec<_>>()
         .join(", ");
-    if outcomes.iter().all(|o| save_ok(o)) {
+    if outcomes.iter().all(save_ok) {
         Phase::Ok(Some(msg))
     } else {
         Phase::Failed(msg)
