@@ -595,8 +595,7 @@ fn external_auth(s: &State, access_url: &str, rec: &Recorded) -> Answer {
     } else {
         s.providers
             .iter()
-            .filter(|p| !p.matches.is_empty() && matcher.contains(&p.matches))
-            .next_back()
+            .rfind(|p| !p.matches.is_empty() && matcher.contains(&p.matches))
     };
     let Some(p) = provider else {
         let what = if id.is_empty() { &matcher } else { &id };

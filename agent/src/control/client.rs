@@ -142,12 +142,11 @@ impl Client {
                 path: path.clone(),
                 detail: e.to_string(),
             })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                ClientError::CaFile {
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ClientError::CaFile {
                     path: path.clone(),
                     detail: e.to_string(),
-                }
-            })?;
+                })?;
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder
@@ -172,18 +171,20 @@ impl Client {
         timeout: Duration,
     ) -> Result<(u16, R), ApiError> {
         let path = format!("{}{route}", coder::AGENT_ME);
-        let mut url = Url::parse(&format!("{}{path}", self.base)).map_err(|e| ApiError::Connect {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
+        let mut url =
+            Url::parse(&format!("{}{path}", self.base)).map_err(|e| ApiError::Connect {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?;
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
         let mut headers = HeaderMap::new();
-        let mut tok = HeaderValue::from_str(self.token.expose()).map_err(|_| ApiError::Connect {
-            path: path.clone(),
-            detail: "the agent token is not a valid header value".into(),
-        })?;
+        let mut tok =
+            HeaderValue::from_str(self.token.expose()).map_err(|_| ApiError::Connect {
+                path: path.clone(),
+                detail: "the agent token is not a valid header value".into(),
+            })?;
         tok.set_sensitive(true);
         headers.insert(coder::SESSION_TOKEN_HEADER, tok);
         let mut req = self
@@ -195,7 +196,10 @@ impl Client {
             req = req.json(b);
         }
         let send = async {
-            let resp = req.send().await.map_err(|e| transport_error(&path, e, timeout))?;
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| transport_error(&path, e, timeout))?;
             let status = resp.status();
             let retry_after = resp
                 .headers()
@@ -261,9 +265,7 @@ impl Client {
                 Err(e) if !e.retryable() => return Err(e),
                 Err(e) => e,
             };
-            let delay = err
-                .retry_after()
-                .unwrap_or_else(|| backoff.next_delay());
+            let delay = err.retry_after().unwrap_or_else(|| backoff.next_delay());
             if Instant::now() + delay >= deadline {
                 return Err(err);
             }

@@ -162,7 +162,9 @@ impl LogQueue {
                 b.limit_notice = true;
                 break;
             }
-            if size + n + coder::OVERHEAD_PER_LOG > coder::MAX_BYTES_PER_BATCH {
+            // Room is kept for the notice, so a batch that ends with it still fits.
+            let room = coder::MAX_BYTES_PER_BATCH - LIMIT_NOTICE.len() - coder::OVERHEAD_PER_LOG;
+            if size + n + coder::OVERHEAD_PER_LOG > room {
                 break;
             }
             size += n + coder::OVERHEAD_PER_LOG;
@@ -495,7 +497,11 @@ mod tests {
         let mut q = LogQueue::new(10);
         q.push_event(&ev(Level::Warn, "one\r\ntwo"));
         let b = q.next_batch(0);
-        let got: Vec<_> = b.logs.iter().map(|l| (l.output.as_str(), l.level.as_str())).collect();
+        let got: Vec<_> = b
+            .logs
+            .iter()
+            .map(|l| (l.output.as_str(), l.level.as_str()))
+            .collect();
         assert_eq!(got, [("one", "warn"), ("two", "warn")]);
         assert_eq!(b.last_seq, Some(1));
     }
@@ -526,11 +532,13 @@ mod tests {
         for _ in 0..70 {
             q.push_event(&ev(Level::Info, &big));
         }
+        // 1 MiB of output is also the whole per-agent limit: the batch ends with the
+        // notice, and still stays within 1 MiB counting the overhead.
         let b = q.next_batch(0);
         let size: usize = b.logs.iter().map(|l| l.output.len() + 21).sum();
-        assert!(size <= 1 << 20);
-        assert_eq!(b.logs.len(), (1 << 20) / (MAX_LINE_BYTES + 21));
-        assert!(!b.limit_notice);
+        assert!(size <= 1 << 20, "{size}");
+        assert!(b.limit_notice);
+        assert_eq!(b.logs.len(), 63 + 1);
     }
 
     #[test]

@@ -111,10 +111,7 @@ pub fn validate(cfg: &ControlPlaneConfig) -> Vec<(String, String)> {
     if cfg.log_batch_interval < Duration::from_millis(50)
         || cfg.log_batch_interval > Duration::from_secs(10)
     {
-        bad(
-            "log_batch_interval",
-            "must be between 50ms and 10s".into(),
-        );
+        bad("log_batch_interval", "must be between 50ms and 10s".into());
     }
     if cfg.log_queue_lines == 0 {
         bad("log_queue_lines", "must be at least 1".into());
@@ -413,8 +410,7 @@ impl ControlHandle {
             return;
         }
         let deadline = Instant::now() + self.inner.cfg.request_timeout;
-        let Ok(_guard) = tokio::time::timeout_at(deadline, self.inner.app_lock.lock()).await
-        else {
+        let Ok(_guard) = tokio::time::timeout_at(deadline, self.inner.app_lock.lock()).await else {
             tracing::warn!(state, "app status not reported: an earlier report is stuck");
             return;
         };
@@ -494,9 +490,13 @@ impl ControlHandle {
                     self.written()
                         .insert(id.to_string(), t.expose().to_string());
                     match git::write_cache(&path, &t) {
-                        Ok(true) => tracing::info!(provider = %id, path = %path.display(), "git token cached"),
+                        Ok(true) => {
+                            tracing::info!(provider = %id, path = %path.display(), "git token cached")
+                        }
                         Ok(false) => {}
-                        Err(e) => tracing::warn!(provider = %id, error = %e, "git token not cached"),
+                        Err(e) => {
+                            tracing::warn!(provider = %id, error = %e, "git token not cached")
+                        }
                     }
                 }
                 Some(Fetched::Token(t))
@@ -676,7 +676,9 @@ mod tests {
     fn no_url_or_no_token_means_standalone() {
         let cfg = ControlPlaneConfig::default();
         let env = |kv: &[(&str, &str)]| -> HashMap<String, String> {
-            kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
         assert!(matches!(connect(&cfg, &env(&[])), Err(Standalone::NoUrl)));
         assert!(matches!(
