@@ -204,7 +204,8 @@ async fn lines_arrive_in_order_under_wsagents_log_source() {
     assert_eq!(sources[0].display_name, "wsagent");
     assert_eq!(sources[0].id, control::logs::source_id());
     let reqs = fake.requests();
-    assert!(reqs[0].path.ends_with("/me/log-source"), "{}", reqs[0].path);
+    let first = |suffix: &str| reqs.iter().position(|r| r.path.ends_with(suffix)).unwrap();
+    assert!(first("/me/log-source") < first("/me/logs"));
     assert!(
         reqs.iter()
             .all(|r| r.header("coder-session-token") == Some(&fake.token()))
@@ -355,6 +356,50 @@ async fn garbage_answers_are_logged_and_nothing_panics() {
         "ghp_after_garbage_4444"
     );
     s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_waits_for_retry_after_and_other_4xx_are_not_retried() {
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.send_logs = false;
+    // Only the explicit refreshes below talk to coderd.
+    s.cfg
+        .git_providers
+        .get_mut("github")
+        .unwrap()
+        .refresh_interval = Duration::from_secs(3600);
+    let h = s.start(&Setup::env(&fake));
+    fake.wait_for(WAIT, |f| !f.requests().is_empty()).await;
+    let base = fake.requests().len();
+
+    fake.set_fault(Some(Fault::Status(400)));
+    h.refresh_tokens_once(Duration::from_secs(2)).await;
+    assert_eq!(fake.requests().len(), base + 1, "a 400 is not retried");
+
+    fake.set_fault(Some(Fault::RateLimited(1)));
+    let t0 = Instant::now();
+    h.refresh_tokens_once(Duration::from_millis(2500)).await;
+    let reqs = fake.requests();
+    assert!(reqs.len() >= base + 3, "a 429 is retried");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "retry-after honoured"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_agent_token_shows_as_rejected() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let mut env = Setup::env(&fake);
+    env.insert("CODER_AGENT_TOKEN".into(), uuid::Uuid::new_v4().to_string());
+    let h = s.start(&env);
+    eventually("rejected status", || h.status().starts_with("rejected")).await;
+    assert!(h.status().contains("http 401"), "{}", h.status());
     s.stop().await;
 }
 

@@ -87,6 +87,8 @@ pub enum Fault {
     MalformedJson,
     /// This status with a `codersdk.Response` body.
     Status(u16),
+    /// 429 with `Retry-After: <seconds>`.
+    RateLimited(u32),
 }
 
 /// An external-auth provider of the fake deployment.
@@ -338,12 +340,12 @@ impl FakeCoderd {
     }
 }
 
-type Answer = (StatusCode, Vec<(&'static str, &'static str)>, Vec<u8>);
+type Answer = (StatusCode, Vec<(&'static str, String)>, Vec<u8>);
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Answer {
     (
         status,
-        vec![("content-type", "application/json")],
+        vec![("content-type", "application/json".into())],
         serde_json::to_vec(body).unwrap_or_default(),
     )
 }
@@ -379,8 +381,9 @@ async fn handle(
     shared.lock().requests.push(recorded);
     let mut resp = (status, bytes).into_response();
     for (k, v) in hdrs {
-        resp.headers_mut()
-            .insert(k, header::HeaderValue::from_static(v));
+        if let Ok(v) = header::HeaderValue::from_str(&v) {
+            resp.headers_mut().insert(k, v);
+        }
     }
     resp.headers_mut().insert(
         header::CONNECTION,
@@ -446,14 +449,23 @@ fn answer(shared: &Shared, rec: &Recorded, headers: &HeaderMap) -> Answer {
         return match fault {
             Fault::Html502 => (
                 StatusCode::BAD_GATEWAY,
-                vec![("content-type", "text/html")],
+                vec![("content-type", "text/html".into())],
                 b"<html><body><h1>502 Bad Gateway</h1></body></html>".to_vec(),
             ),
             Fault::MalformedJson => (
                 StatusCode::OK,
-                vec![("content-type", "application/json")],
+                vec![("content-type", "application/json".into())],
                 b"{\"access_token\": \"unterminated".to_vec(),
             ),
+            Fault::RateLimited(secs) => {
+                let (status, mut hdrs, body) = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "You've been rate limited.",
+                    "",
+                );
+                hdrs.push(("retry-after", secs.to_string()));
+                (status, hdrs, body)
+            }
             Fault::Status(code) => error(
                 StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 "Injected fault.",
@@ -558,7 +570,7 @@ fn patch_logs(s: &mut State, body: &[u8]) -> Answer {
     }
     (
         StatusCode::OK,
-        vec![("content-type", "application/json")],
+        vec![("content-type", "application/json".into())],
         b"null".to_vec(),
     )
 }

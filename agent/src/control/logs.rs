@@ -303,6 +303,7 @@ impl Shipper {
                 Ok(_) => st.registered = true,
                 Err(e) if e.retryable() => return Err(e),
                 Err(e) => {
+                    self.board().rejected(&e);
                     tracing::warn!(error = %e, "coderd refused wsagent's log source; logs stay local");
                     self.stop(&format!("logs not sent: {e}"));
                     return Ok(Step::Idle);
@@ -344,6 +345,7 @@ impl Shipper {
             }
             Err(e) if e.retryable() => Err(e),
             Err(e) => {
+                self.board().rejected(&e);
                 tracing::warn!(error = %e, lines = body.logs.len(), "coderd refused a log batch; dropped");
                 if let Some(seq) = batch.last_seq {
                     self.queue().ack(seq);
@@ -449,7 +451,13 @@ pub async fn pump(
     loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                // Keep what was emitted before the cancel, for a flush that follows it.
+                while let Ok(ev) = rx.try_recv() {
+                    shipper.push(&ev);
+                }
+                return;
+            }
             req = drain.recv() => {
                 let Some(ack) = req else { return };
                 loop {

@@ -190,6 +190,8 @@ pub struct Board {
     /// Providers whose account is not linked, with the sign-in URL.
     sign_in: BTreeMap<String, String>,
     app_status_off: bool,
+    /// coderd refused the agent token (401/403).
+    rejected: Option<String>,
 }
 
 impl Board {
@@ -197,8 +199,16 @@ impl Board {
         self.reached = Some(ok);
         if ok {
             self.last_error = None;
+            self.rejected = None;
         } else if err.is_some() {
             self.last_error = err;
+        }
+    }
+
+    /// Note a refusal of the agent token; other refusals are the caller's business.
+    pub(crate) fn rejected(&mut self, e: &client::ApiError) {
+        if matches!(e.status(), Some(401 | 403)) {
+            self.rejected = Some(e.to_string());
         }
     }
 
@@ -206,10 +216,11 @@ impl Board {
         if let Some(why) = &self.standalone {
             return format!("standalone ({why})");
         }
-        let mut parts = vec![match self.reached {
-            None => "connecting".to_string(),
-            Some(true) => "connected".to_string(),
-            Some(false) => format!(
+        let mut parts = vec![match (self.reached, &self.rejected) {
+            (_, Some(why)) => format!("rejected: {why}"),
+            (None, _) => "connecting".to_string(),
+            (Some(true), _) => "connected".to_string(),
+            (Some(false), _) => format!(
                 "unreachable: {}",
                 self.last_error.as_deref().unwrap_or("unknown error")
             ),
@@ -519,6 +530,8 @@ impl ControlHandle {
             Err(e) => {
                 if e.retryable() {
                     lock(&self.inner.board).reached(false, Some(e.to_string()));
+                } else {
+                    lock(&self.inner.board).rejected(&e);
                 }
                 tracing::warn!(provider = %id, error = %e, "git token not refreshed");
                 None
