@@ -9,6 +9,9 @@
 //! malformed JSON, any status), app-status answering 404 like an older coderd, and the
 //! linked tokens of external-auth providers, which can be rotated.
 //!
+//! [`FakeCoderd::start_tls`] serves HTTPS with a given certificate (e.g. one signed by a
+//! private CA, as clusters reaching coderd by an internal name have).
+//!
 //! Differences from coderd, on purpose: a provider's `match` is a plain substring test
 //! instead of a Go regex; `listen` long-polls are not implemented (answered at once);
 //! every answer carries `Connection: close`, so "down" takes effect at the next request
@@ -136,6 +139,36 @@ pub struct FakeCoderd {
     shared: Arc<Shared>,
     addr: SocketAddr,
     server: Mutex<Option<JoinHandle<()>>>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// A TCP listener that completes the TLS handshake before handing a connection to axum.
+struct TlsListener {
+    tcp: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            // A client that refuses the certificate fails here; the next one is served.
+            let hs = self.acceptor.accept(tcp);
+            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), hs).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
 }
 
 impl Drop for FakeCoderd {
@@ -158,6 +191,32 @@ impl FakeCoderd {
     /// Reserve a port but do not listen on it yet (connections are refused until
     /// `set_down(false)`).
     pub async fn start_down() -> FakeCoderd {
+        FakeCoderd::reserve(None).await
+    }
+
+    /// Serve HTTPS with this certificate chain and private key (PEM); the URL names the
+    /// host `localhost`, so the certificate must be valid for it.
+    pub async fn start_tls(cert_chain_pem: &[u8], key_pem: &[u8]) -> FakeCoderd {
+        use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+        let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+            rustls::pki_types::CertificateDer::pem_slice_iter(cert_chain_pem)
+                .collect::<Result<_, _>>()
+                .expect("certificate chain PEM");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem).expect("key PEM");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("tls versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let fake = FakeCoderd::reserve(Some(acceptor)).await;
+        fake.set_down(false).await;
+        fake
+    }
+
+    async fn reserve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeCoderd {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake coderd");
@@ -174,13 +233,18 @@ impl FakeCoderd {
             }],
             ..State::default()
         };
+        let access_url = match tls {
+            Some(_) => format!("https://localhost:{}", addr.port()),
+            None => format!("http://{addr}"),
+        };
         FakeCoderd {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                access_url: format!("http://{addr}"),
+                access_url,
             }),
             addr,
             server: Mutex::new(None),
+            tls,
         }
     }
 
@@ -239,9 +303,21 @@ impl FakeCoderd {
         let app = axum::Router::new().fallback(move |method, uri, headers, body| {
             handle(shared.clone(), method, uri, headers, body)
         });
-        *server = Some(tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        }));
+        *server = Some(match self.tls.clone() {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(acceptor) => tokio::spawn(async move {
+                let _ = axum::serve(
+                    TlsListener {
+                        tcp: listener,
+                        acceptor,
+                    },
+                    app,
+                )
+                .await;
+            }),
+        });
     }
 
     /// Delay every answer by this much (zero: none).

@@ -62,12 +62,48 @@ pub struct CacheError {
     pub source: std::io::Error,
 }
 
-/// Create `dir` (and parents) and make `dir` itself mode 0700.
+/// Who should own a file created in `dir`: when wsagent runs as root, the (non-root)
+/// owner of the nearest existing directory, so that the user's git (running
+/// `wsagent git-askpass` as that user) can read a cache under the user's HOME.
+fn inherited_owner(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if let Ok(m) = std::fs::metadata(d) {
+            return (m.uid() != 0).then_some((m.uid(), m.gid()));
+        }
+        p = d.parent();
+    }
+    None
+}
+
+/// Create `dir` (and missing parents, mode 0700, owned like their parent) and make
+/// `dir` itself mode 0700.
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
+    let mut missing = Vec::new();
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        p = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        let owner = d.parent().and_then(inherited_owner);
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
     let meta = std::fs::metadata(dir)?;
     if meta.permissions().mode() & 0o777 != 0o700 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -104,6 +140,9 @@ pub fn write_cache(path: &Path, token: &Secret) -> Result<bool, CacheError> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        if let Some((uid, gid)) = inherited_owner(dir) {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
         f.write_all(token.expose().as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -319,6 +358,26 @@ pub fn cmd_git_askpass_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn as_root_the_cache_belongs_to_the_owner_of_home() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return; // chown needs root; the mode checks run in the test below
+        }
+        let home = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(home.path(), Some(4321), Some(4322)).unwrap();
+        let path = home.path().join(".cache/coder/github_token");
+        write_cache(&path, &Secret::new("ghp_owned_by_user_77")).unwrap();
+        for p in [
+            &path,
+            &home.path().join(".cache/coder"),
+            &home.path().join(".cache"),
+        ] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4321, 4322), "{}", p.display());
+        }
+    }
 
     #[test]
     fn git_prompts_parse_like_coders_askpass() {
