@@ -415,10 +415,11 @@ async fn a_slow_coderd_does_not_stretch_flush_past_its_deadline() {
     let t0 = Instant::now();
     h.flush(t0 + Duration::from_millis(300)).await;
     let took = t0.elapsed();
-    assert!(took < Duration::from_millis(800), "flush took {took:?}");
+    // The fake answers after 30 s; anything near the deadline shows flush was cut.
+    assert!(took < Duration::from_millis(1500), "flush took {took:?}");
     let t0 = Instant::now();
     h.refresh_tokens_once(Duration::from_millis(300)).await;
-    assert!(t0.elapsed() < Duration::from_millis(800));
+    assert!(t0.elapsed() < Duration::from_millis(1500));
     s.stop().await;
 }
 
@@ -556,7 +557,10 @@ async fn without_url_or_token_it_runs_standalone() {
     h.refresh_tokens_once(Duration::from_secs(5)).await;
     h.app_status("complete", "ready").await;
     assert!((h.fresh_fetch())("github".into()).await.is_none());
-    assert!(t0.elapsed() < Duration::from_millis(100));
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "standalone calls must not wait"
+    );
     assert_eq!(s.logs.text().matches("standalone").count(), 1);
     s.stop().await;
 }

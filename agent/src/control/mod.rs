@@ -8,7 +8,9 @@
 //! tracked task or under a caller's deadline, and queues are bounded.
 //!
 //! Entry points: [`ControlPlane::new`] (from config + environment), then
-//! [`ControlPlane::start`], which gives the [`ControlHandle`] the daemon keeps.
+//! [`ControlPlane::start`], which gives the [`ControlHandle`] the daemon keeps. In the
+//! stop sequence call [`ControlHandle::flush`] before cancelling: events emitted after
+//! the cancel are not collected any more.
 
 pub mod client;
 pub mod git;
@@ -683,6 +685,25 @@ mod tests {
                 "control_plane.log_queue_lines"
             ]
         );
+    }
+
+    #[test]
+    fn status_reads_state_first_then_what_is_worth_knowing() {
+        let mut b = Board::default();
+        assert_eq!(b.render(), "connecting");
+        b.reached(false, Some("/p: cannot reach coderd".into()));
+        assert_eq!(b.render(), "unreachable: /p: cannot reach coderd");
+        b.reached(true, None);
+        b.logs = Some("logs limit reached".into());
+        b.dropped_lines = 3;
+        b.sign_in
+            .insert("github".into(), "https://c/external-auth/github".into());
+        assert_eq!(
+            b.render(),
+            "connected; logs limit reached; 3 log lines dropped; github: not linked, sign in at https://c/external-auth/github"
+        );
+        b.standalone = Some("no CODER_AGENT_URL and no control_plane.url".into());
+        assert!(b.render().starts_with("standalone"));
     }
 
     #[test]
