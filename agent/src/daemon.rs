@@ -43,7 +43,8 @@ pub struct Shared {
     pub home: PathBuf,
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
-    pub control_status: Mutex<String>,
+    /// The control-plane reporter (standalone when Coder is not configured).
+    pub control: Mutex<Option<crate::control::ControlHandle>>,
     /// Every background task of the daemon, joined at exit.
     pub tracker: TaskTracker,
     /// One save at a time (stop, `wsagent save`, SIGUSR1).
@@ -72,7 +73,14 @@ impl Shared {
             services,
             startup: self.startup.lock().expect("lock").clone(),
             shutdown: self.shutdown.lock().expect("lock").clone(),
-            control_plane: Some(self.control_status.lock().expect("lock").clone()),
+            control_plane: Some(
+                self.control
+                    .lock()
+                    .expect("lock")
+                    .as_ref()
+                    .map(|c| c.status())
+                    .unwrap_or_else(|| "standalone".into()),
+            ),
             last_save: crate::save::last_outcomes(&self.state_dir),
         }
     }
@@ -288,11 +296,20 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         home: home.clone(),
         state_dir: state_dir.clone(),
         log_dir,
-        control_status: Mutex::new("standalone".into()),
+        control: Mutex::new(None),
         tracker: tracker.clone(),
         save_lock: tokio::sync::Mutex::new(()),
         fresh_token: Mutex::new(None),
     });
+    // The reporter subscribes first, so the dashboard gets every line from here on.
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let control = crate::control::ControlPlane::new(&config, &env, home.clone()).start(
+        &events,
+        &tracker,
+        cancel.clone(),
+    );
+    *shared.fresh_token.lock().expect("lock") = Some(control.fresh_fetch());
+    *shared.control.lock().expect("lock") = Some(control);
     if let Some(summary) = crate::save::previous_save_summary(&state_dir) {
         tracing::info!("previous save: {summary}");
         shared
@@ -490,6 +507,8 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         failed = Some(e);
     }
 
+    git_token_step(&shared).await;
+
     let t = Instant::now();
     shared.record("startup", "services", "running", None, None);
     {
@@ -518,7 +537,13 @@ async fn startup_pipeline(shared: Arc<Shared>) {
             Some(format!("not up in time: {}", names.join(", "))),
         ),
     };
-    shared.record("startup", "services", outcome, Some(t.elapsed()), msg);
+    shared.record(
+        "startup",
+        "services",
+        outcome,
+        Some(t.elapsed()),
+        msg.clone(),
+    );
     if let Err(e) = crate::startup::after_services(&shared).await {
         failed = Some(e);
     }
@@ -528,6 +553,44 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         lifecycle
     };
     shared.set_lifecycle(lifecycle);
+    if let Some(c) = shared.control() {
+        match lifecycle {
+            Lifecycle::Ready => {
+                let n = shared.service_watch.lock().expect("lock").len();
+                let last = crate::save::previous_save_summary(&shared.state_dir)
+                    .map(|s| format!("; last save: {s}"))
+                    .unwrap_or_default();
+                c.app_status(
+                    "complete",
+                    &format!("workspace ready, {n} services up{last}"),
+                )
+                .await;
+            }
+            _ => {
+                let why = failed.or(msg).unwrap_or_else(|| lifecycle.to_string());
+                c.app_status("failure", &format!("startup: {why}")).await;
+            }
+        }
+    }
+}
+
+/// Startup waits briefly (bounded) for a fresh git token before services that need it.
+async fn git_token_step(shared: &Arc<Shared>) {
+    let Some(c) = shared.control() else { return };
+    if c.status().starts_with("standalone") {
+        shared.record(
+            "startup",
+            "git token",
+            "skipped",
+            None,
+            Some("standalone".into()),
+        );
+        return;
+    }
+    let t = Instant::now();
+    shared.record("startup", "git token", "running", None, None);
+    c.refresh_tokens_once(Duration::from_secs(5)).await;
+    shared.record("startup", "git token", "ok", Some(t.elapsed()), None);
 }
 
 enum Settled {
@@ -660,9 +723,17 @@ async fn stop_sequence(shared: Arc<Shared>) -> ExitCode {
     } else {
         Lifecycle::Off
     };
-    outcomes.push(run_phase(&shared, "flush", deadline, flush_phase(shared.clone())).await);
-    shared.set_lifecycle(final_state);
     tracing::info!(took = %fmt_dur(start.elapsed()), lifecycle = %final_state, "stop sequence ended");
+    // The final state first, so the flush delivers it to the dashboard; the flush is
+    // best effort and does not change the exit code.
+    shared.set_lifecycle(final_state);
+    run_phase(
+        &shared,
+        "flush",
+        deadline,
+        flush_phase(shared.clone(), deadline),
+    )
+    .await;
     if final_state == Lifecycle::Off {
         ExitCode::SUCCESS
     } else {
@@ -746,7 +817,17 @@ pub fn save_ok(o: &agent_proto::save::RepoOutcome) -> bool {
     matches!(o.result.as_str(), "pushed" | "clean" | "unchanged")
 }
 
-/// The flush phase: deliver reports (the control-plane reporter plugs in here).
-async fn flush_phase(_shared: Arc<Shared>) -> Phase {
+/// The flush phase: deliver the last reports to the control plane, within the budget.
+async fn flush_phase(shared: Arc<Shared>, deadline: tokio::time::Instant) -> Phase {
+    let control = shared.control.lock().expect("lock").clone();
+    if let Some(c) = control {
+        c.flush(deadline).await;
+    }
     Phase::Ok(None)
+}
+
+impl Shared {
+    fn control(&self) -> Option<crate::control::ControlHandle> {
+        self.control.lock().expect("lock").clone()
+    }
 }

@@ -28,8 +28,15 @@ fn malformed_config_exits_78_with_places_and_starts_nothing() {
     assert!(err.contains("config.toml:10:11: services.s"), "{err}");
     assert!(err.contains("config.toml:13:10: shutdown"), "{err}");
     assert!(err.contains("nothing was started"), "{err}");
-    assert!(!marker.exists(), "a child was started despite the invalid config");
-    let check = ws.cli(["config".as_ref(), "check".as_ref(), ws.config_path().as_os_str()]);
+    assert!(
+        !marker.exists(),
+        "a child was started despite the invalid config"
+    );
+    let check = ws.cli([
+        "config".as_ref(),
+        "check".as_ref(),
+        ws.config_path().as_os_str(),
+    ]);
     assert_eq!(check.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&check.stderr).contains("2 problems"));
 }
@@ -39,7 +46,10 @@ fn malformed_config_exits_78_with_places_and_starts_nothing() {
 #[test]
 fn socket_is_private_and_other_uids_are_refused() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let mode = std::fs::metadata(ws.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -50,7 +60,11 @@ fn socket_is_private_and_other_uids_are_refused() {
     std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = std::process::Command::new(wsagent_bin())
-        .args(["--socket".as_ref(), ws.socket().as_os_str(), "status".as_ref()])
+        .args([
+            "--socket".as_ref(),
+            ws.socket().as_os_str(),
+            "status".as_ref(),
+        ])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
@@ -59,7 +73,10 @@ fn socket_is_private_and_other_uids_are_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"),
+        "{out:?}"
+    );
 }
 
 /// A client without a daemon says which socket it tried and exits 69.
@@ -95,27 +112,45 @@ shell = "env > {dump}; exec sleep 1000"
         )),
     );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
-    wait_until(SHORT, "the agentish line in its log", || d.service_log("agentish").contains("token is"));
-    wait_until(SHORT, "the plain env dump", || std::fs::metadata(&env_dump).is_ok_and(|m| m.len() > 0));
+    wait_until(SHORT, "the agentish line in its log", || {
+        d.service_log("agentish").contains("token is")
+    });
+    wait_until(SHORT, "the plain env dump", || {
+        std::fs::metadata(&env_dump).is_ok_and(|m| m.len() > 0)
+    });
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(SHORT).success());
     assert!(d.service_log("agentish").contains("token is [REDACTED]"));
-    assert!(!std::fs::read_to_string(&env_dump).unwrap().contains(token), "a child without secret_env got the token");
+    assert!(
+        !std::fs::read_to_string(&env_dump).unwrap().contains(token),
+        "a child without secret_env got the token"
+    );
     assert!(!d.stderr().contains(token), "token on stderr");
     let mut files = 0;
     for entry in walk(&ws.state_dir()) {
         files += 1;
         let bytes = std::fs::read(&entry).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains(token), "token in {}", entry.display());
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(token),
+            "token in {}",
+            entry.display()
+        );
     }
-    assert!(files >= 2, "expected the daemon log and service logs in the state dir");
+    assert!(
+        files >= 2,
+        "expected the daemon log and service logs in the state dir"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -124,15 +159,25 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn shutdown_wait_streams_phases_until_off() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let out = d.cli(["shutdown", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    let phases: Vec<&str> = ["lifecycle: shutting_down", "shutdown pre_stop: ok", "shutdown save:", "service s: stopped", "shutdown services: ok", "lifecycle: off"]
-        .into_iter()
-        .filter(|p| !text.contains(p))
-        .collect();
+    let phases: Vec<&str> = [
+        "lifecycle: shutting_down",
+        "shutdown pre_stop: ok",
+        "shutdown save:",
+        "service s: stopped",
+        "shutdown services: ok",
+        "lifecycle: off",
+    ]
+    .into_iter()
+    .filter(|p| !text.contains(p))
+    .collect();
     assert!(phases.is_empty(), "missing {phases:?} in:\n{text}");
     assert!(d.wait_exit(SHORT).success());
 }
