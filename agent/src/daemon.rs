@@ -218,6 +218,10 @@ impl Shared {
     }
 }
 
+/// The running stop sequence: its exit code and the budget's deadline.
+type StopFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (ExitCode, tokio::time::Instant)> + Send>>;
+
 /// Options of `wsagent run`.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -340,10 +344,8 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     let (_watcher, mut config_changed) = watch_config_files(&opts.sources);
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
-    let mut stopping: Option<
-        std::pin::Pin<Box<dyn std::future::Future<Output = ExitCode> + Send>>,
-    > = None;
-    let code = loop {
+    let mut stopping: Option<StopFuture> = None;
+    let (code, deadline) = loop {
         tokio::select! {
             _ = &mut startup, if !startup_done && stopping.is_none() => { startup_done = true; }
             sig = signals.recv() => match sig {
@@ -395,13 +397,16 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     };
     // Let `shutdown --wait` clients read the last events, then end every task.
+    // Then end every task, bounded by what is left of the budget (a stuck HTTP call of
+    // the reporter must not hold the exit).
+    let join_by = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
     if api {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cancel.cancel();
     shared.supervisor.lock().await.detach_all();
     tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+    let _ = tokio::time::timeout_at(join_by, tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     signal_thread.close();
     code
@@ -675,7 +680,7 @@ where
     }
 }
 
-async fn stop_sequence(shared: Arc<Shared>) -> ExitCode {
+async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) {
     let config = shared.config.read().expect("lock").config.clone();
     let budget = config.shutdown.budget;
     let start = tokio::time::Instant::now();
@@ -727,18 +732,21 @@ async fn stop_sequence(shared: Arc<Shared>) -> ExitCode {
     // The final state first, so the flush delivers it to the dashboard; the flush is
     // best effort and does not change the exit code.
     shared.set_lifecycle(final_state);
+    // The flush leaves a little of the budget for the exit itself.
+    let flush_deadline = deadline - (budget / 50).min(Duration::from_millis(100));
     run_phase(
         &shared,
         "flush",
-        deadline,
-        flush_phase(shared.clone(), deadline),
+        flush_deadline,
+        flush_phase(shared.clone(), flush_deadline),
     )
     .await;
-    if final_state == Lifecycle::Off {
+    let code = if final_state == Lifecycle::Off {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    }
+    };
+    (code, deadline)
 }
 
 async fn pre_stop(cmds: Vec<String>) -> Phase {
