@@ -181,3 +181,42 @@ fn shutdown_wait_streams_phases_until_off() {
     assert!(phases.is_empty(), "missing {phases:?} in:\n{text}");
     assert!(d.wait_exit(SHORT).success());
 }
+
+/// `wsagent demo`: the newcomer's tour ends by itself within 20 s, exits 0, shows the
+/// timeline (ready, crash and restart, save, off) and leaves nothing behind.
+#[test]
+fn demo_tours_start_crash_save_stop_and_leaves_nothing_behind() {
+    let ws = Workspace::new();
+    let tmp = ws.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = ws.command(wsagent_bin());
+    cmd.arg("demo").env("TMPDIR", &tmp);
+    let out = integration::daemon::output_within(cmd, std::time::Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let mut at = 0;
+    for step in [
+        "lifecycle: ready",
+        "service web: backoff: exited with exit code 3",
+        "service web: running (healthy)",
+        "pushed refs/heads/wip/demo/main",
+        "lifecycle: off",
+        "daemon exited 0",
+        "the remote now holds refs/heads/wip/demo/main: README.md, notes.txt",
+    ] {
+        let found = text[at..]
+            .find(step)
+            .unwrap_or_else(|| panic!("{step:?} missing (in order):\n{text}"));
+        at += found + step.len();
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?}");
+    assert!(
+        integration::procfs::with_env(integration::daemon::TAG_VAR, ws.tag()).is_empty(),
+        "processes left behind"
+    );
+}
