@@ -348,3 +348,44 @@ fn services_can_be_stopped_started_and_restarted_by_hand() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nope\""));
 }
+
+/// `user`/`group` drop privileges for that child only: the service runs as nobody, the
+/// daemon stays root.
+#[test]
+fn user_and_group_drop_privileges_for_that_service_only() {
+    if !integration::real::require_root("dropping privileges needs root") {
+        return;
+    }
+    let ws = Workspace::new();
+    let out = ws.path().join("ids");
+    std::fs::set_permissions(
+        ws.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[services.low]\nshell = \"echo $(id -u) $(id -g) $HOME > {out}; exec sleep 1000\"\nuser = \"nobody\"\ngroup = \"nogroup\"\ncwd = \"/\"\n",
+            out = out.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let ids = wait_until(SHORT, "the ids file", || {
+        std::fs::read_to_string(&out).ok().filter(|s| !s.is_empty())
+    });
+    let mut parts = ids.split_whitespace();
+    assert_eq!(parts.next(), Some("65534"), "{ids}");
+    assert_eq!(parts.next(), Some("65534"), "{ids}");
+    assert_eq!(
+        parts.next(),
+        Some("/nonexistent"),
+        "HOME follows the user: {ids}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    );
+}
