@@ -49,6 +49,9 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// One save at a time (stop, `wsagent save`, SIGUSR1).
     pub save_lock: tokio::sync::Mutex<()>,
+    /// The latest save outcome of each repository (read from the journal at start, then
+    /// kept current by each save), so `status` never re-reads the journal.
+    pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
     /// A fresh-token fetch from the control plane, when there is one.
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
 }
@@ -81,7 +84,7 @@ impl Shared {
                     .map(|c| c.status())
                     .unwrap_or_else(|| "standalone".into()),
             ),
-            last_save: crate::save::last_outcomes(&self.state_dir),
+            last_save: self.last_save.lock().expect("lock").clone(),
         }
     }
 
@@ -303,6 +306,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         control: Mutex::new(None),
         tracker: tracker.clone(),
         save_lock: tokio::sync::Mutex::new(()),
+        last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
     });
     // The reporter subscribes first, so the dashboard gets every line from here on.

@@ -233,6 +233,26 @@ fn manual_save_then_sigterm_saves_only_what_changed() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("pushed").count(), 2, "{text}");
+    let last: Vec<_> = d
+        .status()
+        .last_save
+        .into_iter()
+        .map(|o| (o.repo, o.result))
+        .collect();
+    assert_eq!(
+        last,
+        vec![
+            (
+                ws.home().join("projects/a").display().to_string(),
+                "pushed".to_string()
+            ),
+            (
+                ws.home().join("projects/b").display().to_string(),
+                "pushed".to_string()
+            ),
+        ],
+        "status must show the last save"
+    );
     let b_ref = server
         .ref_target("b.git", "refs/heads/wip/ws1/main")
         .unwrap();
