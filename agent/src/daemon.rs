@@ -128,7 +128,16 @@ impl Shared {
             only,
             dry_run,
         };
-        Ok(crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await)
+        let outcomes = crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await;
+        if !dry_run {
+            let mut last = self.last_save.lock().expect("lock");
+            for o in &outcomes {
+                last.retain(|l| l.repo != o.repo);
+                last.push(o.clone());
+            }
+            last.sort_by(|a, b| a.repo.cmp(&b.repo));
+        }
+        Ok(outcomes)
     }
 
     pub fn set_lifecycle(&self, state: Lifecycle) {
