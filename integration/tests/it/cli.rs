@@ -220,3 +220,37 @@ fn demo_tours_start_crash_save_stop_and_leaves_nothing_behind() {
         "processes left behind"
     );
 }
+
+/// `wsagent logs NAME -n N` prints the last N lines; `-f` keeps following new ones.
+#[test]
+fn logs_tail_and_follow_a_service() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let trigger = ws.path().join("more");
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[services.talker]\nshell = \"for i in 1 2 3 4 5; do echo line $i; done; while [ ! -f {t} ]; do sleep 0.05; done; echo later line; exec sleep 1000\"\n",
+            t = trigger.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "five lines logged", || {
+        d.service_log("talker").contains("line 5")
+    });
+    let out = d.cli(["logs", "talker", "-n", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 4\nline 5\n");
+
+    let mut follow = ws.command(wsagent_bin());
+    follow
+        .args(["logs", "talker", "-f", "-n", "1"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = follow.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "line 5");
+    std::fs::write(&trigger, "").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "later line");
+    let _ = child.kill();
+    let _ = child.wait();
+}
