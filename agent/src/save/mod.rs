@@ -204,7 +204,7 @@ pub async fn save_all(
     req: &SaveRequest,
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
-    fsids::allow_foreign_owners();
+    fsids::prepare_for_root(&env.home);
     let journal = Arc::new(Journal::new(&env.state_dir));
 
     // Discovery.

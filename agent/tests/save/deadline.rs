@@ -1,0 +1,41 @@
+//! The deadline is real: a server too slow for the budget costs the pushes, never the
+//! local commits, and `save_all` returns on time.
+
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_repos_against_a_too_slow_server_are_all_committed_within_the_budget() {
+    let fx = Fixture::new();
+    let dirs: Vec<_> = (0..20)
+        .map(|i| {
+            let d = fx.repo(&format!("r{i:02}"));
+            std::fs::write(d.join("wip.txt"), format!("work {i}\n")).unwrap();
+            (i, d)
+        })
+        .collect();
+    fx.server.set_latency(Duration::from_secs(20));
+    let budget = Duration::from_secs(3);
+
+    let t = Instant::now();
+    let outcomes = fx.save(&fx.config(), budget).await;
+    let took = t.elapsed();
+
+    assert!(took < budget + Duration::from_millis(750), "took {took:?}");
+    assert_eq!(outcomes.len(), 20);
+    for (i, d) in &dirs {
+        let o = one(&outcomes, d);
+        assert_eq!(o.result, "committed", "{o:#?}");
+        assert!(!o.pushed);
+        assert!(o.error.as_deref().unwrap().contains("deadline"), "{o:#?}");
+        let wip = format!("refs/heads/wip/{WORKSPACE}/main");
+        assert_eq!(git(d, &["rev-parse", &wip]), o.commit.clone().unwrap());
+        assert_eq!(
+            git(d, &["show", &format!("{wip}:wip.txt")]),
+            format!("work {i}")
+        );
+    }
+    let summary = agent::save::previous_save_summary(&fx.state).unwrap();
+    assert!(summary.contains("20 committed but not pushed"), "{summary}");
+}

@@ -1,0 +1,9 @@
+//! The save path against real repositories and a real git HTTP server: what lands on the
+//! remote is the worktree byte for byte, what must not change does not, and every odd
+//! state ends in a defined outcome inside the deadline.
+
+mod branch;
+mod deadline;
+mod odd;
+mod snapshot;
+mod support;
