@@ -20,7 +20,7 @@ use git2::{
 use super::discover::Found;
 use super::fsids::AsOwner;
 use super::url::RemoteUrl;
-use super::worktree::worktree_tree;
+use super::worktree::{pending_changes, worktree_tree};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
 
@@ -173,21 +173,6 @@ fn prepare_inner(
 
     let _owner = AsOwner::of(repo.commondir());
 
-    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
-        path: path.clone(),
-        source,
-    })?;
-    outcome.tree = Some(wt.tree.to_string());
-    outcome.head = head.map(|h| h.to_string());
-    outcome.left_out = wt.left_out.clone();
-    for l in &wt.left_out {
-        tracing::warn!(repo = %path, file = %l, "file left out of the save");
-    }
-    let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
-    let dirty = match head_tree {
-        Some(t) => t != wt.tree,
-        None => wt.tree.to_string() != EMPTY_TREE,
-    };
     let unpushed = match (head, &remote) {
         (Some(h), Some(_)) => is_unpushed(&repo, h, branch.as_deref()),
         _ => false,
@@ -205,23 +190,46 @@ fn prepare_inner(
     if head.is_some() && branch.is_none() {
         add_note(outcome, "detached HEAD");
     }
+    outcome.head = head.map(|h| h.to_string());
+    if ctx.dry_run {
+        // Read-only: the status alone, no blob written.
+        let changed = pending_changes(&repo).map_err(|source| SaveError::Worktree {
+            path: path.clone(),
+            source,
+        })?;
+        outcome.result = match (changed, unpushed) {
+            (0, false) => "clean",
+            _ => "would-save",
+        }
+        .into();
+        match (changed, unpushed) {
+            (0, false) => {}
+            (0, true) => add_note(outcome, "unpushed commits"),
+            (n, true) => add_note(outcome, format!("{n} changed paths and unpushed commits")),
+            (n, false) => add_note(outcome, format!("{n} changed paths")),
+        }
+        return Ok(None);
+    }
+
+    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
+        path: path.clone(),
+        source,
+    })?;
+    outcome.tree = Some(wt.tree.to_string());
+    outcome.left_out = wt.left_out.clone();
+    for l in &wt.left_out {
+        tracing::warn!(repo = %path, file = %l, "file left out of the save");
+    }
+    let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
+    let dirty = match head_tree {
+        Some(t) => t != wt.tree,
+        None => wt.tree.to_string() != EMPTY_TREE,
+    };
     if !dirty && !unpushed {
         outcome.result = "clean".into();
         if remote.is_none() {
             add_note(outcome, "no remote");
         }
-        return Ok(None);
-    }
-    if ctx.dry_run {
-        outcome.result = "would-save".into();
-        add_note(
-            outcome,
-            match (dirty, unpushed) {
-                (true, true) => format!("{} changed paths and unpushed commits", wt.changed),
-                (true, false) => format!("{} changed paths", wt.changed),
-                _ => "unpushed commits".into(),
-            },
-        );
         return Ok(None);
     }
 
@@ -321,7 +329,19 @@ fn prepare_inner(
         }
     }
 
-    let commit = if dirty {
+    // A snapshot of this very state made before (e.g. its push failed) is reused.
+    let earlier = repo
+        .find_reference(&snap_ref)
+        .ok()
+        .and_then(|r| r.peel_to_commit().ok())
+        .filter(|c| {
+            c.tree_id() == wt.tree
+                && c.parent_ids().collect::<Vec<_>>() == head.into_iter().collect::<Vec<_>>()
+        })
+        .map(|c| c.id());
+    let commit = if let Some(c) = earlier.filter(|_| dirty) {
+        c
+    } else if dirty {
         repo.commit(None, &sig, &sig, &message, &tree, &parents)
             .map_err(commit_err)?
     } else {

@@ -3,7 +3,9 @@
 //! state ends in a defined outcome inside the deadline.
 
 mod branch;
+mod credentials;
 mod deadline;
 mod odd;
+mod scope;
 mod snapshot;
 mod support;

@@ -84,12 +84,17 @@ impl Fixture {
     }
 
     pub async fn save(&self, cfg: &SaveConfig, budget: Duration) -> Vec<RepoOutcome> {
-        let req = SaveRequest {
-            reason: Reason::Stop,
-            only: None,
-            dry_run: false,
-        };
-        save_all(cfg, &self.env(), &req, tokio::time::Instant::now() + budget).await
+        self.save_with(&self.env(), cfg, &stop(), budget).await
+    }
+
+    pub async fn save_with(
+        &self,
+        env: &SaveEnv,
+        cfg: &SaveConfig,
+        req: &SaveRequest,
+        budget: Duration,
+    ) -> Vec<RepoOutcome> {
+        save_all(cfg, env, req, tokio::time::Instant::now() + budget).await
     }
 
     /// `~/projects/<name>`: a repository with one pushed commit on `main`, whose `origin`
@@ -118,6 +123,15 @@ impl Fixture {
         git(&dir, &["fetch", "-q", "origin"]);
         git(&dir, &["branch", "-q", "-u", "origin/main"]);
         dir
+    }
+}
+
+/// A save for a workspace stop.
+pub fn stop() -> SaveRequest {
+    SaveRequest {
+        reason: Reason::Stop,
+        only: None,
+        dry_run: false,
     }
 }
 
