@@ -283,8 +283,9 @@ pub async fn save_all(
                     tracing::warn!(error = %e, "save journal");
                 }
                 let mut fallback = base.clone();
+                let t0 = std::time::Instant::now();
                 let task = tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base));
-                match tokio::time::timeout_at(deadline, task).await {
+                let mut p = match tokio::time::timeout_at(deadline, task).await {
                     Ok(Ok(p)) => p,
                     Ok(Err(e)) => {
                         fallback.result = "failed".into();
@@ -303,7 +304,9 @@ pub async fn save_all(
                             push: None,
                         }
                     }
-                }
+                };
+                p.outcome.duration_ms = t0.elapsed().as_millis() as u64;
+                p
             }
         }))
         .buffer_unordered(parallelism)
@@ -353,6 +356,7 @@ pub async fn save_all(
                 return outcome;
             };
             let c = creds.get(&plan.authority).cloned().unwrap_or_default();
+            let t0 = std::time::Instant::now();
             let task = tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline));
             match tokio::time::timeout_at(deadline, task).await {
                 Ok(Ok(r)) => {
@@ -384,6 +388,7 @@ pub async fn save_all(
                         Some("not pushed: deadline passed while pushing; committed locally".into());
                 }
             }
+            outcome.duration_ms += t0.elapsed().as_millis() as u64;
             outcome
         }
     }))
@@ -392,9 +397,12 @@ pub async fn save_all(
     .await;
 
     let mut outcomes = outcomes;
-    let total = started.elapsed();
+    tracing::info!(
+        repos = outcomes.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "git work saved"
+    );
     for o in &mut outcomes {
-        o.duration_ms = total.as_millis() as u64;
         if let Some(e) = &o.error {
             o.error = Some(crate::secrets::redact(e).into_owned());
         }

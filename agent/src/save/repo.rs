@@ -303,6 +303,9 @@ fn prepare_inner(
                 sync_repo(&repo);
                 outcome.result = "committed".into();
                 outcome.commit = Some(new_head.to_string());
+                // The repository's state is now (tree, new HEAD): what the next save
+                // compares against.
+                outcome.head = Some(new_head.to_string());
                 outcome.r#ref = Some(format!("refs/heads/{b}"));
                 let Some((remote_name, _)) = &remote else {
                     add_note(outcome, "no remote: committed locally, not pushed");

@@ -214,3 +214,39 @@ async fn a_dirty_submodule_is_saved_as_its_own_repository_first() {
     );
     assert_eq!(one(&outcomes, &app).result, "pushed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_git_identity_the_workspace_owner_then_wsagent_authors_the_snapshot() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // As root the save reads the user's HOME's git config (empty here); otherwise
+        // the test runner's own ~/.gitconfig would provide an identity.
+        eprintln!("not root: the identity fallback needs a HOME without .gitconfig");
+        return;
+    }
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    git(&dir, &["config", "--unset", "user.name"]);
+    git(&dir, &["config", "--unset", "user.email"]);
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    let author = |o: &agent_proto::save::RepoOutcome| {
+        let repo = git2::Repository::open(&dir).unwrap();
+        let c = repo
+            .find_commit(git2::Oid::from_str(o.commit.as_deref().unwrap()).unwrap())
+            .unwrap();
+        let a = c.author();
+        format!("{} <{}>", a.name().unwrap(), a.email().unwrap())
+    };
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+    assert_eq!(author(one(&outcomes, &dir)), "Owner <owner@example.com>");
+
+    std::fs::write(dir.join("wip.txt"), "more\n").unwrap();
+    let mut env = fx.env();
+    env.owner_name = None;
+    env.owner_email = None;
+    let outcomes = fx
+        .save_with(&env, &fx.config(), &stop(), Duration::from_secs(30))
+        .await;
+    assert_eq!(author(one(&outcomes, &dir)), "wsagent <wsagent@localhost>");
+}
