@@ -226,6 +226,9 @@ pub async fn save_all(
             None => discover::discover(&roots, depth, &explicit),
         };
         found.sort_by(|a, b| b.level.cmp(&a.level).then(a.path.cmp(&b.path)));
+        if let Err(e) = journal::compact_if_large(&state_dir) {
+            tracing::warn!(error = %e, "save journal");
+        }
         (found, journal::last_finished(&state_dir))
     });
     let (found, previous) = match tokio::time::timeout_at(deadline, found).await {
@@ -272,16 +275,20 @@ pub async fn save_all(
     for level in levels.into_iter().rev() {
         let batch: Vec<discover::Found> =
             found.iter().filter(|f| f.level == level).cloned().collect();
+        // One fsynced write of every `started` line before any of them is touched.
+        if !req.dry_run {
+            let started: Vec<RepoOutcome> = batch
+                .iter()
+                .map(|f| outcome_base(&f.path, ctx.mode, ctx.reason))
+                .collect();
+            if let Err(e) = journal.append_all(&started) {
+                tracing::warn!(error = %e, "save journal");
+            }
+        }
         let results: Vec<repo::Prepared> = futures::stream::iter(batch.into_iter().map(|f| {
             let ctx = ctx.clone();
-            let journal = journal.clone();
             async move {
                 let base = outcome_base(&f.path, ctx.mode, ctx.reason);
-                if !ctx.dry_run
-                    && let Err(e) = journal.append(&base)
-                {
-                    tracing::warn!(error = %e, "save journal");
-                }
                 let mut fallback = base.clone();
                 let t0 = std::time::Instant::now();
                 let task = tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base));
@@ -406,11 +413,13 @@ pub async fn save_all(
         if let Some(e) = &o.error {
             o.error = Some(crate::secrets::redact(e).into_owned());
         }
-        if !req.dry_run
-            && let Err(e) = journal.append(o)
-        {
-            tracing::warn!(error = %e, "save journal");
-        }
+    }
+    if !req.dry_run
+        && let Err(e) = journal.append_all(&outcomes)
+    {
+        tracing::warn!(error = %e, "save journal");
+    }
+    for o in &outcomes {
         report(env, o);
     }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));

@@ -135,3 +135,30 @@ async fn branch_mode_on_a_rejecting_server_ends_committed_not_lost() {
     );
     assert_eq!(git(&dir, &["show", "HEAD:mine.txt"]), "mine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branch_mode_creates_a_branch_without_upstream_on_the_remote() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    git(&dir, &["checkout", "-q", "-b", "topic"]);
+    std::fs::write(dir.join("topic.txt"), "topic\n").unwrap();
+    let config_before = std::fs::read(dir.join(".git/config")).unwrap();
+
+    let outcomes = fx.save(&branch_mode(&fx), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    assert_eq!(o.r#ref.as_deref(), Some("refs/heads/topic"));
+    let head = git(&dir, &["rev-parse", "HEAD"]);
+    assert_eq!(
+        fx.server.ref_target("app.git", "refs/heads/topic"),
+        Some(head)
+    );
+    // No upstream is configured (that would write .git/config).
+    assert_eq!(
+        std::fs::read(dir.join(".git/config")).unwrap(),
+        config_before
+    );
+    let again = fx.save(&branch_mode(&fx), Duration::from_secs(30)).await;
+    assert_eq!(one(&again, &dir).result, "clean");
+}
