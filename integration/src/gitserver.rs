@@ -47,6 +47,7 @@ struct Shared {
     backend: PathBuf,
     token: String,
     latency_ms: AtomicU64,
+    trickle_ms: AtomicU64,
     reject: AtomicBool,
     auth_fetch: AtomicBool,
     log: Mutex<Vec<LoggedRequest>>,
@@ -84,6 +85,7 @@ impl GitServer {
             backend,
             token: token.to_string(),
             latency_ms: AtomicU64::new(0),
+            trickle_ms: AtomicU64::new(0),
             reject: AtomicBool::new(false),
             auth_fetch: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
@@ -193,6 +195,14 @@ impl GitServer {
     pub fn set_latency(&self, d: Duration) {
         self.shared
             .latency_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Send response bodies one byte at a time, pausing `d` between bytes (zero: off).
+    /// A client reading such an answer never hits a socket timeout yet never finishes.
+    pub fn set_trickle(&self, d: Duration) {
+        self.shared
+            .trickle_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
@@ -443,8 +453,27 @@ async fn cgi(
             resp = resp.header(k.as_str(), v);
         }
     }
-    resp.body(Body::from_stream(stream))
-        .map_err(|e| io::Error::other(e.to_string()))
+    let trickle = sh.trickle_ms.load(Ordering::SeqCst);
+    let body = if trickle == 0 {
+        Body::from_stream(stream)
+    } else {
+        let pause = Duration::from_millis(trickle);
+        Body::from_stream(
+            stream
+                .flat_map(|chunk| {
+                    let items: Vec<io::Result<Bytes>> = match chunk {
+                        Ok(b) => (0..b.len()).map(|i| Ok(b.slice(i..i + 1))).collect(),
+                        Err(e) => vec![Err(e)],
+                    };
+                    futures::stream::iter(items)
+                })
+                .then(move |item| async move {
+                    tokio::time::sleep(pause).await;
+                    item
+                }),
+        )
+    };
+    resp.body(body).map_err(|e| io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]

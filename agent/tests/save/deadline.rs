@@ -39,3 +39,29 @@ async fn twenty_repos_against_a_too_slow_server_are_all_committed_within_the_bud
     let summary = agent::save::previous_save_summary(&fx.state).unwrap();
     assert!(summary.contains("20 committed but not pushed"), "{summary}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stuck_reading_a_trickling_answer_does_not_hold_the_save_past_the_deadline() {
+    let fx = Fixture::new();
+    let dirs: Vec<_> = (0..3)
+        .map(|i| {
+            let d = fx.repo(&format!("t{i}"));
+            std::fs::write(d.join("wip.txt"), "work\n").unwrap();
+            d
+        })
+        .collect();
+    // Bytes keep coming, so no socket timeout fires inside libgit2.
+    fx.server.set_trickle(Duration::from_millis(300));
+    let budget = Duration::from_secs(2);
+
+    let t = Instant::now();
+    let outcomes = fx.save(&fx.config(), budget).await;
+    let took = t.elapsed();
+
+    assert!(took < budget + Duration::from_millis(750), "took {took:?}");
+    for d in &dirs {
+        let o = one(&outcomes, d);
+        assert_eq!(o.result, "committed", "{o:#?}");
+        assert!(o.error.as_deref().unwrap().contains("deadline"), "{o:#?}");
+    }
+}
