@@ -322,25 +322,25 @@ pub async fn save_all(
         prepared.extend(results);
     }
 
-    // Credentials, once per host, before any push (a fresh fetch is async).
-    let mut creds: BTreeMap<String, Vec<crate::tokens::Credential>> = BTreeMap::new();
-    for p in prepared.iter().filter_map(|p| p.push.as_ref()) {
-        if creds.contains_key(&p.authority) {
-            continue;
-        }
-        let host = p.authority.clone();
-        let mut c = tokio::time::timeout_at(deadline, env.tokens.for_host(&host))
-            .await
-            .unwrap_or_default();
-        if c.is_empty()
-            && let Some((h, _)) = host.rsplit_once(':')
-        {
-            c = tokio::time::timeout_at(deadline, env.tokens.for_host(h))
-                .await
-                .unwrap_or_default();
-        }
-        creds.insert(host, c);
-    }
+    // Credentials, once per host, before any push. A fresh token is worth a short
+    // wait only: an unreachable control plane must not eat the pushes' time.
+    let hosts: BTreeSet<String> = prepared
+        .iter()
+        .filter_map(|p| p.push.as_ref().map(|p| p.authority.clone()))
+        .collect();
+    let now = tokio::time::Instant::now();
+    let fresh_wait = (deadline.saturating_duration_since(now) / 3).min(FRESH_TOKEN_WAIT);
+    let creds: BTreeMap<String, Vec<crate::tokens::Credential>> =
+        futures::future::join_all(hosts.into_iter().map(|host| {
+            let tokens = &env.tokens;
+            async move {
+                let c = credentials_for(tokens, &host, now + fresh_wait).await;
+                (host, c)
+            }
+        }))
+        .await
+        .into_iter()
+        .collect();
     let creds = Arc::new(creds);
 
     // A push blocked on a silent server must not outlive the deadline by much: libgit2
@@ -424,6 +424,44 @@ pub async fn save_all(
     }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));
     outcomes
+}
+
+/// The longest a save waits for fresh tokens before it pushes with cached ones.
+const FRESH_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tokens for `authority` (`host:port` tried as is, then as `host`), freshest first;
+/// past `by`, the cached ones alone.
+async fn credentials_for(
+    tokens: &crate::tokens::Tokens,
+    authority: &str,
+    by: tokio::time::Instant,
+) -> Vec<crate::tokens::Credential> {
+    let mut names = vec![authority];
+    if let Some((h, _)) = authority.rsplit_once(':') {
+        names.push(h);
+    }
+    for host in names {
+        if tokens.provider_for_host(host).is_none() {
+            continue;
+        }
+        if let Ok(c) = tokio::time::timeout_at(by, tokens.for_host(host)).await {
+            return c;
+        }
+        tracing::warn!(host, "no fresh token in time: pushing with the cached one");
+        let Some((id, p)) = tokens.provider_for_host(host) else {
+            continue;
+        };
+        return tokens
+            .cached(id)
+            .map(|token| crate::tokens::Credential {
+                username: p.username(),
+                token,
+                source: "cache",
+            })
+            .into_iter()
+            .collect();
+    }
+    Vec::new()
 }
 
 /// The repository containing `path` (for `wsagent save --only`).

@@ -165,7 +165,9 @@ fn prepare_inner(
         }
         Err(source) => return Err(SaveError::Open { path, source }),
     };
-    let remote = pick_remote(&repo, branch.as_deref());
+    // Mid-rebase HEAD is detached; the snapshot is still that branch's work.
+    let rebased = rebase_head_name(&repo);
+    let remote = pick_remote(&repo, branch.as_deref().or(rebased.as_deref()));
     let merge = branch
         .as_deref()
         .and_then(|b| get(&format!("branch.{b}.merge")));
@@ -217,9 +219,6 @@ fn prepare_inner(
     })?;
     outcome.tree = Some(wt.tree.to_string());
     outcome.left_out = wt.left_out.clone();
-    for l in &wt.left_out {
-        tracing::warn!(repo = %path, file = %l, "file left out of the save");
-    }
     let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
     let dirty = match head_tree {
         Some(t) => t != wt.tree,
@@ -235,7 +234,12 @@ fn prepare_inner(
 
     let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     outcome.remote = remote_url.as_ref().map(|u| u.1.clone());
-    let snap_ref = snapshot_ref(&ctx.ref_template, &ctx.workspace, branch.as_deref(), head);
+    let snap_ref = snapshot_ref(
+        &ctx.ref_template,
+        &ctx.workspace,
+        branch.as_deref().or(rebased.as_deref()),
+        head,
+    );
 
     // Idempotence: the same worktree on the same HEAD was already saved.
     if let Some(prev) = ctx.previous.get(&outcome.repo)
@@ -368,6 +372,14 @@ fn prepare_inner(
         refspec: format!("+{snap_ref}:{snap_ref}"),
         branch: None,
     }))
+}
+
+/// The branch being rebased, from `rebase-merge/head-name` or `rebase-apply/head-name`.
+fn rebase_head_name(repo: &Repository) -> Option<String> {
+    ["rebase-merge/head-name", "rebase-apply/head-name"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(repo.path().join(f)).ok())
+        .and_then(|t| t.trim().strip_prefix("refs/heads/").map(str::to_string))
 }
 
 fn state_name(s: RepositoryState) -> &'static str {

@@ -66,3 +66,21 @@ async fn userinfo_in_a_remote_url_stays_out_of_outcomes_journal_and_events() {
         config_before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_fresh_token_fetch_does_not_stop_the_push_with_the_cached_token() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    let mut env = fx.env();
+    let fresh: FreshFetch = Arc::new(|_id| Box::pin(std::future::pending()));
+    env.tokens.fresh = Some(fresh);
+    let budget = Duration::from_secs(6);
+
+    let t = std::time::Instant::now();
+    let outcomes = fx.save_with(&env, &fx.config(), &stop(), budget).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    assert!(t.elapsed() < budget, "took {:?}", t.elapsed());
+}

@@ -220,3 +220,32 @@ async fn root_saving_a_users_repo_leaves_no_root_owned_file_in_its_git_dir() {
             .exists()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_mid_rebase_is_saved_on_the_rebased_branchs_ref() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    git(&dir, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(dir.join("keep.txt"), "feature\n").unwrap();
+    git(&dir, &["commit", "-qam", "feature"]);
+    git(&dir, &["checkout", "-q", "main"]);
+    std::fs::write(dir.join("keep.txt"), "main\n").unwrap();
+    git(&dir, &["commit", "-qam", "main"]);
+    git(&dir, &["checkout", "-q", "feature"]);
+    assert!(!git_output(&dir, &["rebase", "-q", "main"]).status.success());
+    let before = untouchables(&dir);
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    assert!(o.note.as_deref().unwrap().contains("mid-rebase"), "{o:#?}");
+    let r = format!("refs/heads/wip/{WORKSPACE}/feature");
+    assert_eq!(o.r#ref.as_deref(), Some(r.as_str()));
+    let c = fx.server.ref_target("app.git", &r).unwrap();
+    assert_eq!(
+        tree_files(&fx.server.path("app.git"), &c),
+        worktree_files(&dir, &[])
+    );
+    assert_eq!(untouchables(&dir), before);
+}
