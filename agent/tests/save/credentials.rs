@@ -84,3 +84,36 @@ async fn an_unanswered_fresh_token_fetch_does_not_stop_the_push_with_the_cached_
     assert_eq!(o.result, "pushed", "{o:#?}");
     assert!(t.elapsed() < budget, "took {:?}", t.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ssh_remote_of_a_known_host_is_pushed_over_its_https_twin() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    git(
+        &dir,
+        &["remote", "set-url", "origin", "git@127.0.0.1:team/app.git"],
+    );
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    let config_before = std::fs::read(dir.join(".git/config")).unwrap();
+    let mut env = fx.env();
+    let mut p = env.tokens.providers["test"].clone();
+    p.host = "127.0.0.1".into();
+    env.tokens.providers.insert("local".into(), p);
+
+    let outcomes = fx
+        .save_with(&env, &fx.config(), &stop(), Duration::from_secs(30))
+        .await;
+
+    // Nothing listens on 127.0.0.1:443: the point is where the push went.
+    let o = one(&outcomes, &dir);
+    assert_eq!(
+        o.remote.as_deref(),
+        Some("https://127.0.0.1/team/app.git"),
+        "{o:#?}"
+    );
+    assert_eq!(o.result, "committed", "{o:#?}");
+    assert_eq!(
+        std::fs::read(dir.join(".git/config")).unwrap(),
+        config_before
+    );
+}
