@@ -1,15 +1,20 @@
 //! Save on stop: commit and push every repository's unsaved work (issue 3).
 //!
 //! [`save_all`] finds the repositories ([`discover`]), makes each one's local commit on
-//! a blocking thread (submodules before their parents), makes it durable, then pushes
-//! every commit, all bounded by `save.parallelism` and by the caller's deadline. At the
-//! deadline it returns whatever is still running as `committed` (the commit is already
-//! on disk) or `failed`. Each repository gets a `started` journal line before it is
-//! touched and an outcome line after ([`journal`]), and an [`EventKind::Save`] event.
+//! a blocking thread (submodules before their parents) and makes it durable, then
+//! pushes it; commits and pushes each have `save.parallelism` slots, so slow pushes
+//! never hold back local commits. Everything runs under the caller's deadline: at the
+//! deadline, whatever is still running is reported as `committed` (the commit is on
+//! disk) or `failed`, and `save_all` returns. Each repository gets a `started` journal
+//! line before it is touched and an outcome line after ([`journal`]), and an
+//! [`EventKind::Save`] event.
 //!
 //! Invariants: `.git/config` is never written (pushes go through an anonymous remote
 //! whose credentials come from a callback); in `snapshot` mode HEAD, the index and the
 //! worktree are never written; a token appears nowhere but in the callback's answer.
+//! Process-wide libgit2 settings made here: the socket timeouts (the save's remaining
+//! budget, at least 1 s), and, when running as root, no owner check and the global
+//! config read from the user's HOME ([`fsids::prepare_for_root`]).
 
 pub mod discover;
 pub mod fsids;
@@ -24,7 +29,7 @@ use std::sync::Arc;
 
 use agent_proto::local::{EventKind, Level};
 use agent_proto::save::RepoOutcome;
-use futures::StreamExt;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 pub use journal::{Journal, last_outcomes, previous_save_summary};
@@ -268,140 +273,57 @@ pub async fn save_all(
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
+    set_socket_timeouts(deadline);
 
-    // Local commits, deepest submodules first, one level at a time.
-    let mut prepared: Vec<repo::Prepared> = Vec::new();
+    // One fsynced write of every `started` line before any repository is touched.
+    if !req.dry_run {
+        let lines: Vec<RepoOutcome> = found
+            .iter()
+            .map(|f| outcome_base(&f.path, ctx.mode, ctx.reason))
+            .collect();
+        if let Err(e) = journal.append_all(&lines) {
+            tracing::warn!(error = %e, "save journal");
+        }
+    }
+
+    // Commits and pushes have their own slots, so slow pushes never hold back a local
+    // commit and one slow commit never holds back the pushes of the others. Each
+    // repository pushes as soon as its commit is made. Submodules commit before their
+    // parents: a level starts when every commit of the level below has ended.
+    let commit_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
+    let push_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
+    let now = tokio::time::Instant::now();
+    let fresh_by = now + (deadline.saturating_duration_since(now) / 3).min(FRESH_TOKEN_WAIT);
+    let creds = Arc::new(CredCache {
+        tokens: env.tokens.clone(),
+        by: fresh_by,
+        cells: std::sync::Mutex::new(BTreeMap::new()),
+    });
+    let mut tasks = Vec::new();
+    let mut below = futures::future::ready(()).boxed().shared();
     let levels: BTreeSet<usize> = found.iter().map(|f| f.level).collect();
     for level in levels.into_iter().rev() {
-        let batch: Vec<discover::Found> =
-            found.iter().filter(|f| f.level == level).cloned().collect();
-        // One fsynced write of every `started` line before any of them is touched.
-        if !req.dry_run {
-            let started: Vec<RepoOutcome> = batch
-                .iter()
-                .map(|f| outcome_base(&f.path, ctx.mode, ctx.reason))
-                .collect();
-            if let Err(e) = journal.append_all(&started) {
-                tracing::warn!(error = %e, "save journal");
-            }
+        let mut done = Vec::new();
+        for f in found.iter().filter(|f| f.level == level).cloned() {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            done.push(rx);
+            let wait = below.clone();
+            let (ctx, commit_slots, push_slots, creds) = (
+                ctx.clone(),
+                commit_slots.clone(),
+                push_slots.clone(),
+                creds.clone(),
+            );
+            tasks.push(async move {
+                let _ = tokio::time::timeout_at(deadline, wait).await;
+                let prepared = commit_one(ctx, f, &commit_slots, deadline).await;
+                let _ = tx.send(());
+                push_one(prepared, &push_slots, &creds, deadline).await
+            });
         }
-        let results: Vec<repo::Prepared> = futures::stream::iter(batch.into_iter().map(|f| {
-            let ctx = ctx.clone();
-            async move {
-                let base = outcome_base(&f.path, ctx.mode, ctx.reason);
-                let mut fallback = base.clone();
-                let t0 = std::time::Instant::now();
-                let task = tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base));
-                let mut p = match tokio::time::timeout_at(deadline, task).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        fallback.result = "failed".into();
-                        fallback.error = Some(format!("internal error while committing: {e}"));
-                        repo::Prepared {
-                            outcome: fallback,
-                            push: None,
-                        }
-                    }
-                    Err(_) => {
-                        fallback.result = "failed".into();
-                        fallback.error =
-                            Some("deadline passed before the local commit was made".into());
-                        repo::Prepared {
-                            outcome: fallback,
-                            push: None,
-                        }
-                    }
-                };
-                p.outcome.duration_ms = t0.elapsed().as_millis() as u64;
-                p
-            }
-        }))
-        .buffer_unordered(parallelism)
-        .collect()
-        .await;
-        prepared.extend(results);
+        below = futures::future::join_all(done).map(|_| ()).boxed().shared();
     }
-
-    // Credentials, once per host, before any push. A fresh token is worth a short
-    // wait only: an unreachable control plane must not eat the pushes' time.
-    let hosts: BTreeSet<String> = prepared
-        .iter()
-        .filter_map(|p| p.push.as_ref().map(|p| p.authority.clone()))
-        .collect();
-    let now = tokio::time::Instant::now();
-    let fresh_wait = (deadline.saturating_duration_since(now) / 3).min(FRESH_TOKEN_WAIT);
-    let creds: BTreeMap<String, Vec<crate::tokens::Credential>> =
-        futures::future::join_all(hosts.into_iter().map(|host| {
-            let tokens = &env.tokens;
-            async move {
-                let c = credentials_for(tokens, &host, now + fresh_wait).await;
-                (host, c)
-            }
-        }))
-        .await
-        .into_iter()
-        .collect();
-    let creds = Arc::new(creds);
-
-    // A push blocked on a silent server must not outlive the deadline by much: libgit2
-    // gives up on a socket after this long (a process-wide setting).
-    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let timeout_ms = remaining.as_millis().clamp(1000, i32::MAX as u128) as i32;
-    // SAFETY: plain integer settings of libgit2, set before this save's pushes start.
-    unsafe {
-        let _ = git2::opts::set_server_timeout_in_milliseconds(timeout_ms);
-        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(timeout_ms);
-    }
-    let std_deadline = deadline.into_std();
-
-    // Pushes.
-    let outcomes: Vec<RepoOutcome> = futures::stream::iter(prepared.into_iter().map(|p| {
-        let creds = creds.clone();
-        async move {
-            let repo::Prepared { mut outcome, push } = p;
-            let Some(plan) = push else {
-                return outcome;
-            };
-            let c = creds.get(&plan.authority).cloned().unwrap_or_default();
-            let t0 = std::time::Instant::now();
-            let task = tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline));
-            match tokio::time::timeout_at(deadline, task).await {
-                Ok(Ok(r)) => {
-                    if r.pushed {
-                        outcome.result = "pushed".into();
-                        outcome.pushed = true;
-                        if let Some(rf) = r.pushed_ref {
-                            outcome.r#ref = Some(rf);
-                        }
-                    }
-                    if let Some(c) = r.commit {
-                        outcome.commit = Some(c);
-                    }
-                    if let Some(n) = r.note {
-                        outcome.note = Some(match outcome.note.take() {
-                            Some(o) => format!("{o}; {n}"),
-                            None => n,
-                        });
-                    }
-                    if let Some(e) = r.error {
-                        outcome.error = Some(format!("not pushed: {e}"));
-                    }
-                }
-                Ok(Err(e)) => {
-                    outcome.error = Some(format!("not pushed: internal error: {e}"));
-                }
-                Err(_) => {
-                    outcome.error =
-                        Some("not pushed: deadline passed while pushing; committed locally".into());
-                }
-            }
-            outcome.duration_ms += t0.elapsed().as_millis() as u64;
-            outcome
-        }
-    }))
-    .buffer_unordered(parallelism)
-    .collect()
-    .await;
+    let outcomes: Vec<RepoOutcome> = futures::future::join_all(tasks).await;
 
     let mut outcomes = outcomes;
     tracing::info!(
@@ -424,6 +346,133 @@ pub async fn save_all(
     }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));
     outcomes
+}
+
+/// Make the local commit of one repository on a blocking thread, under the deadline.
+async fn commit_one(
+    ctx: Arc<repo::Ctx>,
+    f: discover::Found,
+    slots: &tokio::sync::Semaphore,
+    deadline: tokio::time::Instant,
+) -> repo::Prepared {
+    let base = outcome_base(&f.path, ctx.mode, ctx.reason);
+    let mut fallback = base.clone();
+    let t0 = std::time::Instant::now();
+    let work = async {
+        let _slot = slots.acquire().await;
+        tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base)).await
+    };
+    let mut p = match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            fallback.result = "failed".into();
+            fallback.error = Some(format!("internal error while committing: {e}"));
+            repo::Prepared {
+                outcome: fallback,
+                push: None,
+            }
+        }
+        Err(_) => {
+            fallback.result = "failed".into();
+            fallback.error = Some("deadline passed before the local commit was made".into());
+            repo::Prepared {
+                outcome: fallback,
+                push: None,
+            }
+        }
+    };
+    p.outcome.duration_ms = t0.elapsed().as_millis() as u64;
+    p
+}
+
+/// Push a prepared commit on a blocking thread; at the deadline the outcome says
+/// committed, not pushed, whatever the thread is doing.
+async fn push_one(
+    p: repo::Prepared,
+    slots: &tokio::sync::Semaphore,
+    creds: &CredCache,
+    deadline: tokio::time::Instant,
+) -> RepoOutcome {
+    let repo::Prepared { mut outcome, push } = p;
+    let Some(plan) = push else {
+        return outcome;
+    };
+    let t0 = std::time::Instant::now();
+    let std_deadline = deadline.into_std();
+    let work = async {
+        let _slot = slots.acquire().await;
+        let c = creds.get(&plan.authority).await;
+        tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline)).await
+    };
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(r)) => {
+            if r.pushed {
+                outcome.result = "pushed".into();
+                outcome.pushed = true;
+                if let Some(rf) = r.pushed_ref {
+                    outcome.r#ref = Some(rf);
+                }
+            }
+            if let Some(c) = r.commit {
+                outcome.commit = Some(c);
+            }
+            if let Some(n) = r.note {
+                outcome.note = Some(match outcome.note.take() {
+                    Some(o) => format!("{o}; {n}"),
+                    None => n,
+                });
+            }
+            if let Some(e) = r.error {
+                outcome.error = Some(format!("not pushed: {e}"));
+            }
+        }
+        Ok(Err(e)) => {
+            outcome.error = Some(format!("not pushed: internal error: {e}"));
+        }
+        Err(_) => {
+            outcome.error =
+                Some("not pushed: deadline passed while pushing; committed locally".into());
+        }
+    }
+    outcome.duration_ms += t0.elapsed().as_millis() as u64;
+    outcome
+}
+
+/// A push blocked on a silent server must not outlive the deadline by much: libgit2
+/// gives up on a socket operation after this long. The setting is process-wide.
+fn set_socket_timeouts(deadline: tokio::time::Instant) {
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let ms = remaining.as_millis().clamp(1000, i32::MAX as u128) as i32;
+    // SAFETY: plain integer settings of libgit2, read when a connection is opened.
+    unsafe {
+        let _ = git2::opts::set_server_timeout_in_milliseconds(ms);
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms);
+    }
+}
+
+/// Credentials per host, fetched once, on first use.
+struct CredCache {
+    tokens: crate::tokens::Tokens,
+    /// Fresh tokens not in by then are given up for the cached ones.
+    by: tokio::time::Instant,
+    cells: std::sync::Mutex<
+        BTreeMap<String, Arc<tokio::sync::OnceCell<Vec<crate::tokens::Credential>>>>,
+    >,
+}
+
+impl CredCache {
+    async fn get(&self, authority: &str) -> Vec<crate::tokens::Credential> {
+        let cell = self
+            .cells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(authority.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| credentials_for(&self.tokens, authority, self.by))
+            .await
+            .clone()
+    }
 }
 
 /// The longest a save waits for fresh tokens before it pushes with cached ones.
