@@ -36,10 +36,7 @@ async fn branch_mode_commits_everything_on_the_branch_and_pushes_it_upstream() {
         fx.server.ref_target("app.git", "refs/heads/main"),
         Some(head.clone())
     );
-    assert_eq!(
-        tree_files(&fx.server.path("app.git"), &head),
-        worktree_files(&dir, &[])
-    );
+    assert_eq!(fx.cloned_files("app.git", &head), worktree_files(&dir, &[]));
     assert_eq!(
         git(&dir, &["status", "--porcelain"]),
         "",
@@ -103,7 +100,7 @@ async fn branch_mode_against_a_remote_that_moved_on_pushes_the_snapshot_ref_inst
     );
     let saved = fx.server.ref_target("app.git", &wip).unwrap();
     assert_eq!(
-        tree_files(&fx.server.path("app.git"), &saved),
+        fx.cloned_files("app.git", &saved),
         worktree_files(&dir, &[])
     );
 }

@@ -36,10 +36,7 @@ async fn a_repo_mid_merge_is_saved_as_it_is_with_its_conflict_markers() {
         .server
         .ref_target("app.git", &format!("refs/heads/wip/{WORKSPACE}/main"))
         .unwrap();
-    assert_eq!(
-        tree_files(&fx.server.path("app.git"), &c),
-        worktree_files(&dir, &[])
-    );
+    assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&dir, &[]));
     assert_eq!(untouchables(&dir), before);
     assert!(
         dir.join(".git/MERGE_HEAD").exists(),
@@ -148,7 +145,7 @@ async fn a_file_over_the_size_limit_is_left_out_and_named_and_the_rest_is_saved(
         .ref_target("app.git", &format!("refs/heads/wip/{WORKSPACE}/main"))
         .unwrap();
     assert_eq!(
-        tree_files(&fx.server.path("app.git"), &c),
+        fx.cloned_files("app.git", &c),
         worktree_files(&dir, &["huge.bin"])
     );
     let journal = std::fs::read_to_string(fx.state.join("save-journal.jsonl")).unwrap();
@@ -243,9 +240,6 @@ async fn a_repo_mid_rebase_is_saved_on_the_rebased_branchs_ref() {
     let r = format!("refs/heads/wip/{WORKSPACE}/feature");
     assert_eq!(o.r#ref.as_deref(), Some(r.as_str()));
     let c = fx.server.ref_target("app.git", &r).unwrap();
-    assert_eq!(
-        tree_files(&fx.server.path("app.git"), &c),
-        worktree_files(&dir, &[])
-    );
+    assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&dir, &[]));
     assert_eq!(untouchables(&dir), before);
 }

@@ -101,10 +101,7 @@ async fn a_linked_worktree_is_saved_on_its_own_branch_ref() {
     let r = format!("refs/heads/wip/{WORKSPACE}/feature");
     assert_eq!(o.r#ref.as_deref(), Some(r.as_str()));
     let c = fx.server.ref_target("app.git", &r).unwrap();
-    assert_eq!(
-        tree_files(&fx.server.path("app.git"), &c),
-        worktree_files(&wt, &[])
-    );
+    assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&wt, &[]));
     assert_eq!(std::fs::read(wt.join(".git")).unwrap(), dotgit);
     assert_eq!(git(&wt, &["rev-parse", "--abbrev-ref", "HEAD"]), "feature");
 }

@@ -48,7 +48,7 @@ async fn snapshot_pushes_the_whole_worktree_and_leaves_head_index_worktree_and_c
     assert_eq!(o.commit.as_deref(), Some(remote_commit.as_str()));
     let bare = fx.server.path("app.git");
     assert_eq!(
-        tree_files(&bare, &remote_commit),
+        fx.cloned_files("app.git", &remote_commit),
         worktree_files(&dir, &["debug.log", "build"]),
         "the pushed tree is the worktree, byte for byte, ignored files excluded"
     );
@@ -208,10 +208,7 @@ async fn a_dirty_submodule_is_saved_as_its_own_repository_first() {
     assert_eq!(so.result, "pushed", "{so:#?}");
     let wip = format!("refs/heads/wip/{WORKSPACE}/main");
     let c = fx.server.ref_target("lib.git", &wip).unwrap();
-    assert_eq!(
-        tree_files(&fx.server.path("lib.git"), &c),
-        worktree_files(&sub, &[])
-    );
+    assert_eq!(fx.cloned_files("lib.git", &c), worktree_files(&sub, &[]));
     assert_eq!(one(&outcomes, &app).result, "pushed");
 }
 

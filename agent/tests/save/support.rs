@@ -97,6 +97,26 @@ impl Fixture {
         save_all(cfg, env, req, tokio::time::Instant::now() + budget).await
     }
 
+    /// Path → (mode, bytes) of commit `rev` as a fresh clone of the server's `name`
+    /// (over HTTP, with the git CLI) sees it.
+    pub fn cloned_files(&self, name: &str, rev: &str) -> BTreeMap<Vec<u8>, (u32, Vec<u8>)> {
+        let dest = self
+            .tmp
+            .path()
+            .join(format!("clone-{}", uuid::Uuid::new_v4()));
+        git(
+            self.tmp.path(),
+            &[
+                "clone",
+                "-q",
+                "--mirror",
+                &self.server.url(name),
+                dest.to_str().unwrap(),
+            ],
+        );
+        tree_files(&dest, rev)
+    }
+
     /// `~/projects/<name>`: a repository with one pushed commit on `main`, whose `origin`
     /// is the server's `<name>.git` and whose `main` tracks `origin/main`.
     pub fn repo(&self, name: &str) -> PathBuf {
