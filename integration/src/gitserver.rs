@@ -8,6 +8,22 @@
 //! push fail in a `pre-receive` hook. Every request is logged ([`GitServer::requests`]).
 //! The server runs on its own thread and runtime, so it serves sync and async tests alike
 //! and keeps serving while the test's runtime is busy; dropping it stops it.
+//!
+//! ```no_run
+//! use integration::gitserver::GitServer;
+//! let root = tempfile::tempdir().unwrap();
+//! let server = GitServer::start(root.path(), "the-token").unwrap();
+//! server.create_bare("alice/app.git").unwrap();
+//! let url = server.url("alice/app.git"); // http://127.0.0.1:PORT/alice/app.git
+//! server.set_latency(std::time::Duration::from_millis(200)); // every request
+//! server.set_reject(true); // pre-receive says no
+//! assert!(server.requests().iter().all(|r| r.status != 500));
+//! # let _ = url;
+//! ```
+//!
+//! Switch semantics: latency is added before each request is answered (a 401 too);
+//! trickle paces the body of every answer byte by byte; reject is read when a push
+//! reaches the hook. Needs `git` (with `git-http-backend`) on PATH.
 
 use std::collections::BTreeMap;
 use std::io;

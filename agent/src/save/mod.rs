@@ -19,7 +19,7 @@
 pub mod discover;
 pub mod fsids;
 pub mod journal;
-pub mod repo;
+mod repo;
 pub mod url;
 pub mod worktree;
 
