@@ -225,18 +225,30 @@ pub async fn save_all(
         .collect();
     let (depth, only) = (cfg.depth, req.only.clone());
     let state_dir = env.state_dir.clone();
+    let (template, workspace) = (cfg.ref_template.clone(), env.workspace.clone());
     let found = tokio::task::spawn_blocking(move || {
+        // The whole set is needed even for `only`: ref suffixes depend on it.
+        let all = discover::discover(&roots, depth, &explicit);
         let mut found = match &only {
             Some(p) => only_repo(p),
-            None => discover::discover(&roots, depth, &explicit),
+            None => all.clone(),
         };
         found.sort_by(|a, b| b.level.cmp(&a.level).then(a.path.cmp(&b.path)));
         if let Err(e) = journal::compact_if_large(&state_dir) {
             tracing::warn!(error = %e, "save journal");
         }
-        (found, journal::last_finished(&state_dir))
+        let mut everyone = all;
+        everyone.extend(
+            found
+                .iter()
+                .filter(|f| !everyone.contains(f))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
+        (found, journal::last_finished(&state_dir), suffixes)
     });
-    let (found, previous) = match tokio::time::timeout_at(deadline, found).await {
+    let (found, previous, ref_suffix) = match tokio::time::timeout_at(deadline, found).await {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "repository discovery failed");
@@ -270,6 +282,7 @@ pub async fn save_all(
         known_hosts,
         previous,
         dry_run: req.dry_run,
+        ref_suffix,
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();

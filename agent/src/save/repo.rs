@@ -41,6 +41,9 @@ pub(crate) struct Ctx {
     /// The last finished outcome of each repository (idempotence).
     pub previous: BTreeMap<String, RepoOutcome>,
     pub dry_run: bool,
+    /// Repositories whose snapshot ref would collide with another's on the same remote
+    /// (two clones on one branch): a suffix that keeps them apart ([`ref_suffixes`]).
+    pub ref_suffix: BTreeMap<PathBuf, String>,
 }
 
 /// Errors of the local half of a save.
@@ -146,25 +149,10 @@ fn prepare_inner(
         },
     };
 
-    let (branch, head): (Option<String>, Option<Oid>) = match repo.head() {
-        Ok(r) => {
-            let head = r.peel_to_commit().ok().map(|c| c.id());
-            let branch = r
-                .is_branch()
-                .then(|| r.shorthand().ok().map(str::to_string))
-                .flatten();
-            (branch, head)
-        }
-        Err(e) if e.code() == ErrorCode::UnbornBranch || e.code() == ErrorCode::NotFound => {
-            let b = repo
-                .find_reference("HEAD")
-                .ok()
-                .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
-                .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
-            (b, None)
-        }
-        Err(source) => return Err(SaveError::Open { path, source }),
-    };
+    let (branch, head) = head_info(&repo).map_err(|source| SaveError::Open {
+        path: path.clone(),
+        source,
+    })?;
     // Mid-rebase HEAD is detached; the snapshot is still that branch's work.
     let rebased = rebase_head_name(&repo);
     let remote = pick_remote(&repo, branch.as_deref().or(rebased.as_deref()));
@@ -234,12 +222,15 @@ fn prepare_inner(
 
     let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     outcome.remote = remote_url.as_ref().map(|u| u.1.clone());
-    let snap_ref = snapshot_ref(
+    let mut snap_ref = snapshot_ref(
         &ctx.ref_template,
         &ctx.workspace,
         branch.as_deref().or(rebased.as_deref()),
         head,
     );
+    if let Some(suffix) = ctx.ref_suffix.get(&found.path) {
+        snap_ref.push_str(suffix);
+    }
 
     // Idempotence: the same worktree on the same HEAD was already saved.
     if let Some(prev) = ctx.previous.get(&outcome.repo)
@@ -247,6 +238,7 @@ fn prepare_inner(
         && prev.head == outcome.head
         && prev.mode == outcome.mode
         && prev.remote == outcome.remote
+        && prev.r#ref.as_deref() == Some(snap_ref.as_str())
         && (prev.pushed || (remote.is_none() && prev.result == "committed"))
     {
         outcome.result = "unchanged".into();
@@ -372,6 +364,73 @@ fn prepare_inner(
         refspec: format!("+{snap_ref}:{snap_ref}"),
         branch: None,
     }))
+}
+
+/// The current branch (also when unborn) and the HEAD commit.
+fn head_info(repo: &Repository) -> Result<(Option<String>, Option<Oid>), git2::Error> {
+    match repo.head() {
+        Ok(r) => {
+            let head = r.peel_to_commit().ok().map(|c| c.id());
+            let branch = r
+                .is_branch()
+                .then(|| r.shorthand().ok().map(str::to_string))
+                .flatten();
+            Ok((branch, head))
+        }
+        Err(e) if e.code() == ErrorCode::UnbornBranch || e.code() == ErrorCode::NotFound => {
+            let b = repo
+                .find_reference("HEAD")
+                .ok()
+                .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
+                .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
+            Ok((b, None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Suffixes for repositories that would push the same snapshot ref to the same remote
+/// (e.g. two clones of one project on `main`): the first by path keeps the plain ref,
+/// the others get `-<hash of their path>`, the same on every save.
+pub(crate) fn ref_suffixes(
+    found: &[Found],
+    template: &str,
+    workspace: &str,
+) -> BTreeMap<PathBuf, String> {
+    let mut groups: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
+    for f in found.iter().filter(|f| !f.bare) {
+        let Ok(repo) = Repository::open(&f.path) else {
+            continue;
+        };
+        let Ok((branch, head)) = head_info(&repo) else {
+            continue;
+        };
+        let rebased = rebase_head_name(&repo);
+        let branch = branch.or(rebased);
+        let Some((_, url)) = pick_remote(&repo, branch.as_deref()) else {
+            continue;
+        };
+        let r = snapshot_ref(template, workspace, branch.as_deref(), head);
+        let url = super::url::redact_userinfo(&url)
+            .trim_end_matches('/')
+            .trim_end_matches(".git")
+            .to_ascii_lowercase();
+        groups.entry((url, r)).or_default().push(f.path.clone());
+    }
+    let mut out = BTreeMap::new();
+    for (_, mut paths) in groups {
+        paths.sort();
+        for p in paths.into_iter().skip(1) {
+            // FNV-1a: stable across runs and builds, unlike std's hasher.
+            let mut h: u64 = 0xcbf29ce484222325;
+            for b in p.as_os_str().as_encoded_bytes() {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+            out.insert(p, format!("-{:08x}", h as u32));
+        }
+    }
+    out
 }
 
 /// The branch being rebased, from `rebase-merge/head-name` or `rebase-apply/head-name`.

@@ -105,3 +105,42 @@ async fn a_linked_worktree_is_saved_on_its_own_branch_ref() {
     assert_eq!(std::fs::read(wt.join(".git")).unwrap(), dotgit);
     assert_eq!(git(&wt, &["rev-parse", "--abbrev-ref", "HEAD"]), "feature");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clones_on_the_same_branch_push_to_distinct_refs() {
+    let fx = Fixture::new();
+    let first = fx.repo("app");
+    let second = fx.home.join("projects/app-copy");
+    git(
+        fx.tmp.path(),
+        &[
+            "clone",
+            "-q",
+            &fx.server.url("app.git"),
+            second.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(first.join("mine.txt"), "first clone\n").unwrap();
+    std::fs::write(second.join("mine.txt"), "second clone\n").unwrap();
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let (a, b) = (one(&outcomes, &first), one(&outcomes, &second));
+    assert_eq!((a.result.as_str(), b.result.as_str()), ("pushed", "pushed"));
+    let plain = format!("refs/heads/wip/{WORKSPACE}/main");
+    assert_eq!(a.r#ref.as_deref(), Some(plain.as_str()));
+    let other = b.r#ref.clone().unwrap();
+    assert!(other.starts_with(&format!("{plain}-")), "{other}");
+    for (o, dir) in [(a, &first), (b, &second)] {
+        let c = fx
+            .server
+            .ref_target("app.git", o.r#ref.as_deref().unwrap())
+            .unwrap();
+        assert_eq!(fx.cloned_files("app.git", &c), worktree_files(dir, &[]));
+    }
+    // The same names on the next save.
+    std::fs::write(second.join("mine.txt"), "second clone, later\n").unwrap();
+    let again = fx.save(&fx.config(), Duration::from_secs(30)).await;
+    assert_eq!(one(&again, &second).r#ref.as_deref(), Some(other.as_str()));
+    assert_eq!(one(&again, &first).result, "unchanged");
+}
