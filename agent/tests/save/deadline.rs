@@ -65,3 +65,37 @@ async fn a_push_stuck_reading_a_trickling_answer_does_not_hold_the_save_past_the
         assert!(o.error.as_deref().unwrap().contains("deadline"), "{o:#?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_cut_off_mid_push_is_reported_as_interrupted_by_the_next_start() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::write(dir.join("wip.txt"), "work\n").unwrap();
+    fx.server.set_latency(Duration::from_secs(20));
+
+    // The daemon dies (here: the save's future is dropped) once the local commit is
+    // made, while the push waits on the server.
+    let wip = format!("refs/heads/wip/{WORKSPACE}/main");
+    let committed = async {
+        let t = Instant::now();
+        while !git_output(&dir, &["rev-parse", "--verify", "-q", &wip])
+            .status
+            .success()
+        {
+            assert!(t.elapsed() < Duration::from_secs(20), "no local commit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let cfg = fx.config();
+    tokio::select! {
+        _ = fx.save(&cfg, Duration::from_secs(30)) => panic!("the save should still be pushing"),
+        _ = committed => {}
+    }
+
+    let last = agent::save::last_outcomes(&fx.state);
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].result, "started");
+    let summary = agent::save::previous_save_summary(&fx.state).unwrap();
+    assert!(summary.contains("INTERRUPTED"), "{summary}");
+    assert!(summary.contains(&last[0].repo), "{summary}");
+}
