@@ -210,6 +210,13 @@ pub async fn save_all(
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
+    // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
+    // one waits, then finds the work of the first already saved.
+    let lock = save_lock(&env.state_dir);
+    let Ok(_running) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        tracing::error!("deadline passed while another save was running");
+        return Vec::new();
+    };
     let journal = Arc::new(Journal::new(&env.state_dir));
 
     // Discovery.
@@ -359,6 +366,17 @@ pub async fn save_all(
     }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));
     outcomes
+}
+
+fn save_lock(state_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::Mutex<BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    LOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(state_dir.to_path_buf())
+        .or_default()
+        .clone()
 }
 
 /// Make the local commit of one repository on a blocking thread, under the deadline.

@@ -144,3 +144,20 @@ async fn two_clones_on_the_same_branch_push_to_distinct_refs() {
     assert_eq!(one(&again, &second).r#ref.as_deref(), Some(other.as_str()));
     assert_eq!(one(&again, &first).result, "unchanged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_saves_at_once_run_one_after_the_other_and_the_second_finds_nothing_new() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    let cfg = fx.config();
+
+    let (a, b) = tokio::join!(
+        fx.save(&cfg, Duration::from_secs(30)),
+        fx.save(&cfg, Duration::from_secs(30))
+    );
+
+    let mut results = [one(&a, &dir).result.clone(), one(&b, &dir).result.clone()];
+    results.sort();
+    assert_eq!(results, ["pushed", "unchanged"]);
+}
