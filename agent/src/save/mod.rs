@@ -352,8 +352,12 @@ pub async fn save_all(
         "git work saved"
     );
     for o in &mut outcomes {
+        // Last line of defence: no token, no URL userinfo in what is kept or shown.
         if let Some(e) = &o.error {
-            o.error = Some(crate::secrets::redact(e).into_owned());
+            o.error = Some(crate::secrets::redact(&url::scrub_userinfo(e)).into_owned());
+        }
+        if let Some(n) = &o.note {
+            o.note = Some(crate::secrets::redact(&url::scrub_userinfo(n)).into_owned());
         }
     }
     if !req.dry_run

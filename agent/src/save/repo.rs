@@ -682,7 +682,7 @@ fn push_once(
     deadline: Instant,
 ) -> Result<(), PushFail> {
     let clean = |m: &str| {
-        let m = m.replace(&plan.url, &plan.display);
+        let m = super::url::scrub_userinfo(&m.replace(&plan.url, &plan.display));
         crate::secrets::redact(&m).into_owned()
     };
     if Instant::now() >= deadline {
