@@ -218,6 +218,9 @@ impl Level {
 /// What an [`Event`] is about.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// `Save` carries a whole journal line; events are few, and boxing it would change the
+// constructors every producer uses.
+#[allow(clippy::large_enum_variant)]
 pub enum EventKind {
     /// The workspace lifecycle changed.
     Lifecycle { state: Lifecycle },
@@ -253,4 +256,28 @@ pub struct Event {
     pub message: String,
     #[serde(flatten)]
     pub kind: EventKind,
+}
+
+/// `POST /v1/save`: save git work now (what Coder's `shutdown_script` runs).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SaveRequest {
+    /// Only the repository containing this path.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// Report what would be saved; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One line of the `POST /v1/save` stream: progress events, then the outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant)]
+pub enum SaveLine {
+    Progress {
+        event: Event,
+    },
+    Done {
+        outcomes: Vec<crate::save::RepoOutcome>,
+    },
 }

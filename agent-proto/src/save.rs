@@ -16,7 +16,8 @@ pub struct RepoOutcome {
     pub reason: String,
     /// `started` (written before work begins; a journal whose last line for a repo is
     /// `started` marks an interrupted save), `clean` (nothing to save), `pushed`,
-    /// `committed` (local commit, not pushed), `unchanged` (already pushed), `failed`.
+    /// `committed` (local commit, not pushed), `unchanged` (already pushed), `failed`,
+    /// or `would-save` (a dry run found unsaved work; never journaled).
     pub result: String,
     pub commit: Option<String>,
     pub r#ref: Option<String>,
@@ -28,4 +29,14 @@ pub struct RepoOutcome {
     pub left_out: Vec<String>,
     pub error: Option<String>,
     pub duration_ms: u64,
+    /// Tree of the saved worktree (what the idempotence check compares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<String>,
+    /// HEAD when the save ran (the parent of a snapshot commit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<String>,
+    /// What happened beyond the result, for a human: a fallback taken, an odd repo
+    /// state met (mid-merge, detached HEAD, no remote).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }

@@ -1,1 +1,490 @@
-//! api (in progress)
+//! The local control API: HTTP/1.1 + JSON over a unix socket (server and client).
+//!
+//! The socket is created mode 0600 and every connection's peer credentials are checked:
+//! only root and the daemon's own uid are served; anyone else gets 403. Routes and
+//! bodies are documented in `agent_proto::local`.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_proto::local::{
+    ActionReply, ApiError, Event, EventKind, Lifecycle, ShutdownRequest, Status,
+};
+use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path as UrlPath, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::daemon::Shared;
+
+/// Peer credentials of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub uid: Option<u32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Peer {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+fn err(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+async fn check_peer(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
+    let me = nix::unistd::geteuid().as_raw();
+    match peer.uid {
+        Some(0) => next.run(req).await,
+        Some(uid) if uid == me => next.run(req).await,
+        Some(uid) => {
+            tracing::warn!(uid, "local API request refused: peer uid not allowed");
+            err(
+                StatusCode::FORBIDDEN,
+                format!("permission denied: uid {uid} may not use this socket"),
+            )
+        }
+        None => err(StatusCode::FORBIDDEN, "permission denied: unknown peer"),
+    }
+}
+
+/// Bind the socket and serve until `cancel`.
+pub fn serve(
+    socket: &Path,
+    shared: Arc<Shared>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Created with a restrictive umask so there is no window where it is open to all.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/services/{name}/{action}", post(service_action))
+        .route("/v1/services/{name}/logs", get(service_logs))
+        .route("/v1/shutdown", post(shutdown))
+        .route("/v1/events", get(events))
+        .route("/v1/save", post(save))
+        .merge(crate::startup::routes())
+        .layer(axum::middleware::from_fn(check_peer))
+        .with_state(shared);
+    tracing::info!(socket = %socket.display(), "local API listening");
+    tracker.spawn(async move {
+        let svc = app.into_make_service_with_connect_info::<Peer>();
+        let _ = axum::serve(listener, svc)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
+    Ok(())
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> Json<Status> {
+    Json(s.status())
+}
+
+async fn service_action(
+    State(s): State<Arc<Shared>>,
+    UrlPath((name, action)): UrlPath<(String, String)>,
+) -> Response {
+    let sup = s.supervisor.lock().await;
+    let Some(h) = sup.get(&name) else {
+        return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
+    };
+    match action.as_str() {
+        "start" => h.start().await,
+        "restart" => h.restart().await,
+        "stop" => h.stop(h.cfg.stop_timeout).await,
+        other => {
+            return err(
+                StatusCode::NOT_FOUND,
+                format!("unknown action {other:?} (start, stop, restart)"),
+            );
+        }
+    }
+    let st = h.status();
+    Json(ActionReply {
+        ok: true,
+        message: format!("{name}: {action} requested; now {}", st.state),
+    })
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    n: Option<usize>,
+    #[serde(default)]
+    follow: bool,
+}
+
+async fn service_logs(
+    State(s): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogsQuery>,
+) -> Response {
+    let (path, follow_rx) = {
+        let sup = s.supervisor.lock().await;
+        let Some(h) = sup.get(&name) else {
+            return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
+        };
+        let path = h
+            .sink
+            .file
+            .lock()
+            .map(|f| f.path().to_path_buf())
+            .unwrap_or_default();
+        (path, q.follow.then(|| h.sink.follow.subscribe()))
+    };
+    let lines = crate::supervisor::output::tail(&path, q.n.unwrap_or(100));
+    let mut head = lines.join("\n");
+    if !head.is_empty() {
+        head.push('\n');
+    }
+    match follow_rx {
+        None => head.into_response(),
+        Some(rx) => {
+            let first =
+                futures::stream::once(async move { Ok::<Bytes, Infallible>(Bytes::from(head)) });
+            let rest = futures::stream::unfold(rx, |mut rx| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(line) => {
+                            return Some((Ok::<Bytes, Infallible>(Bytes::from(line + "\n")), rx));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return None,
+                    }
+                }
+            });
+            let all = futures::StreamExt::chain(first, rest);
+            Body::from_stream(futures::StreamExt::take_until(
+                all,
+                s.exit.clone().cancelled_owned(),
+            ))
+            .into_response()
+        }
+    }
+}
+
+fn is_final(ev: &Event) -> bool {
+    matches!(
+        ev.kind,
+        EventKind::Lifecycle {
+            state: Lifecycle::Off | Lifecycle::ShutdownError | Lifecycle::ShutdownTimeout
+        }
+    )
+}
+
+fn event_stream(
+    rx: tokio::sync::broadcast::Receiver<Event>,
+    until_final: bool,
+    exit: CancellationToken,
+) -> Body {
+    event_stream_with(Vec::new(), rx, until_final, exit)
+}
+
+fn event_stream_with(
+    history: Vec<Event>,
+    rx: tokio::sync::broadcast::Receiver<Event>,
+    until_final: bool,
+    exit: CancellationToken,
+) -> Body {
+    let head = futures::stream::iter(history.into_iter().map(|ev| {
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<Bytes, Infallible>(Bytes::from(line))
+    }));
+    let stream = futures::stream::unfold((rx, false), move |(mut rx, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let fin = until_final && is_final(&ev);
+                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((Ok::<Bytes, Infallible>(Bytes::from(line)), (rx, fin)));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    let all = futures::StreamExt::chain(head, stream);
+    Body::from_stream(futures::StreamExt::take_until(all, exit.cancelled_owned()))
+}
+
+async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownRequest>>) -> Response {
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let rx = s.events.subscribe();
+    let already = s.stop.is_cancelled();
+    s.stop.cancel();
+    if req.wait {
+        event_stream(rx, true, s.exit.clone()).into_response()
+    } else {
+        let message = if already {
+            "the stop sequence is already running"
+        } else {
+            "stop sequence started"
+        };
+        Json(ActionReply {
+            ok: true,
+            message: message.into(),
+        })
+        .into_response()
+    }
+}
+
+/// Save now: stream each repository's outcome as it lands, then all of them.
+async fn save(
+    State(s): State<Arc<Shared>>,
+    body: Option<Json<agent_proto::local::SaveRequest>>,
+) -> Response {
+    use agent_proto::local::SaveLine;
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    if s.stop.is_cancelled() {
+        return err(
+            StatusCode::CONFLICT,
+            "the stop sequence is running; it saves the work itself",
+        );
+    }
+    let rx = s.events.subscribe();
+    let budget = s.config.read().expect("lock").config.shutdown.budget;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let s2 = s.clone();
+    s.tracker.spawn(async move {
+        let deadline = tokio::time::Instant::now() + budget;
+        let only = req.repo.map(PathBuf::from);
+        let r = s2
+            .save(crate::save::Reason::Manual, only, req.dry_run, deadline)
+            .await;
+        let _ = done_tx.send(r);
+    });
+    let line = |l: &SaveLine| {
+        let mut v = serde_json::to_vec(l).unwrap_or_default();
+        v.push(b'\n');
+        Ok::<Bytes, Infallible>(Bytes::from(v))
+    };
+    let stream = futures::stream::unfold((rx, Some(done_rx)), move |(mut rx, done)| async move {
+        let mut done = done?;
+        loop {
+            // Events first: when the save ends, its last events are already queued.
+            tokio::select! {
+                biased;
+                ev = rx.recv() => match ev {
+                    Ok(ev) if matches!(ev.kind, EventKind::Save { .. }) => {
+                        return Some((line(&SaveLine::Progress { event: ev }), (rx, Some(done))));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                },
+                r = &mut done => {
+                    let item = match r {
+                        Ok(Ok(outcomes)) => line(&SaveLine::Done { outcomes }),
+                        Ok(Err(e)) => line(&SaveLine::Progress { event: agent_proto::local::Event {
+                            at: crate::events::now_rfc3339(),
+                            level: agent_proto::local::Level::Error,
+                            message: format!("save failed: {e}"),
+                            kind: EventKind::Note,
+                        }}),
+                        Err(_) => return None,
+                    };
+                    return Some((item, (rx, None)));
+                }
+            }
+        }
+    });
+    Body::from_stream(stream).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    replay: bool,
+}
+
+async fn events(State(s): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Response {
+    if q.replay {
+        let (history, rx) = s.events.subscribe_with_history();
+        event_stream_with(history, rx, false, s.exit.clone()).into_response()
+    } else {
+        event_stream(s.events.subscribe(), false, s.exit.clone()).into_response()
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Client
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the wsagent daemon at {socket}: {source} (is `wsagent run` running? set WSAGENT_SOCKET or --socket)"
+    )]
+    Unreachable {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Api(String),
+    #[error("protocol error talking to {socket}: {message}")]
+    Protocol { socket: PathBuf, message: String },
+}
+
+pub struct Client {
+    pub socket: PathBuf,
+}
+
+/// A response whose body can be read whole or line by line.
+pub struct Reply {
+    pub status: u16,
+    body: hyper::body::Incoming,
+    buf: Vec<u8>,
+    socket: PathBuf,
+}
+
+impl Reply {
+    pub async fn bytes(mut self) -> Result<Vec<u8>, ClientError> {
+        let mut out = std::mem::take(&mut self.buf);
+        let collected = self
+            .body
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol {
+                socket: self.socket.clone(),
+                message: e.to_string(),
+            })?;
+        out.extend_from_slice(&collected.to_bytes());
+        Ok(out)
+    }
+
+    /// The next line of a streamed body (without its newline); `None` at the end.
+    pub async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                return Some(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            }
+            match self.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.buf.extend_from_slice(&d);
+                    }
+                }
+                _ => {
+                    if self.buf.is_empty() {
+                        return None;
+                    }
+                    let rest = std::mem::take(&mut self.buf);
+                    return Some(String::from_utf8_lossy(&rest).into_owned());
+                }
+            }
+        }
+    }
+
+    /// Decode a JSON body, turning an [`ApiError`] status into an error.
+    pub async fn json<T: serde::de::DeserializeOwned>(self) -> Result<T, ClientError> {
+        let status = self.status;
+        let socket = self.socket.clone();
+        let bytes = self.bytes().await?;
+        if !(200..300).contains(&status) {
+            let msg = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
+            return Err(ClientError::Api(msg));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            socket,
+            message: format!("bad reply: {e}"),
+        })
+    }
+}
+
+impl Client {
+    pub fn new(socket: PathBuf) -> Client {
+        Client { socket }
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source: e,
+            })?;
+        let proto = |e: &dyn std::fmt::Display| ClientError::Protocol {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Full<Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| proto(&e))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "wsagent")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(Bytes::from(
+                body.unwrap_or_default(),
+            )))
+            .map_err(|e| proto(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| proto(&e))?;
+        Ok(Reply {
+            status: resp.status().as_u16(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            socket: self.socket.clone(),
+        })
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.request("GET", "/v1/status", None).await?.json().await
+    }
+
+    /// Wait up to `timeout` for the daemon to answer.
+    pub async fn wait_reachable(&self, timeout: Duration) -> Result<Status, ClientError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.status().await {
+                Ok(s) => return Ok(s),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+}

@@ -1,4 +1,495 @@
-//! cli (in progress)
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+//! The command line: `wsagent run` starts the daemon; every other command is a client
+//! of its local API (or, for `config`, `version`, `demo`, works alone).
+//!
+//! Exit codes (documented in README.md): 0 success; 1 the operation failed (e.g. the
+//! stop sequence did not end `off`, a service action was refused); 2 usage error;
+//! 69 the daemon cannot be reached; 78 invalid configuration.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent_proto::local::{Event, EventKind, Health, Lifecycle, ServiceState, Status};
+use clap::{Parser, Subcommand};
+
+use crate::api::{Client, ClientError};
+use crate::config::{self, Sources};
+
+pub const EX_FAILED: u8 = 1;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_CONFIG: u8 = 78;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wsagent",
+    version,
+    about = "PID 1 for cloud development workspaces: prepares, supervises, saves git work on stop"
+)]
+struct Cli {
+    /// The daemon's local API socket (default: WSAGENT_SOCKET, else /run/wsagent/wsagent.sock
+    /// as root, $XDG_RUNTIME_DIR/wsagent.sock otherwise).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon (the container's ENTRYPOINT).
+    Run {
+        /// A config file merged over /etc/wsagent/config.toml and the defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Show the lifecycle and every service.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Print nothing; exit 0 only when the lifecycle is `ready` (for HEALTHCHECK).
+        #[arg(long)]
+        ready: bool,
+    },
+    /// Start a service (also one that has `failed`).
+    Start { name: String },
+    /// Stop a service.
+    Stop { name: String },
+    /// Restart a service.
+    Restart { name: String },
+    /// Show a service's output.
+    Logs {
+        name: String,
+        /// Keep following new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many lines of history.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// Start the stop sequence.
+    Shutdown {
+        /// Follow the stop sequence until the daemon is off; exit non-zero unless it
+        /// ended `off`.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Save git work now: commit and push every repository with unsaved work (Coder's
+    /// `shutdown_script`). Exits 1 when anything was not pushed.
+    Save {
+        /// Only the repository containing this path.
+        #[arg(long)]
+        repo: Option<PathBuf>,
+        /// Show what would be saved; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the outcomes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check or show the configuration.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// Print the version.
+    Version,
+    /// A guided tour: a throwaway workspace with a supervised service, in under 20 s.
+    Demo,
+    /// (internal) The demo's service: answers HTTP, crashes once.
+    #[command(hide = true)]
+    DemoService {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        crash_after_ms: u64,
+        #[arg(long)]
+        marker: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a config file (merged over the defaults); exit 78 listing every problem.
+    Check { file: Option<PathBuf> },
+    /// Print the effective configuration.
+    Show {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run { config } => run_daemon(config, cli.socket),
+        Cmd::Config { cmd } => config_cmd(cmd),
+        Cmd::Version => {
+            println!("wsagent {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::DemoService {
+            port,
+            crash_after_ms,
+            marker,
+        } => crate::demo::service(port, crash_after_ms, &marker),
+        cmd => {
+            crate::logging::init_cli();
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("wsagent: cannot start the runtime: {e}");
+                    return ExitCode::from(EX_FAILED);
+                }
+            };
+            let socket = client_socket(cli.socket);
+            rt.block_on(client_cmd(cmd, socket))
+        }
+    }
+}
+
+fn client_socket(explicit: Option<PathBuf>) -> PathBuf {
+    let cfg = config::load(&Sources::standard(None))
+        .ok()
+        .map(|l| l.config);
+    crate::daemon::socket_path(explicit, cfg.as_ref())
+}
+
+fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
+    let sources = Sources::standard(config_file);
+    let loaded = match config::load(&sources) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsagent: {e}");
+            eprintln!("wsagent: nothing was started");
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    for var in crate::supervisor::SECRET_VARS {
+        if let Ok(v) = std::env::var(var) {
+            crate::secrets::register(&v);
+        }
+    }
+    let home = crate::daemon::home_dir();
+    let _guard = crate::logging::init_daemon(
+        &loaded.config.daemon.log_level,
+        &loaded.config.state_dir(&home),
+    );
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::from(EX_FAILED);
+        }
+    };
+    let code = rt.block_on(crate::daemon::run(
+        loaded,
+        crate::daemon::Options { sources, socket },
+    ));
+    rt.shutdown_timeout(Duration::from_millis(200));
+    code
+}
+
+fn config_cmd(cmd: ConfigCmd) -> ExitCode {
+    match cmd {
+        ConfigCmd::Check { file } => {
+            let sources = Sources {
+                explicit: file.clone(),
+                ..Sources::standard(None)
+            };
+            match config::load(&sources) {
+                Ok(l) => {
+                    println!("configuration is valid ({})", l.files.join(", "));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wsagent: {e}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            }
+        }
+        ConfigCmd::Show { config: file } => match config::load(&Sources::standard(file)) {
+            Ok(l) => {
+                println!("# effective configuration, from: {}", l.files.join(", "));
+                print!("{}", l.config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wsagent: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+    }
+}
+
+fn fail(e: ClientError) -> ExitCode {
+    eprintln!("wsagent: {e}");
+    match e {
+        ClientError::Unreachable { .. } => ExitCode::from(EX_UNAVAILABLE),
+        _ => ExitCode::from(EX_FAILED),
+    }
+}
+
+async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
+    let client = Client::new(socket);
+    match cmd {
+        Cmd::Status { json, ready } => match client.status().await {
+            Ok(s) if ready => {
+                if s.lifecycle == Lifecycle::Ready {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EX_FAILED)
+                }
+            }
+            Ok(s) if json => {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(s) => {
+                print!("{}", render_status(&s));
+                ExitCode::SUCCESS
+            }
+            Err(_) if ready => ExitCode::from(EX_UNAVAILABLE),
+            Err(e) => fail(e),
+        },
+        Cmd::Start { name } => action(&client, &name, "start").await,
+        Cmd::Stop { name } => action(&client, &name, "stop").await,
+        Cmd::Restart { name } => action(&client, &name, "restart").await,
+        Cmd::Logs {
+            name,
+            follow,
+            lines,
+        } => {
+            let path = format!("/v1/services/{name}/logs?n={lines}&follow={follow}");
+            let mut reply = match client.request("GET", &path, None).await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            if reply.status != 200 {
+                let e = reply.json::<serde_json::Value>().await.err();
+                eprintln!("wsagent: {}", e.map(|e| e.to_string()).unwrap_or_default());
+                return ExitCode::from(EX_FAILED);
+            }
+            let mut out = std::io::stdout();
+            while let Some(line) = reply.next_line().await {
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Shutdown { wait } => {
+            let body = serde_json::to_vec(&agent_proto::local::ShutdownRequest { wait })
+                .unwrap_or_default();
+            let mut reply = match client.request("POST", "/v1/shutdown", Some(body)).await {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            if !wait {
+                return match reply.json::<agent_proto::local::ActionReply>().await {
+                    Ok(r) => {
+                        println!("{}", r.message);
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                };
+            }
+            let started = std::time::Instant::now();
+            let mut last = None;
+            while let Some(line) = reply.next_line().await {
+                if let Ok(ev) = serde_json::from_str::<Event>(&line) {
+                    println!("{:>7.3}s  {}", started.elapsed().as_secs_f64(), ev.message);
+                    if let EventKind::Lifecycle { state } = ev.kind {
+                        last = Some(state);
+                    }
+                }
+            }
+            match last {
+                Some(Lifecycle::Off) => ExitCode::SUCCESS,
+                Some(state) => {
+                    eprintln!("wsagent: the stop sequence ended {state}");
+                    ExitCode::from(EX_FAILED)
+                }
+                None => {
+                    eprintln!(
+                        "wsagent: the daemon went away before reporting the end of the stop sequence"
+                    );
+                    ExitCode::from(EX_FAILED)
+                }
+            }
+        }
+        Cmd::Save {
+            repo,
+            dry_run,
+            json,
+        } => save(&client, repo, dry_run, json).await,
+        Cmd::Demo => crate::demo::run().await,
+        Cmd::Run { .. } | Cmd::Config { .. } | Cmd::Version | Cmd::DemoService { .. } => {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool) -> ExitCode {
+    use agent_proto::local::SaveLine;
+    let repo = repo.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
+    let body =
+        serde_json::to_vec(&agent_proto::local::SaveRequest { repo, dry_run }).unwrap_or_default();
+    let mut reply = match client.request("POST", "/v1/save", Some(body)).await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if reply.status != 200 {
+        return match reply.json::<serde_json::Value>().await {
+            Err(e) => fail(e),
+            Ok(_) => ExitCode::from(EX_FAILED),
+        };
+    }
+    let mut outcomes = None;
+    while let Some(line) = reply.next_line().await {
+        match serde_json::from_str::<SaveLine>(&line) {
+            Ok(SaveLine::Progress { event }) => {
+                if !json {
+                    println!("{}", event.message);
+                }
+            }
+            Ok(SaveLine::Done { outcomes: o }) => outcomes = Some(o),
+            Err(_) => {}
+        }
+    }
+    let Some(outcomes) = outcomes else {
+        eprintln!("wsagent: the daemon did not report the end of the save");
+        return ExitCode::from(EX_FAILED);
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).unwrap_or_default()
+        );
+    } else if outcomes.is_empty() {
+        println!("no repository found");
+    }
+    let unsafe_: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !dry_run && !crate::daemon::save_ok(o))
+        .collect();
+    if unsafe_.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "wsagent: {} of {} repositories not pushed",
+            unsafe_.len(),
+            outcomes.len()
+        );
+        ExitCode::from(EX_FAILED)
+    }
+}
+
+async fn action(client: &Client, name: &str, action: &str) -> ExitCode {
+    match client
+        .request("POST", &format!("/v1/services/{name}/{action}"), None)
+        .await
+    {
+        Ok(r) => match r.json::<agent_proto::local::ActionReply>().await {
+            Ok(r) => {
+                println!("{}", r.message);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Err(e) => fail(e),
+    }
+}
+
+/// Human status: readable at a glance.
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    let up = Duration::from_millis(s.uptime_ms);
+    out.push_str(&format!(
+        "wsagent {}  pid {}{}  up {}  lifecycle {}\n",
+        s.version,
+        s.pid,
+        if s.pid1 { " (PID 1)" } else { "" },
+        humantime::format_duration(Duration::from_secs(up.as_secs())),
+        s.lifecycle
+    ));
+    if let Some(cp) = &s.control_plane {
+        out.push_str(&format!("control plane: {cp}\n"));
+    }
+    if !s.services.is_empty() {
+        out.push_str(&format!(
+            "\n{:<16} {:<10} {:>8} {:>8}  {:<10} {}\n",
+            "SERVICE", "STATE", "PID", "RESTARTS", "HEALTH", "LAST EXIT / NOTE"
+        ));
+        for svc in &s.services {
+            let health = match svc.health {
+                Health::None => "-",
+                Health::Unknown => "unknown",
+                Health::Healthy => "healthy",
+                Health::Unhealthy => "unhealthy",
+            };
+            let mut note = svc
+                .last_exit
+                .as_ref()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            if let Some(m) = &svc.message {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                note.push_str(m);
+            }
+            let pid = svc.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+            let state = if svc.state == ServiceState::Failed {
+                "FAILED".to_string()
+            } else {
+                svc.state.to_string()
+            };
+            out.push_str(&format!(
+                "{:<16} {:<10} {:>8} {:>8}  {:<10} {}\n",
+                svc.name, state, pid, svc.restarts, health, note
+            ));
+        }
+    }
+    for (title, steps) in [("startup", &s.startup), ("shutdown", &s.shutdown)] {
+        if steps.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n{title}:\n"));
+        for st in steps {
+            let d = st
+                .duration_ms
+                .map(|d| format!("{d} ms"))
+                .unwrap_or_default();
+            let m = st
+                .message
+                .clone()
+                .map(|m| format!("  {m}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {:<14} {:<8} {:>8}{}\n",
+                st.name, st.outcome, d, m
+            ));
+        }
+    }
+    if !s.last_save.is_empty() {
+        out.push_str("\nlast save:\n");
+        for o in &s.last_save {
+            let r = o.r#ref.clone().unwrap_or_default();
+            out.push_str(&format!(
+                "  {:<40} {:<10} {} {}\n",
+                o.repo,
+                o.result,
+                r,
+                o.error.clone().unwrap_or_default()
+            ));
+        }
+    }
+    out
 }

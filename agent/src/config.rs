@@ -28,7 +28,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("WSAGENT_SAVE_ROOTS", "save.roots"),
 ];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: DaemonConfig,
@@ -39,20 +39,12 @@ pub struct Config {
     pub control_plane: crate::control::ControlPlaneConfig,
     /// Git hosts whose tokens wsagent caches and pushes with, by Coder provider id.
     pub git_providers: BTreeMap<String, crate::tokens::GitProvider>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            daemon: DaemonConfig::default(),
-            shutdown: ShutdownConfig::default(),
-            logs: LogsConfig::default(),
-            services: BTreeMap::new(),
-            save: Default::default(),
-            control_plane: Default::default(),
-            git_providers: BTreeMap::new(),
-        }
-    }
+    pub startup: crate::startup::StartupConfig,
+    pub dotfiles: crate::startup::DotfilesConfig,
+    /// `[[once]]`: one-time tasks guarded by marker files.
+    pub once: Vec<crate::startup::OnceConfig>,
+    /// `[[task]]`: startup tasks, each in a pseudo-terminal.
+    pub task: Vec<crate::startup::TaskConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +151,9 @@ pub struct ServiceConfig {
     pub requires_env: Vec<String>,
     /// `false` removes the service (e.g. to turn off a default one).
     pub enabled: bool,
+    /// Secret variables of the daemon's environment passed to this service (all others
+    /// are withheld from every child), e.g. `CODER_AGENT_TOKEN` for the Coder agent.
+    pub secret_env: Vec<String>,
 }
 
 impl Default for ServiceConfig {
@@ -181,6 +176,7 @@ impl Default for ServiceConfig {
             default: false,
             requires_env: Vec::new(),
             enabled: true,
+            secret_env: Vec::new(),
         }
     }
 }
@@ -745,6 +741,7 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     }
     out.extend(crate::save::validate(&config.save));
     out.extend(crate::control::validate(&config.control_plane));
+    out.extend(crate::startup::validate(config));
     out
 }
 

@@ -11,7 +11,11 @@ use tokio::sync::broadcast;
 #[derive(Clone)]
 pub struct Events {
     tx: broadcast::Sender<Event>,
+    history: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Event>>>,
 }
+
+/// Events kept for late subscribers (`/v1/events?replay=true`, the reporter's start).
+pub const HISTORY: usize = 512;
 
 impl Default for Events {
     fn default() -> Self {
@@ -22,11 +26,21 @@ impl Default for Events {
 impl Events {
     pub fn new() -> Events {
         let (tx, _) = broadcast::channel(4096);
-        Events { tx }
+        Events {
+            tx,
+            history: Default::default(),
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// Subscribe, and get the recent history that came before (no gap, no overlap).
+    pub fn subscribe_with_history(&self) -> (Vec<Event>, broadcast::Receiver<Event>) {
+        let h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = self.tx.subscribe();
+        (h.iter().cloned().collect(), rx)
     }
 
     pub fn emit(&self, level: Level, kind: EventKind, message: impl Into<String>) {
@@ -37,6 +51,13 @@ impl Events {
             message,
             kind,
         };
+        // History and broadcast under one lock, so a subscriber with history sees
+        // every event exactly once.
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() >= HISTORY {
+            h.pop_front();
+        }
+        h.push_back(ev.clone());
         let _ = self.tx.send(ev);
     }
 

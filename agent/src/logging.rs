@@ -1,1 +1,101 @@
-//! logging (in progress)
+//! Logging: human lines on stderr, JSON lines in a rolling file in the state directory,
+//! both passed through the redaction of [`crate::secrets`].
+
+use std::io::{self, Write};
+use std::path::Path;
+
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// A writer that masks every registered secret in what passes through it. The fmt
+/// layer writes each event with one `write` call, so a secret is never split.
+pub struct Redacting<W>(pub W);
+
+impl<W: Write> Write for Redacting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let red = crate::secrets::redact(&text);
+        self.0.write_all(red.as_bytes())?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+#[derive(Clone)]
+pub struct RedactingMake<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMake<M> {
+    type Writer = Redacting<M::Writer>;
+    fn make_writer(&'a self) -> Self::Writer {
+        Redacting(self.0.make_writer())
+    }
+}
+
+/// Keeps the file writer alive; dropping it flushes the file.
+pub struct Guard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+
+fn filter(level: &str) -> EnvFilter {
+    let base = match crate::config::parse_level(level) {
+        Some(l) => l.to_string().to_ascii_lowercase(),
+        None => level.to_string(),
+    };
+    EnvFilter::try_new(format!(
+        "{base},hyper=warn,reqwest=warn,h2=warn,rustls=warn"
+    ))
+    .unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Logging for the daemon: stderr and `<state_dir>/wsagent.log.<date>` (JSON).
+pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
+    let stderr_layer = tracing_subscriber::fmt::layer()
+        .with_writer(RedactingMake(io::stderr))
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
+        .with_target(false)
+        .with_filter(filter(level));
+    let mut guard = None;
+    let file_layer = match std::fs::create_dir_all(state_dir).and_then(|_| {
+        tracing_appender::rolling::Builder::new()
+            .rotation(tracing_appender::rolling::Rotation::DAILY)
+            .filename_prefix("wsagent")
+            .filename_suffix("log")
+            .max_log_files(7)
+            .build(state_dir)
+            .map_err(io::Error::other)
+    }) {
+        Ok(appender) => {
+            let (nb, g) = tracing_appender::non_blocking(appender);
+            guard = Some(g);
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(RedactingMake(nb))
+                    .with_filter(filter(level)),
+            )
+        }
+        Err(e) => {
+            eprintln!(
+                "wsagent: cannot open the log file in {}: {e}",
+                state_dir.display()
+            );
+            None
+        }
+    };
+    let _ = tracing_subscriber::registry()
+        .with(stderr_layer)
+        .with(file_layer)
+        .try_init();
+    Guard(guard)
+}
+
+/// Logging for CLI commands: warnings and errors on stderr.
+pub fn init_cli() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(RedactingMake(io::stderr))
+        .with_target(false)
+        .with_env_filter(filter("warn"))
+        .try_init();
+}

@@ -1,16 +1,362 @@
-//! procs (in progress)
+//! Processes: the only module that spawns them and the only one that reaps them.
+//!
+//! Design (see ARCHITECTURE.md, "Reaping"): one reaper owns every `waitpid`. It calls
+//! `waitpid(-1, WNOHANG)` in a loop whenever SIGCHLD arrives, **holding the registry
+//! lock**, and hands each status to the waiter registered for that pid; a pid nobody
+//! registered is an orphan and its status is dropped. [`spawn`] holds the same lock from
+//! before the fork until the pid is registered, so the reaper can never reap a child
+//! before its waiter exists, and std's own `waitpid` after a failed `exec` (inside
+//! `Command::spawn`) cannot race the reaper either. Nothing else in the daemon may wait
+//! for a child: no `tokio::process`, no `Command::output`, no portable-pty `spawn_command`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (None, Some(s)) => match Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {sig}"),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+            _ => f.write_str("unknown status"),
+        }
+    }
+}
+
+static REGISTRY: Mutex<Option<HashMap<i32, oneshot::Sender<ExitStatus>>>> = Mutex::new(None);
+static ORPHANS_REAPED: AtomicU64 = AtomicU64::new(0);
+
+fn registry() -> std::sync::MutexGuard<'static, Option<HashMap<i32, oneshot::Sender<ExitStatus>>>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reap every child that has exited. Called by the signal thread on SIGCHLD (and once
+/// at start). Returns how many were reaped.
+pub fn reap_all() -> usize {
+    let mut n = 0;
+    loop {
+        let mut reg = registry();
+        let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (
+                pid,
+                ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                },
+            ),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (
+                pid,
+                ExitStatus {
+                    code: None,
+                    signal: Some(sig as i32),
+                },
+            ),
+            Ok(WaitStatus::StillAlive) | Err(_) => return n,
+            Ok(_) => continue,
+        };
+        n += 1;
+        let (pid, st) = status;
+        match reg.get_or_insert_with(HashMap::new).remove(&pid.as_raw()) {
+            Some(tx) => {
+                let _ = tx.send(st);
+            }
+            None => {
+                ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Orphans (children nobody waits for) reaped since start.
+pub fn orphans_reaped() -> u64 {
+    ORPHANS_REAPED.load(Ordering::Relaxed)
+}
+
+/// Where a child's standard stream goes.
+#[derive(Debug)]
+pub enum Io {
+    Null,
+    Inherit,
+    Piped,
+    Fd(OwnedFd),
+}
+
+impl Io {
+    fn stdio(self) -> Stdio {
+        match self {
+            Io::Null => Stdio::null(),
+            Io::Inherit => Stdio::inherit(),
+            Io::Piped => Stdio::piped(),
+            Io::Fd(fd) => Stdio::from(fd),
+        }
+    }
+}
+
+/// A user to run a child as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub name: String,
+    pub home: PathBuf,
+}
+
+/// Resolve `user` (name or uid) and optional `group` (name or gid).
+pub fn resolve_user(user: &str, group: Option<&str>) -> Result<RunAs, String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let u = match user.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)).ok().flatten(),
+        Err(_) => User::from_name(user).ok().flatten(),
+    };
+    let (uid, mut gid, name, home) = match (u, user.parse::<u32>()) {
+        (Some(u), _) => (u.uid.as_raw(), u.gid.as_raw(), u.name, u.dir),
+        (None, Ok(uid)) => (uid, uid, user.to_string(), PathBuf::from("/")),
+        (None, Err(_)) => return Err(format!("unknown user {user:?}")),
+    };
+    if let Some(g) = group {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => match Group::from_name(g).ok().flatten() {
+                Some(gr) => gr.gid.as_raw(),
+                None => return Err(format!("unknown group {g:?}")),
+            },
+        };
+    }
+    let groups = std::ffi::CString::new(name.clone())
+        .ok()
+        .and_then(|c| nix::unistd::getgrouplist(&c, Gid::from_raw(gid)).ok())
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![gid]);
+    Ok(RunAs {
+        uid,
+        gid,
+        groups,
+        name,
+        home,
+    })
+}
+
+/// What to run.
+#[derive(Debug)]
+pub struct Spec {
+    pub argv: Vec<String>,
+    /// The complete environment of the child (nothing is inherited implicitly).
+    pub env: Vec<(OsString, OsString)>,
+    pub cwd: Option<PathBuf>,
+    pub run_as: Option<RunAs>,
+    /// Put the child in a new process group (pgid = pid), so the whole group can be
+    /// signalled.
+    pub new_group: bool,
+    /// Make the child a session leader with `stdin` as its controlling terminal (PTYs).
+    pub controlling_tty: bool,
+    pub stdin: Io,
+    pub stdout: Io,
+    pub stderr: Io,
+}
+
+impl Spec {
+    pub fn new(argv: Vec<String>) -> Spec {
+        Spec {
+            argv,
+            env: Vec::new(),
+            cwd: None,
+            run_as: None,
+            new_group: true,
+            controlling_tty: false,
+            stdin: Io::Null,
+            stdout: Io::Null,
+            stderr: Io::Null,
+        }
+    }
+}
+
+/// A running child. Its exit status arrives through [`Child::wait`].
+#[derive(Debug)]
+pub struct Child {
+    pub pid: u32,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+    exit: oneshot::Receiver<ExitStatus>,
+}
+
+impl Child {
+    /// Wait for the child to exit (cancel-safe: dropping the future keeps the child
+    /// registered; its status is then simply discarded by the reaper).
+    pub async fn wait(&mut self) -> ExitStatus {
+        (&mut self.exit).await.unwrap_or(ExitStatus {
+            code: None,
+            signal: None,
+        })
+    }
+
+    /// The status, if the child has exited already.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.exit.try_recv().ok()
+    }
+
+    /// Signal the child's process group (or the child alone when it has none).
+    pub fn signal_group(&self, sig: Signal) {
+        let pid = Pid::from_raw(self.pid as i32);
+        if killpg(pid, sig).is_err() {
+            let _ = nix::sys::signal::kill(pid, sig);
+        }
+    }
+}
+
+/// Spawn a child. See the module docs for why this holds the registry lock.
+pub fn spawn(spec: Spec) -> io::Result<Child> {
+    let Some(program) = spec.argv.first() else {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty argv"));
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.argv[1..]);
+    cmd.env_clear();
+    cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd.stdin(spec.stdin.stdio())
+        .stdout(spec.stdout.stdio())
+        .stderr(spec.stderr.stdio());
+    let run_as = spec.run_as.clone();
+    let new_group = spec.new_group;
+    let ctty = spec.controlling_tty;
+    // SAFETY: the closure only makes async-signal-safe system calls (setsid, setpgid,
+    // ioctl, setgroups, setgid, setuid, sigprocmask) on values prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Signal handlers are reset by exec, but the mask is inherited: clear it.
+            let empty = nix::sys::signal::SigSet::empty();
+            let _ = nix::sys::signal::pthread_sigmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            );
+            if ctty {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if new_group && libc::setpgid(0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(r) = &run_as {
+                let groups: Vec<libc::gid_t> = r.groups.clone();
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setgid(r.gid) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::setuid(r.uid) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut reg = registry();
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    let (tx, rx) = oneshot::channel();
+    reg.get_or_insert_with(HashMap::new).insert(pid as i32, tx);
+    drop(reg);
+    let stdout = child.stdout.take().map(OwnedFd::from);
+    let stderr = child.stderr.take().map(OwnedFd::from);
+    // Dropping the std handle neither waits nor kills: the reaper owns the status.
+    drop(child);
+    Ok(Child {
+        pid,
+        stdout,
+        stderr,
+        exit: rx,
+    })
+}
+
+/// Become a child subreaper so orphans of our descendants are re-parented to us
+/// (only needed when we are not PID 1).
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
 
 /// Parse a signal name (`SIGTERM`, `TERM`, `15`).
-pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+pub fn parse_signal(s: &str) -> Option<Signal> {
     use std::str::FromStr;
     let up = s.trim().to_ascii_uppercase();
     if let Ok(n) = up.parse::<i32>() {
-        return nix::sys::signal::Signal::try_from(n).ok();
+        return Signal::try_from(n).ok();
     }
     let name = if up.starts_with("SIG") {
         up
     } else {
         format!("SIG{up}")
     };
-    nix::sys::signal::Signal::from_str(&name).ok()
+    Signal::from_str(&name).ok()
+}
+
+/// Find `program` the way `execvp` would, in `path` (a `PATH` value).
+pub fn which(program: &str, path: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return is_exec(&p).then_some(p);
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| PathBuf::from(d).join(program))
+        .find(|p| is_exec(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_parse_in_all_spellings() {
+        assert_eq!(parse_signal("SIGTERM"), Some(Signal::SIGTERM));
+        assert_eq!(parse_signal("int"), Some(Signal::SIGINT));
+        assert_eq!(parse_signal("9"), Some(Signal::SIGKILL));
+        assert_eq!(parse_signal("SIGNOPE"), None);
+    }
+
+    #[test]
+    fn which_finds_sh_and_not_nonsense() {
+        assert!(which("sh", "/usr/bin:/bin").is_some());
+        assert!(which("definitely-not-a-program", "/usr/bin:/bin").is_none());
+    }
 }

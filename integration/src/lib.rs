@@ -1,14 +1,16 @@
-//! Test support for wsagent's end-to-end tests: run the real `wsagent` binary against a
-//! throwaway HOME (optionally as PID 1 of its own pid namespace), wait on conditions
-//! instead of sleeping, inspect processes through `/proc`, and decide when a test that
-//! needs a real tool (dockerd, code-server) skips or fails.
+//! Test support for wsagent's end-to-end tests and benchmarks: run the real `wsagent`
+//! binary against a throwaway HOME (optionally as PID 1 of its own pid namespace), wait
+//! on conditions instead of sleeping, inspect processes through `/proc`, decide when a
+//! test that needs a real tool (dockerd, code-server) skips or fails, and serve git over
+//! smart HTTP with token auth.
 //!
 //! The pieces: [`wait`] (polling with a deadline), [`daemon`] ([`Workspace`] and
 //! [`Daemon`]), [`procfs`] (descendants, zombies, pid namespaces), [`real`] (real-tool
-//! requirements and the `WSAGENT_TEST_*` variables set by `scripts/test`) and [`net`]
-//! (free ports, a tiny HTTP probe).
+//! requirements and the `WSAGENT_TEST_*` variables set by `scripts/test`), [`net`]
+//! (free ports, a tiny HTTP probe) and [`gitserver`] (a real smart-HTTP git server).
 
 pub mod daemon;
+pub mod gitserver;
 pub mod net;
 pub mod procfs;
 pub mod real;

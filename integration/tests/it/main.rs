@@ -2,12 +2,21 @@
 //! `wsagent` binary (build it first: `cargo build -p agent --bins`; `scripts/test` does)
 //! through the harness in the `integration` library, and read like specs.
 //!
+//! - `pid1`: init duties (reaping, exact exit codes, signals) as PID 1 and as subreaper.
+//! - `supervision`: restart and backoff, dependencies and health checks, stop order, reload.
+//! - `cli`: config errors, the socket's protection, secrets, the client without a daemon.
+//! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `template`: the Coder template's wiring (token, init script, stop hooks, deadlines).
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
+mod cli;
+mod gitserver;
 mod images;
+mod pid1;
 mod real_services;
+mod supervision;
+mod support;
 mod template;
 
 /// The repository root (the workspace's top directory).

@@ -1,0 +1,168 @@
+//! Finding the repositories to save: a bounded walk of the configured roots, the
+//! explicit list, and the submodules of each repository found.
+//!
+//! Worktrees are found by their `.git` (a directory, or a file for linked worktrees and
+//! submodules); bare repositories by their layout. The walk never follows symlinks and
+//! never enters a `.git` directory; it does enter worktrees, so nested repositories are
+//! found too, within the depth limit.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One repository to save.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The worktree, or the git directory of a bare repository.
+    pub path: PathBuf,
+    pub bare: bool,
+    /// Submodule nesting: 0 for a top-level repository. Deeper ones are saved first.
+    pub level: usize,
+}
+
+/// Walk `roots` (to `depth` levels below each), add `explicit`, then the submodules.
+pub fn discover(roots: &[PathBuf], depth: usize, explicit: &[PathBuf]) -> Vec<Found> {
+    let mut found: BTreeMap<PathBuf, Found> = BTreeMap::new();
+    for root in roots {
+        walk(root, depth, &mut found);
+    }
+    for p in explicit {
+        if let Some(f) = probe(p) {
+            add(&mut found, f);
+        } else if let Ok(repo) = git2::Repository::open(p) {
+            let path = repo.workdir().unwrap_or(repo.path()).to_path_buf();
+            add(
+                &mut found,
+                Found {
+                    path,
+                    bare: repo.is_bare(),
+                    level: 0,
+                },
+            );
+        }
+    }
+    let tops: Vec<Found> = found.values().filter(|f| !f.bare).cloned().collect();
+    for f in tops {
+        submodules(&f.path, f.level + 1, &mut found, 0);
+    }
+    found.into_values().collect()
+}
+
+fn canonical(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn add(found: &mut BTreeMap<PathBuf, Found>, f: Found) {
+    let key = canonical(&f.path);
+    match found.get_mut(&key) {
+        Some(old) => old.level = old.level.max(f.level),
+        None => {
+            found.insert(
+                key.clone(),
+                Found {
+                    path: key,
+                    bare: f.bare,
+                    level: f.level,
+                },
+            );
+        }
+    }
+}
+
+/// What `dir` is: a worktree, a bare repository, or neither.
+fn probe(dir: &Path) -> Option<Found> {
+    if dir.join(".git").exists() {
+        return Some(Found {
+            path: dir.to_path_buf(),
+            bare: false,
+            level: 0,
+        });
+    }
+    let bare =
+        dir.join("HEAD").is_file() && dir.join("objects").is_dir() && dir.join("refs").is_dir();
+    bare.then(|| Found {
+        path: dir.to_path_buf(),
+        bare: true,
+        level: 0,
+    })
+}
+
+fn walk(dir: &Path, depth_left: usize, found: &mut BTreeMap<PathBuf, Found>) {
+    match probe(dir) {
+        Some(f) if f.bare => {
+            add(found, f);
+            return;
+        }
+        Some(f) => add(found, f),
+        None => {}
+    }
+    if depth_left == 0 {
+        return;
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut children: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| e.file_name() != ".git")
+        .map(|e| e.path())
+        .collect();
+    children.sort();
+    for c in children {
+        walk(&c, depth_left - 1, found);
+    }
+}
+
+fn submodules(worktree: &Path, level: usize, found: &mut BTreeMap<PathBuf, Found>, depth: usize) {
+    if depth > 8 {
+        return;
+    }
+    let Ok(repo) = git2::Repository::open(worktree) else {
+        return;
+    };
+    let Ok(subs) = repo.submodules() else {
+        return;
+    };
+    for sm in subs {
+        let p = worktree.join(sm.path());
+        if p.join(".git").exists() {
+            add(
+                found,
+                Found {
+                    path: p.clone(),
+                    bare: false,
+                    level,
+                },
+            );
+            submodules(&p, level + 1, found, depth + 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_finds_worktrees_and_bare_repos_within_the_depth_limit() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        git2::Repository::init(root.join("a")).unwrap();
+        git2::Repository::init(root.join("x/y/b")).unwrap();
+        git2::Repository::init(root.join("x/y/z/too-deep")).unwrap();
+        git2::Repository::init_bare(root.join("srv/c.git")).unwrap();
+        let found = discover(&[root.to_path_buf()], 3, &[]);
+        let names: Vec<String> = found
+            .iter()
+            .map(|f| {
+                f.path
+                    .strip_prefix(canonical(root))
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(names, ["a", "srv/c.git", "x/y/b"]);
+        assert!(found[1].bare);
+    }
+}

@@ -1,0 +1,199 @@
+//! The save journal: one JSON line per save attempt in `<state_dir>/save-journal.jsonl`,
+//! fsynced, so the outcome of a save survives the container that made it.
+//!
+//! A `started` line is written before a repository is touched and its outcome line
+//! after; a repository whose last line is `started` was being saved when wsagent died
+//! (SIGKILL at the end of the grace period), which [`previous_save_summary`] reports.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use agent_proto::save::RepoOutcome;
+
+/// File name of the journal inside the state directory.
+pub const JOURNAL_FILE: &str = "save-journal.jsonl";
+
+/// Appends outcomes to the journal; safe to share between threads.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    lock: Mutex<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot append to the save journal {path}: {source}")]
+pub struct JournalError {
+    pub path: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Journal {
+    pub fn new(state_dir: &Path) -> Journal {
+        Journal {
+            path: state_dir.join(JOURNAL_FILE),
+            lock: Mutex::new(()),
+        }
+    }
+
+    /// Append one line and fsync it.
+    pub fn append(&self, outcome: &RepoOutcome) -> Result<(), JournalError> {
+        let err = |source| JournalError {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let mut line = serde_json::to_string(outcome).map_err(|e| err(e.into()))?;
+        line.push('\n');
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(err)?;
+        // One write call per line: a crash leaves at most one torn last line, which the
+        // reader skips.
+        f.write_all(line.as_bytes()).map_err(err)?;
+        f.sync_data().map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Every readable line of the journal, oldest first (torn or foreign lines skipped).
+pub fn read_journal(state_dir: &Path) -> Vec<RepoOutcome> {
+    let Ok(text) = std::fs::read_to_string(state_dir.join(JOURNAL_FILE)) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<RepoOutcome>(l).ok())
+        .collect()
+}
+
+/// The latest journal line of each repository, sorted by repository path.
+pub fn last_outcomes(state_dir: &Path) -> Vec<RepoOutcome> {
+    let mut by_repo: BTreeMap<String, RepoOutcome> = BTreeMap::new();
+    for o in read_journal(state_dir) {
+        by_repo.insert(o.repo.clone(), o);
+    }
+    by_repo.into_values().collect()
+}
+
+/// The latest finished (not `started`) outcome of each repository.
+pub(crate) fn last_finished(state_dir: &Path) -> BTreeMap<String, RepoOutcome> {
+    let mut by_repo = BTreeMap::new();
+    for o in read_journal(state_dir) {
+        if o.result != "started" {
+            by_repo.insert(o.repo.clone(), o);
+        }
+    }
+    by_repo
+}
+
+/// One line on how the last save went, for the next start and `wsagent status`;
+/// flags repositories whose save was interrupted. `None` without a journal.
+pub fn previous_save_summary(state_dir: &Path) -> Option<String> {
+    let last = last_outcomes(state_dir);
+    if last.is_empty() {
+        return None;
+    }
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for o in &last {
+        *counts.entry(o.result.as_str()).or_default() += 1;
+    }
+    let order = [
+        ("pushed", "pushed"),
+        ("unchanged", "unchanged"),
+        ("clean", "clean"),
+        ("committed", "committed but not pushed"),
+        ("failed", "failed"),
+    ];
+    let mut parts: Vec<String> = order
+        .iter()
+        .filter_map(|(k, label)| counts.get(k).map(|n| format!("{n} {label}")))
+        .collect();
+    if parts.is_empty() {
+        parts.push("nothing finished".into());
+    }
+    let mut s = format!("last save: {}", parts.join(", "));
+    let interrupted: Vec<&str> = last
+        .iter()
+        .filter(|o| o.result == "started")
+        .map(|o| o.repo.as_str())
+        .collect();
+    if !interrupted.is_empty() {
+        s.push_str(&format!(
+            "; INTERRUPTED: {} repositor{} still being saved when wsagent stopped: {}",
+            interrupted.len(),
+            if interrupted.len() == 1 {
+                "y was"
+            } else {
+                "ies were"
+            },
+            interrupted.join(", ")
+        ));
+    }
+    let failed: Vec<String> = last
+        .iter()
+        .filter(|o| o.result == "failed" || o.result == "committed")
+        .map(|o| {
+            format!(
+                "{} ({})",
+                o.repo,
+                o.error.as_deref().unwrap_or("not pushed")
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        s.push_str(&format!("; not on the remote: {}", failed.join(", ")));
+    }
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(repo: &str, result: &str) -> RepoOutcome {
+        RepoOutcome {
+            repo: repo.into(),
+            result: result.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_repo_left_at_started_is_reported_as_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        j.append(&line("/a", "started")).unwrap();
+        j.append(&line("/a", "pushed")).unwrap();
+        j.append(&line("/b", "started")).unwrap();
+        let last = last_outcomes(dir.path());
+        assert_eq!(last.len(), 2);
+        assert_eq!(last[0].result, "pushed");
+        assert_eq!(last[1].result, "started");
+        let s = previous_save_summary(dir.path()).unwrap();
+        assert!(s.contains("1 pushed"), "{s}");
+        assert!(s.contains("INTERRUPTED"), "{s}");
+        assert!(s.contains("/b"), "{s}");
+    }
+
+    #[test]
+    fn a_torn_last_line_is_skipped_and_no_journal_means_no_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(previous_save_summary(dir.path()), None);
+        let j = Journal::new(dir.path());
+        j.append(&line("/a", "clean")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(JOURNAL_FILE))
+            .unwrap();
+        f.write_all(b"{\"at\":\"x\",\"re").unwrap();
+        assert_eq!(last_outcomes(dir.path()).len(), 1);
+    }
+}

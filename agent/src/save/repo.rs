@@ -1,0 +1,701 @@
+//! One repository's save, in two blocking steps: [`prepare`] makes the local commit
+//! (snapshot ref or branch commit) and makes it durable; [`push`] sends it through a
+//! temporary anonymous remote with credentials from a callback.
+//!
+//! The split lets the caller commit every repository before it spends the network time
+//! on any push, so a slow server costs pushes, never local commits. Neither step writes
+//! `.git/config`; the snapshot path does not write HEAD, the index or the worktree.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use agent_proto::save::RepoOutcome;
+use git2::{
+    CredentialType, ErrorCode, Oid, PushOptions, RemoteCallbacks, Repository, RepositoryState,
+    Signature,
+};
+
+use super::discover::Found;
+use super::fsids::AsOwner;
+use super::url::RemoteUrl;
+use super::worktree::worktree_tree;
+use super::{Reason, SaveMode};
+use crate::tokens::Credential;
+
+const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
+
+/// What a repository's save needs besides the repository.
+pub(crate) struct Ctx {
+    pub mode: SaveMode,
+    pub ref_template: String,
+    pub max_file_size: u64,
+    pub workspace: String,
+    pub owner_name: Option<String>,
+    pub owner_email: Option<String>,
+    pub reason: Reason,
+    /// Hosts (`host` or `host:port`, lowercase) with a provider: their SSH remotes are
+    /// pushed over HTTPS.
+    pub known_hosts: Vec<String>,
+    /// The last finished outcome of each repository (idempotence).
+    pub previous: BTreeMap<String, RepoOutcome>,
+    pub dry_run: bool,
+}
+
+/// Errors of the local half of a save.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("cannot open repository {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot read the worktree of {path}: {source}")]
+    Worktree {
+        path: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("cannot commit in {path}: {source}")]
+    Commit {
+        path: String,
+        #[source]
+        source: git2::Error,
+    },
+}
+
+/// What to push once the local commit exists.
+#[derive(Debug, Clone)]
+pub(crate) struct PushPlan {
+    pub repo_path: PathBuf,
+    /// What libgit2 connects to (may carry the user's own userinfo: never logged).
+    pub url: String,
+    /// The URL without userinfo.
+    pub display: String,
+    /// `host` or `host:port`, for the token lookup.
+    pub authority: String,
+    pub refspec: String,
+    pub branch: Option<BranchPush>,
+}
+
+/// Branch mode: where the branch goes, and the snapshot ref to fall back to.
+#[derive(Debug, Clone)]
+pub(crate) struct BranchPush {
+    pub tracking_ref: Option<String>,
+    pub commit: Oid,
+    pub fallback_ref: String,
+}
+
+pub(crate) struct Prepared {
+    pub outcome: RepoOutcome,
+    pub push: Option<PushPlan>,
+}
+
+/// Make the local commit of one repository. Never panics on odd repository states:
+/// every problem becomes a `failed` outcome naming the repository.
+pub(crate) fn prepare(ctx: &Ctx, found: &Found, mut outcome: RepoOutcome) -> Prepared {
+    match prepare_inner(ctx, found, &mut outcome) {
+        Ok(push) => Prepared { outcome, push },
+        Err(e) => {
+            outcome.result = "failed".into();
+            outcome.error = Some(crate::secrets::redact(&e.to_string()).into_owned());
+            Prepared {
+                outcome,
+                push: None,
+            }
+        }
+    }
+}
+
+fn add_note(outcome: &mut RepoOutcome, note: impl Into<String>) {
+    let note = note.into();
+    outcome.note = Some(match outcome.note.take() {
+        Some(n) => format!("{n}; {note}"),
+        None => note,
+    });
+}
+
+fn prepare_inner(
+    ctx: &Ctx,
+    found: &Found,
+    outcome: &mut RepoOutcome,
+) -> Result<Option<PushPlan>, SaveError> {
+    let path = found.path.display().to_string();
+    let repo = Repository::open(&found.path).map_err(|source| SaveError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    if repo.is_bare() {
+        outcome.result = "clean".into();
+        add_note(outcome, "bare repository: no worktree to commit");
+        return Ok(None);
+    }
+
+    // Read what comes from config before taking the owner's ids (the daemon's global
+    // config may not be readable by the owner).
+    let config = repo.config().ok();
+    let get = |k: &str| config.as_ref().and_then(|c| c.get_string(k).ok());
+    let (name, email) = match (get("user.name"), get("user.email")) {
+        (Some(n), Some(e)) if !n.trim().is_empty() && !e.trim().is_empty() => (n, e),
+        _ => match (&ctx.owner_name, &ctx.owner_email) {
+            (Some(n), Some(e)) => (n.clone(), e.clone()),
+            (Some(n), None) => (n.clone(), "wsagent@localhost".into()),
+            _ => ("wsagent".into(), "wsagent@localhost".into()),
+        },
+    };
+
+    let (branch, head): (Option<String>, Option<Oid>) = match repo.head() {
+        Ok(r) => {
+            let head = r.peel_to_commit().ok().map(|c| c.id());
+            let branch = r
+                .is_branch()
+                .then(|| r.shorthand().ok().map(str::to_string))
+                .flatten();
+            (branch, head)
+        }
+        Err(e) if e.code() == ErrorCode::UnbornBranch || e.code() == ErrorCode::NotFound => {
+            let b = repo
+                .find_reference("HEAD")
+                .ok()
+                .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
+                .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
+            (b, None)
+        }
+        Err(source) => return Err(SaveError::Open { path, source }),
+    };
+    let remote = pick_remote(&repo, branch.as_deref());
+    let merge = branch
+        .as_deref()
+        .and_then(|b| get(&format!("branch.{b}.merge")));
+    drop(config);
+
+    let _owner = AsOwner::of(repo.commondir());
+
+    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
+        path: path.clone(),
+        source,
+    })?;
+    outcome.tree = Some(wt.tree.to_string());
+    outcome.head = head.map(|h| h.to_string());
+    outcome.left_out = wt.left_out.clone();
+    for l in &wt.left_out {
+        tracing::warn!(repo = %path, file = %l, "file left out of the save");
+    }
+    let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
+    let dirty = match head_tree {
+        Some(t) => t != wt.tree,
+        None => wt.tree.to_string() != EMPTY_TREE,
+    };
+    let unpushed = match (head, &remote) {
+        (Some(h), Some(_)) => is_unpushed(&repo, h, branch.as_deref()),
+        _ => false,
+    };
+    let state = repo.state();
+    if state != RepositoryState::Clean {
+        add_note(
+            outcome,
+            format!(
+                "repository is mid-{}: saved as it is, conflict markers included",
+                state_name(state)
+            ),
+        );
+    }
+    if head.is_some() && branch.is_none() {
+        add_note(outcome, "detached HEAD");
+    }
+    if !dirty && !unpushed {
+        outcome.result = "clean".into();
+        if remote.is_none() {
+            add_note(outcome, "no remote");
+        }
+        return Ok(None);
+    }
+    if ctx.dry_run {
+        outcome.result = "would-save".into();
+        add_note(
+            outcome,
+            match (dirty, unpushed) {
+                (true, true) => format!("{} changed paths and unpushed commits", wt.changed),
+                (true, false) => format!("{} changed paths", wt.changed),
+                _ => "unpushed commits".into(),
+            },
+        );
+        return Ok(None);
+    }
+
+    let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
+    outcome.remote = remote_url.as_ref().map(|u| u.1.clone());
+    let snap_ref = snapshot_ref(&ctx.ref_template, &ctx.workspace, branch.as_deref(), head);
+
+    // Idempotence: the same worktree on the same HEAD was already saved.
+    if let Some(prev) = ctx.previous.get(&outcome.repo)
+        && prev.tree == outcome.tree
+        && prev.head == outcome.head
+        && prev.mode == outcome.mode
+        && prev.remote == outcome.remote
+        && (prev.pushed || (remote.is_none() && prev.result == "committed"))
+    {
+        outcome.result = "unchanged".into();
+        outcome.commit = prev.commit.clone();
+        outcome.r#ref = prev.r#ref.clone();
+        outcome.pushed = prev.pushed;
+        return Ok(None);
+    }
+
+    let sig = Signature::now(&name, &email).map_err(|source| SaveError::Commit {
+        path: path.clone(),
+        source,
+    })?;
+    let commit_err = |source| SaveError::Commit {
+        path: path.clone(),
+        source,
+    };
+    let branch_label = branch.clone().unwrap_or_else(|| "(detached HEAD)".into());
+    let message = format!(
+        "wsagent: save of workspace {ws} ({reason})\n\nSaved by wsagent on {reason} of workspace {ws} at {at}.\nBranch: {branch_label}\n",
+        ws = ctx.workspace,
+        reason = ctx.reason.as_str(),
+        at = crate::events::now_rfc3339(),
+    );
+    let tree = repo.find_tree(wt.tree).map_err(commit_err)?;
+    let parent = head
+        .map(|h| repo.find_commit(h))
+        .transpose()
+        .map_err(commit_err)?;
+    let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+
+    if ctx.mode == SaveMode::Branch {
+        let blocked = if branch.is_none() {
+            Some("detached HEAD".to_string())
+        } else if state != RepositoryState::Clean {
+            Some(format!("mid-{}", state_name(state)))
+        } else if repo.path().join("index.lock").exists() {
+            Some("the index is locked (index.lock exists)".to_string())
+        } else {
+            None
+        };
+        match blocked {
+            Some(why) => add_note(
+                outcome,
+                format!("cannot commit on the branch ({why}): saved the snapshot ref instead"),
+            ),
+            None => {
+                let b = branch.clone().unwrap_or_default();
+                let new_head = if dirty {
+                    let mut index = repo.index().map_err(commit_err)?;
+                    index.read_tree(&tree).map_err(commit_err)?;
+                    index.write().map_err(commit_err)?;
+                    repo.commit(Some("HEAD"), &sig, &sig, &message, &tree, &parents)
+                        .map_err(commit_err)?
+                } else {
+                    head.expect("unpushed implies a HEAD")
+                };
+                sync_repo(&repo);
+                outcome.result = "committed".into();
+                outcome.commit = Some(new_head.to_string());
+                outcome.r#ref = Some(format!("refs/heads/{b}"));
+                let Some((remote_name, _)) = &remote else {
+                    add_note(outcome, "no remote: committed locally, not pushed");
+                    return Ok(None);
+                };
+                let dst = merge.unwrap_or_else(|| format!("refs/heads/{b}"));
+                let (url, display, authority) = remote_url.expect("remote has a url");
+                let tracking_ref = dst
+                    .strip_prefix("refs/heads/")
+                    .map(|s| format!("refs/remotes/{remote_name}/{s}"));
+                return Ok(Some(PushPlan {
+                    repo_path: found.path.clone(),
+                    url,
+                    display,
+                    authority,
+                    refspec: format!("refs/heads/{b}:{dst}"),
+                    branch: Some(BranchPush {
+                        tracking_ref,
+                        commit: new_head,
+                        fallback_ref: snap_ref,
+                    }),
+                }));
+            }
+        }
+    }
+
+    let commit = if dirty {
+        repo.commit(None, &sig, &sig, &message, &tree, &parents)
+            .map_err(commit_err)?
+    } else {
+        head.expect("unpushed implies a HEAD")
+    };
+    repo.reference(&snap_ref, commit, true, "wsagent: save snapshot")
+        .map_err(commit_err)?;
+    sync_repo(&repo);
+    outcome.result = "committed".into();
+    outcome.commit = Some(commit.to_string());
+    outcome.r#ref = Some(snap_ref.clone());
+    let Some((url, display, authority)) = remote_url else {
+        add_note(outcome, "no remote: committed locally, not pushed");
+        return Ok(None);
+    };
+    Ok(Some(PushPlan {
+        repo_path: found.path.clone(),
+        url,
+        display,
+        authority,
+        refspec: format!("+{snap_ref}:{snap_ref}"),
+        branch: None,
+    }))
+}
+
+fn state_name(s: RepositoryState) -> &'static str {
+    match s {
+        RepositoryState::Clean => "clean",
+        RepositoryState::Merge => "merge",
+        RepositoryState::Revert | RepositoryState::RevertSequence => "revert",
+        RepositoryState::CherryPick | RepositoryState::CherryPickSequence => "cherry-pick",
+        RepositoryState::Bisect => "bisect",
+        RepositoryState::Rebase
+        | RepositoryState::RebaseInteractive
+        | RepositoryState::RebaseMerge => "rebase",
+        RepositoryState::ApplyMailbox | RepositoryState::ApplyMailboxOrRebase => "am",
+    }
+}
+
+/// The remote to push to: the branch's upstream remote, else `origin`, else the first.
+fn pick_remote(repo: &Repository, branch: Option<&str>) -> Option<(String, String)> {
+    let names = repo.remotes().ok()?;
+    let names: Vec<String> = names
+        .iter()
+        .filter_map(|n| n.ok().flatten().map(str::to_string))
+        .collect();
+    let upstream = branch.and_then(|b| {
+        repo.branch_upstream_remote(&format!("refs/heads/{b}"))
+            .ok()
+            .and_then(|buf| buf.as_str().ok().map(str::to_string))
+    });
+    let name = upstream
+        .filter(|n| names.contains(n))
+        .or_else(|| names.iter().find(|n| *n == "origin").cloned())
+        .or_else(|| names.first().cloned())?;
+    let r = repo.find_remote(&name).ok()?;
+    let url = r
+        .pushurl()
+        .ok()
+        .flatten()
+        .or_else(|| r.url().ok())?
+        .to_string();
+    Some((name, url))
+}
+
+/// (url to push to, url to show, authority for the token lookup).
+fn push_url(url: &str, known_hosts: &[String]) -> (String, String, String) {
+    let Some(u) = RemoteUrl::parse(url) else {
+        let d = super::url::redact_userinfo(url);
+        return (url.to_string(), d, String::new());
+    };
+    if u.is_ssh() && known_hosts.iter().any(|h| h.eq_ignore_ascii_case(u.host())) {
+        let twin = u.https_twin();
+        return (twin.clone(), twin, u.host().to_string());
+    }
+    (url.to_string(), u.display(), u.authority.clone())
+}
+
+/// HEAD has commits the remote lacks: ahead of its upstream, or (no upstream) not
+/// contained in any remote-tracking ref.
+fn is_unpushed(repo: &Repository, head: Oid, branch: Option<&str>) -> bool {
+    if let Some(b) = branch
+        && let Ok(br) = repo.find_branch(b, git2::BranchType::Local)
+        && let Ok(up) = br.upstream()
+        && let Some(up) = up.get().target()
+    {
+        return repo
+            .graph_ahead_behind(head, up)
+            .map(|(ahead, _)| ahead > 0)
+            .unwrap_or(true);
+    }
+    let Ok(refs) = repo.references_glob("refs/remotes/*") else {
+        return true;
+    };
+    for r in refs.flatten() {
+        if let Some(t) = r.target()
+            && (t == head || repo.graph_descendant_of(t, head).unwrap_or(false))
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// `refs/heads/wip/{workspace}/{branch}` with the placeholders filled; a detached HEAD
+/// is `detached-<short sha>`.
+pub(crate) fn snapshot_ref(
+    template: &str,
+    workspace: &str,
+    branch: Option<&str>,
+    head: Option<Oid>,
+) -> String {
+    let branch = match (branch, head) {
+        (Some(b), _) => b.to_string(),
+        (None, Some(h)) => format!("detached-{}", &h.to_string()[..7]),
+        (None, None) => "detached".into(),
+    };
+    let ws = sanitize(workspace);
+    let r = template
+        .replace("{workspace}", &ws)
+        .replace("{branch}", &branch);
+    if git2::Reference::is_valid_name(&r) {
+        r
+    } else {
+        format!("refs/heads/wip/{ws}/{}", sanitize(&branch))
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let out = out.trim_matches('.').to_string();
+    if out.is_empty() {
+        "workspace".into()
+    } else {
+        out
+    }
+}
+
+/// Make the new objects and refs durable: one `syncfs` of the filesystem holding the
+/// git directory (libgit2 does not fsync loose objects by default).
+fn sync_repo(repo: &Repository) {
+    sync_dir(repo.commondir());
+}
+
+fn sync_dir(dir: &Path) {
+    use std::os::fd::AsRawFd;
+    match std::fs::File::open(dir) {
+        // SAFETY: the fd is valid for the lifetime of `f`.
+        Ok(f) => unsafe {
+            libc::syncfs(f.as_raw_fd());
+        },
+        // SAFETY: sync has no preconditions.
+        Err(_) => unsafe { libc::sync() },
+    }
+}
+
+/// How a push ended.
+#[derive(Debug, Default)]
+pub(crate) struct PushResult {
+    pub pushed: bool,
+    /// The ref that landed on the remote (the snapshot ref after a branch fallback).
+    pub pushed_ref: Option<String>,
+    pub commit: Option<String>,
+    pub note: Option<String>,
+    pub error: Option<String>,
+}
+
+enum PushFail {
+    Auth(String),
+    Deadline(String),
+    Rejected(String),
+    Other(String),
+}
+
+impl PushFail {
+    fn message(&self) -> &str {
+        match self {
+            PushFail::Auth(m)
+            | PushFail::Deadline(m)
+            | PushFail::Rejected(m)
+            | PushFail::Other(m) => m,
+        }
+    }
+}
+
+/// Push a prepared commit. Blocking; gives up at `deadline` when libgit2 lets it.
+pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> PushResult {
+    let mut res = PushResult::default();
+    let repo = match Repository::open(&plan.repo_path) {
+        Ok(r) => r,
+        Err(e) => {
+            res.error = Some(format!(
+                "cannot open repository {}: {}",
+                plan.repo_path.display(),
+                e.message()
+            ));
+            return res;
+        }
+    };
+    let _owner = AsOwner::of(repo.commondir());
+    match push_once(&repo, plan, &plan.refspec, creds, deadline) {
+        Ok(()) => {
+            res.pushed = true;
+            res.pushed_ref = plan.refspec.split(':').nth(1).map(str::to_string);
+            if let Some(b) = &plan.branch
+                && let Some(t) = &b.tracking_ref
+            {
+                // Keeps `git status` honest and the next save idempotent; not config.
+                let _ = repo.reference(t, b.commit, true, "wsagent: pushed");
+            }
+        }
+        Err(fail) => {
+            let msg = fail.message().to_string();
+            match (&plan.branch, &fail) {
+                (Some(b), PushFail::Rejected(_) | PushFail::Other(_)) => {
+                    let snap = &b.fallback_ref;
+                    if let Err(e) = repo.reference(snap, b.commit, true, "wsagent: save snapshot") {
+                        res.error = Some(format!(
+                            "branch push failed: {msg}; cannot write {snap}: {}",
+                            e.message()
+                        ));
+                        return res;
+                    }
+                    sync_repo(&repo);
+                    res.commit = Some(b.commit.to_string());
+                    match push_once(&repo, plan, &format!("+{snap}:{snap}"), creds, deadline) {
+                        Ok(()) => {
+                            res.pushed = true;
+                            res.pushed_ref = Some(snap.clone());
+                            res.note = Some(format!(
+                                "branch push failed ({msg}): pushed the snapshot ref {snap} instead"
+                            ));
+                        }
+                        Err(f2) => {
+                            res.pushed_ref = None;
+                            res.error = Some(format!(
+                                "branch push failed: {msg}; snapshot push failed: {}",
+                                f2.message()
+                            ));
+                        }
+                    }
+                }
+                _ => res.error = Some(msg),
+            }
+        }
+    }
+    res
+}
+
+fn push_once(
+    repo: &Repository,
+    plan: &PushPlan,
+    refspec: &str,
+    creds: &[Credential],
+    deadline: Instant,
+) -> Result<(), PushFail> {
+    let clean = |m: &str| {
+        let m = m.replace(&plan.url, &plan.display);
+        crate::secrets::redact(&m).into_owned()
+    };
+    if Instant::now() >= deadline {
+        return Err(PushFail::Deadline("deadline passed before the push".into()));
+    }
+    // An in-memory remote: nothing about it (URL, credentials) reaches .git/config.
+    let mut remote = repo
+        .remote_anonymous(&plan.url)
+        .map_err(|e| PushFail::Other(clean(e.message())))?;
+    let attempts = Cell::new(0usize);
+    let auth_failed = Cell::new(false);
+    let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    let result = {
+        let mut cbs = RemoteCallbacks::new();
+        cbs.credentials(|_url, _user, allowed| {
+            if Instant::now() >= deadline {
+                return Err(git2::Error::from_str("deadline passed"));
+            }
+            if !allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+                auth_failed.set(true);
+                return Err(git2::Error::from_str(
+                    "the remote asks for a credential other than a token",
+                ));
+            }
+            // libgit2 calls again after every 401: each call takes the next
+            // credential, and the list running out ends the loop.
+            let i = attempts.get();
+            attempts.set(i + 1);
+            match creds.get(i) {
+                Some(c) => git2::Cred::userpass_plaintext(&c.username, c.token.expose()),
+                None => {
+                    auth_failed.set(true);
+                    Err(git2::Error::from_str(if i == 0 {
+                        "authentication required and no token is known for this host"
+                    } else {
+                        "authentication failed: every token for this host was rejected"
+                    }))
+                }
+            }
+        });
+        cbs.push_update_reference(|name, status| {
+            if let Some(s) = status {
+                rejected.borrow_mut().push(format!("{name}: {s}"));
+            }
+            Ok(())
+        });
+        cbs.push_negotiation(|_| {
+            if Instant::now() >= deadline {
+                Err(git2::Error::from_str("deadline passed"))
+            } else {
+                Ok(())
+            }
+        });
+        cbs.sideband_progress(|_| Instant::now() < deadline);
+        let mut opts = PushOptions::new();
+        opts.remote_callbacks(cbs);
+        remote.push(&[refspec], Some(&mut opts))
+    };
+    if let Err(e) = result {
+        let m = clean(e.message());
+        return Err(if Instant::now() >= deadline {
+            PushFail::Deadline(format!("deadline passed while pushing ({m})"))
+        } else if auth_failed.get() || e.code() == ErrorCode::Auth {
+            PushFail::Auth(m)
+        } else if e.code() == ErrorCode::NotFastForward {
+            PushFail::Rejected(m)
+        } else {
+            PushFail::Other(m)
+        });
+    }
+    let rejected = rejected.into_inner();
+    if !rejected.is_empty() {
+        return Err(PushFail::Rejected(clean(&format!(
+            "push rejected: {}",
+            rejected.join(", ")
+        ))));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_ref_fills_the_template_and_names_detached_heads() {
+        let t = "refs/heads/wip/{workspace}/{branch}";
+        assert_eq!(
+            snapshot_ref(t, "my ws", Some("feat/x"), None),
+            "refs/heads/wip/my-ws/feat/x"
+        );
+        let h = Oid::from_str("0123456789abcdef0123456789abcdef01234567").unwrap();
+        assert_eq!(
+            snapshot_ref(t, "ws", None, Some(h)),
+            "refs/heads/wip/ws/detached-0123456"
+        );
+    }
+
+    #[test]
+    fn ssh_remote_of_a_known_host_is_pushed_over_https() {
+        let hosts = vec!["github.com".to_string()];
+        let (u, d, a) = push_url("git@github.com:o/r.git", &hosts);
+        assert_eq!(u, "https://github.com/o/r.git");
+        assert_eq!(d, u);
+        assert_eq!(a, "github.com");
+        let (u, d, _) = push_url("https://me:pw@example.com/o/r.git", &hosts);
+        assert_eq!(u, "https://me:pw@example.com/o/r.git");
+        assert_eq!(d, "https://example.com/o/r.git");
+    }
+}

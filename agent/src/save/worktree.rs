@@ -1,0 +1,175 @@
+//! The tree of a worktree as it is on disk, built without touching the repository's
+//! index, HEAD or files: what `git add -A && git write-tree` would give, minus the
+//! files too large to save.
+//!
+//! The tree starts from the index entries (so unmodified tracked files cost nothing),
+//! then every path the status reports as changed, untracked or conflicted is read from
+//! disk into a blob; deleted ones are dropped. The result goes through an in-memory
+//! [`git2::Index`] that is never written. Paths are bytes end to end, so non-UTF-8 file
+//! names are saved exactly.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use git2::{IndexEntry, IndexTime, Oid, Repository, Status, StatusOptions};
+
+const MODE_FILE: u32 = 0o100644;
+const MODE_EXEC: u32 = 0o100755;
+const MODE_LINK: u32 = 0o120000;
+const MODE_GITLINK: u32 = 0o160000;
+
+/// The worktree's tree, and the files left out of it (with why).
+pub struct WorktreeTree {
+    pub tree: Oid,
+    pub left_out: Vec<String>,
+    /// Number of paths that differ from the index (changed, untracked, deleted).
+    pub changed: usize,
+}
+
+/// Build the tree of `repo`'s worktree; blobs are written to the object database.
+pub fn worktree_tree(repo: &Repository, max_file_size: u64) -> Result<WorktreeTree, git2::Error> {
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?
+        .to_path_buf();
+    let mut entries: BTreeMap<Vec<u8>, (u32, Oid)> = BTreeMap::new();
+    // Read-only use of the repository's index: it is never written here.
+    let index = repo.index()?;
+    for e in index.iter() {
+        let stage = (e.flags >> 12) & 0x3;
+        if stage == 0 || !entries.contains_key(&e.path) {
+            entries.insert(e.path.clone(), (e.mode, e.id));
+        }
+    }
+
+    let mut opts = StatusOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false)
+        .include_unmodified(false)
+        .exclude_submodules(false)
+        .renames_head_to_index(false)
+        .renames_index_to_workdir(false);
+    let statuses = repo.statuses(Some(&mut opts))?;
+    let mut left_out = Vec::new();
+    let mut changed = 0;
+    let from_disk = Status::WT_NEW
+        | Status::WT_MODIFIED
+        | Status::WT_TYPECHANGE
+        | Status::WT_RENAMED
+        | Status::CONFLICTED;
+    for s in statuses.iter() {
+        let st = s.status();
+        let path = s.path_bytes().to_vec();
+        if st.is_ignored() || path.ends_with(b"/") {
+            // A trailing slash is a nested repository: saved on its own.
+            continue;
+        }
+        if st.intersects(from_disk) {
+            changed += 1;
+            let full = workdir.join(OsStr::from_bytes(&path));
+            let tracked = entries.get(&path).copied();
+            match blob_from_disk(repo, &full, tracked, max_file_size) {
+                Ok(Some(entry)) => {
+                    entries.insert(path, entry);
+                }
+                Ok(None) => {
+                    entries.remove(&path);
+                }
+                Err(why) => {
+                    left_out.push(format!("{}: {why}", String::from_utf8_lossy(&path)));
+                    // A tracked file keeps its last staged version; an untracked one
+                    // is left out.
+                    if tracked.is_none() {
+                        entries.remove(&path);
+                    }
+                }
+            }
+        } else if st.contains(Status::WT_DELETED) {
+            changed += 1;
+            entries.remove(&path);
+        }
+    }
+
+    let mut mem = git2::Index::new()?;
+    for (path, (mode, id)) in entries {
+        let zero = IndexTime::new(0, 0);
+        mem.add(&IndexEntry {
+            ctime: zero,
+            mtime: zero,
+            dev: 0,
+            ino: 0,
+            mode,
+            uid: 0,
+            gid: 0,
+            file_size: 0,
+            id,
+            flags: path.len().min(0xfff) as u16,
+            flags_extended: 0,
+            path,
+        })?;
+    }
+    let tree = mem.write_tree_to(repo)?;
+    Ok(WorktreeTree {
+        tree,
+        left_out,
+        changed,
+    })
+}
+
+/// The entry for one path as it is on disk: `Ok(None)` when it is gone, `Err(why)` when
+/// it cannot be saved.
+fn blob_from_disk(
+    repo: &Repository,
+    full: &Path,
+    tracked: Option<(u32, Oid)>,
+    max_file_size: u64,
+) -> Result<Option<(u32, Oid)>, String> {
+    let md = match std::fs::symlink_metadata(full) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("unreadable: {e}")),
+    };
+    if let Some((MODE_GITLINK, old)) = tracked {
+        // A submodule: record its current HEAD (its own work is saved in itself).
+        let id = git2::Repository::open(full)
+            .ok()
+            .and_then(|r| r.head().ok().and_then(|h| h.target()))
+            .unwrap_or(old);
+        return Ok(Some((MODE_GITLINK, id)));
+    }
+    let ft = md.file_type();
+    if ft.is_symlink() {
+        let target = std::fs::read_link(full).map_err(|e| format!("unreadable link: {e}"))?;
+        let id = repo
+            .blob(target.as_os_str().as_bytes())
+            .map_err(|e| e.message().to_string())?;
+        return Ok(Some((MODE_LINK, id)));
+    }
+    if ft.is_dir() {
+        // An untracked directory the status could not enter (e.g. an empty submodule
+        // checkout): nothing to save as a file.
+        return Ok(tracked);
+    }
+    if !ft.is_file() {
+        return Err("not a regular file".into());
+    }
+    if md.len() > max_file_size {
+        return Err(format!(
+            "{} bytes, over save.max_file_size ({max_file_size})",
+            md.len()
+        ));
+    }
+    let id = repo
+        .blob_path(full)
+        .map_err(|e| format!("unreadable: {}", e.message()))?;
+    let mode = if md.permissions().mode() & 0o111 != 0 {
+        MODE_EXEC
+    } else {
+        MODE_FILE
+    };
+    Ok(Some((mode, id)))
+}

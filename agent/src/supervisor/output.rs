@@ -1,0 +1,190 @@
+//! Service output: split into lines, logged with the service name, appended to a
+//! size-bounded rotated file, and broadcast to `wsagent logs -f` followers.
+//!
+//! Lines longer than [`MAX_LINE`] are cut into pieces, so a child printing megabytes
+//! without a newline cannot grow memory.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::broadcast;
+
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// A per-service log file rotated at `max_bytes`, keeping `keep` old files
+/// (`name.log.1` is the newest old one).
+pub struct RotatingFile {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: Option<File>,
+    size: u64,
+}
+
+impl RotatingFile {
+    pub fn new(path: PathBuf, max_bytes: u64, keep: u32) -> RotatingFile {
+        RotatingFile {
+            path,
+            max_bytes: max_bytes.max(1024),
+            keep,
+            file: None,
+            size: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write_line(&mut self, line: &str) {
+        if self.file.is_none() {
+            if let Some(dir) = self.path.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            match OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    self.file = Some(f);
+                }
+                Err(_) => return,
+            }
+        }
+        if self.size + line.len() as u64 + 1 > self.max_bytes {
+            self.rotate();
+            return self.write_line(line);
+        }
+        if let Some(f) = &mut self.file {
+            let mut buf = Vec::with_capacity(line.len() + 1);
+            buf.extend_from_slice(line.as_bytes());
+            buf.push(b'\n');
+            if f.write_all(&buf).is_ok() {
+                self.size += buf.len() as u64;
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        self.size = 0;
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+            return;
+        }
+        let _ = std::fs::remove_file(name(self.keep));
+        for i in (1..self.keep).rev() {
+            let _ = std::fs::rename(name(i), name(i + 1));
+        }
+        let _ = std::fs::rename(&self.path, name(1));
+    }
+}
+
+/// Where one service's lines go.
+#[derive(Clone)]
+pub struct Sink {
+    pub service: String,
+    pub file: Arc<Mutex<RotatingFile>>,
+    pub follow: broadcast::Sender<String>,
+}
+
+impl Sink {
+    pub fn new(service: &str, file: RotatingFile) -> Sink {
+        let (follow, _) = broadcast::channel(1024);
+        Sink {
+            service: service.into(),
+            file: Arc::new(Mutex::new(file)),
+            follow,
+        }
+    }
+
+    pub fn line(&self, stream: &'static str, line: &str) {
+        let line = crate::secrets::redact(line);
+        tracing::info!(target: "wsagent::service", service = %self.service, stream, "{line}");
+        if let Ok(mut f) = self.file.lock() {
+            f.write_line(&line);
+        }
+        let _ = self.follow.send(line.into_owned());
+    }
+}
+
+/// Read `fd` to its end, line by line, into `sink`.
+pub async fn pump(fd: OwnedFd, stream: &'static str, sink: Sink) {
+    let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
+        return;
+    };
+    let mut buf = vec![0u8; 8192];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            let mut line: Vec<u8> = pending.drain(..=pos).collect();
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            sink.line(stream, &String::from_utf8_lossy(&line));
+        }
+        while pending.len() >= MAX_LINE {
+            let piece: Vec<u8> = pending.drain(..MAX_LINE).collect();
+            sink.line(stream, &String::from_utf8_lossy(&piece));
+        }
+    }
+    if !pending.is_empty() {
+        sink.line(stream, &String::from_utf8_lossy(&pending));
+    }
+}
+
+/// The last `n` lines of a service's log (current file, plus the newest rotated one
+/// when the current one is short).
+pub fn tail(path: &Path, n: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let rotated = PathBuf::from(format!("{}.1", path.display()));
+    for p in [rotated.as_path(), path] {
+        if let Ok(bytes) = std::fs::read(p) {
+            lines.extend(String::from_utf8_lossy(&bytes).lines().map(String::from));
+        }
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_files_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("svc.log");
+        let mut f = RotatingFile::new(p.clone(), 1024, 2);
+        for i in 0..200 {
+            f.write_line(&format!("line {i:04} ........................"));
+        }
+        let total: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(total <= 3 * 1024, "{total}");
+        assert!(!dir.path().join("svc.log.3").exists());
+        let t = tail(&p, 2);
+        assert_eq!(
+            t,
+            [
+                "line 0198 ........................",
+                "line 0199 ........................"
+            ]
+        );
+    }
+}

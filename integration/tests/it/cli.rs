@@ -1,0 +1,138 @@
+//! The CLI and the local API from the outside: config errors, the socket's protection,
+//! secrets kept out of every output, what a client says without a daemon.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+
+use agent_proto::local::Lifecycle;
+use integration::daemon::{Daemon, Signal, Workspace, wsagent_bin};
+use integration::wait_until;
+
+use crate::support::{SHORT, config};
+
+/// A malformed config exits 78 with file:line:column and key, and starts nothing.
+#[test]
+fn malformed_config_exits_78_with_places_and_starts_nothing() {
+    let ws = Workspace::new();
+    let marker = ws.path().join("started");
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[services.s]\nshell = \"touch {m}; sleep 100\"\nrestart = \"sometimes\"\n\n[shutdown]\nbudget = \"soon\"\n",
+            m = marker.display()
+        )),
+    );
+    let st = d.wait_exit(SHORT);
+    assert_eq!(st.code(), Some(78), "{}", d.report());
+    let err = d.stderr();
+    assert!(err.contains("config.toml:10:11: services.s"), "{err}");
+    assert!(err.contains("config.toml:13:10: shutdown"), "{err}");
+    assert!(err.contains("nothing was started"), "{err}");
+    assert!(!marker.exists(), "a child was started despite the invalid config");
+    let check = ws.cli(["config".as_ref(), "check".as_ref(), ws.config_path().as_os_str()]);
+    assert_eq!(check.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("2 problems"));
+}
+
+/// The socket is mode 0600, and even when its mode is opened up, a client of another
+/// uid (nobody) is refused by the peer-credential check.
+#[test]
+fn socket_is_private_and_other_uids_are_refused() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let mode = std::fs::metadata(ws.socket()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping the other-uid half: needs root to run a client as nobody");
+        return;
+    }
+    std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(wsagent_bin())
+        .args(["--socket".as_ref(), ws.socket().as_os_str(), "status".as_ref()])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"), "{out:?}");
+}
+
+/// A client without a daemon says which socket it tried and exits 69.
+#[test]
+fn client_without_daemon_names_the_socket_and_exits_69() {
+    let ws = Workspace::new();
+    let out = ws.cli(["status"]);
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&ws.socket().display().to_string()), "{err}");
+}
+
+/// The agent token given in the environment never appears on stderr or in any file of
+/// the state dir, even when a service (allowed to see it) prints it; other services do
+/// not get it at all.
+#[test]
+fn agent_token_never_appears_in_logs_or_other_children() {
+    let token = "5b7d8f2e-1c3a-4e6b-9d0f-a1b2c3d4e5f6";
+    let ws = Workspace::new().with_env("CODER_AGENT_TOKEN", token);
+    let env_dump = ws.path().join("plain-env");
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            r#"
+[services.agentish]
+shell = "echo token is $CODER_AGENT_TOKEN; exec sleep 1000"
+secret_env = ["CODER_AGENT_TOKEN"]
+
+[services.plain]
+shell = "env > {dump}; exec sleep 1000"
+"#,
+            dump = env_dump.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the agentish line in its log", || d.service_log("agentish").contains("token is"));
+    wait_until(SHORT, "the plain env dump", || std::fs::metadata(&env_dump).is_ok_and(|m| m.len() > 0));
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success());
+    assert!(d.service_log("agentish").contains("token is [REDACTED]"));
+    assert!(!std::fs::read_to_string(&env_dump).unwrap().contains(token), "a child without secret_env got the token");
+    assert!(!d.stderr().contains(token), "token on stderr");
+    let mut files = 0;
+    for entry in walk(&ws.state_dir()) {
+        files += 1;
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains(token), "token in {}", entry.display());
+    }
+    assert!(files >= 2, "expected the daemon log and service logs in the state dir");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+/// `wsagent shutdown --wait` streams the phases and exits 0 once the daemon is off.
+#[test]
+fn shutdown_wait_streams_phases_until_off() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let out = d.cli(["shutdown", "--wait"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let phases: Vec<&str> = ["lifecycle: shutting_down", "shutdown pre_stop: ok", "shutdown save:", "service s: stopped", "shutdown services: ok", "lifecycle: off"]
+        .into_iter()
+        .filter(|p| !text.contains(p))
+        .collect();
+    assert!(phases.is_empty(), "missing {phases:?} in:\n{text}");
+    assert!(d.wait_exit(SHORT).success());
+}
