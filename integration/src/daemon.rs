@@ -196,6 +196,12 @@ impl Drop for Workspace {
             && let Some(dir) = self.dir.take()
         {
             eprintln!("keeping workspace {}", dir.keep().display());
+            return;
+        }
+        // A SIGKILLed dockerd leaves its data-root bind-mounted on itself; the temp dir
+        // cannot be removed (nor the mount reclaimed) until it is detached.
+        for m in procfs::mounts_under(&self.root) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -280,6 +286,8 @@ pub struct Daemon {
     stdout: Capture,
     stderr: Capture,
     exit: Option<ExitStatus>,
+    /// A failure message already carried the report; Drop need not print it again.
+    reported: std::cell::Cell<bool>,
 }
 
 impl Daemon {
@@ -340,6 +348,7 @@ impl Daemon {
             stdout,
             stderr,
             exit: None,
+            reported: Default::default(),
         };
         if pid1 {
             daemon.pid = daemon.find_namespace_init(&bin);
@@ -576,6 +585,7 @@ impl Daemon {
 
     /// A block for failure messages: the daemon's stderr and its processes.
     pub fn report(&self) -> String {
+        self.reported.set(true);
         format!(
             "--- wsagent (pid {}) stderr ---\n{}\n--- its processes ---\n{}",
             self.pid,
@@ -643,7 +653,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.reported.get() {
             eprintln!("{}", self.report());
         }
         self.kill_everything();
@@ -707,6 +717,30 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_workspace_detaches_mounts_left_inside_it() {
+        // What a SIGKILLed dockerd leaves behind: its data-root bind-mounted on itself.
+        if !crate::real::require_root("bind mounts need root") {
+            return;
+        }
+        let ws = Workspace::new();
+        let root = ws.path().join("docker/root");
+        std::fs::create_dir_all(&root).unwrap();
+        nix::mount::mount(
+            Some(&root),
+            &root,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert_eq!(procfs::mounts_under(ws.path()), std::slice::from_ref(&root));
+        let dir = ws.path().to_path_buf();
+        drop(ws);
+        assert!(procfs::mounts_under(&dir).is_empty());
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[test]
     fn dropping_a_daemon_kills_the_whole_tree_including_escaped_children() {
         // A stand-in for wsagent: a shell with a child and a double-forked grandchild
         // that escapes the tree; all carry the workspace tag and must die with the drop.
@@ -730,6 +764,7 @@ mod tests {
             stdout,
             stderr,
             exit: None,
+            reported: Default::default(),
         };
         crate::wait_until(Duration::from_secs(10), "three tagged sleeps", || {
             procfs::with_env(TAG_VAR, &tag)
