@@ -237,14 +237,18 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
 /// full pipe and the test can read what arrived so far.
 struct Capture {
     buf: Arc<Mutex<Vec<u8>>>,
+    /// Set by the thread at end of file.
+    eof: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Capture {
     fn spawn(pipe: Option<impl Read + Send + 'static>, echo: Option<&'static str>) -> Capture {
         let buf = Arc::new(Mutex::new(Vec::new()));
+        let eof = Arc::new(std::sync::atomic::AtomicBool::new(pipe.is_none()));
         let thread = pipe.map(|mut pipe| {
             let buf = buf.clone();
+            let eof = eof.clone();
             std::thread::spawn(move || {
                 let mut chunk = [0u8; 8192];
                 while let Ok(n) = pipe.read(&mut chunk) {
@@ -256,9 +260,18 @@ impl Capture {
                     }
                     buf.lock().unwrap().extend_from_slice(&chunk[..n]);
                 }
+                eof.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         });
-        Capture { buf, thread }
+        Capture { buf, eof, thread }
+    }
+
+    /// Wait (bounded: a leftover grandchild may hold the pipe open) until everything the
+    /// process wrote before it exited has been read.
+    fn wait_eof(&self, timeout: Duration) {
+        let _ = try_wait_until(timeout, || {
+            self.eof.load(std::sync::atomic::Ordering::SeqCst)
+        });
     }
 
     fn text(&self) -> String {
@@ -537,6 +550,12 @@ impl Daemon {
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().expect("try_wait on wsagent");
+            if self.exit.is_some() {
+                // The pipes may still hold its last lines: a test reading stderr() right
+                // after the exit must see them.
+                self.stdout.wait_eof(Duration::from_secs(2));
+                self.stderr.wait_eof(Duration::from_secs(2));
+            }
         }
         self.exit
     }
@@ -714,6 +733,39 @@ mod tests {
         assert!(msg.contains("did not finish within"), "{msg}");
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(procfs::with_env(TAG_VAR, ws.tag()).is_empty());
+    }
+
+    #[test]
+    fn everything_written_before_the_exit_is_in_stderr_once_the_exit_is_seen() {
+        // The exit is often noticed before the capture thread has drained the pipe.
+        let ws = Workspace::new();
+        for _ in 0..20 {
+            let mut cmd = ws.command("sh");
+            cmd.args([
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' x >&2; echo end >&2; exit 78",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+            let mut child = cmd.spawn().unwrap();
+            let stdout = Capture::spawn(child.stdout.take(), None);
+            let stderr = Capture::spawn(child.stderr.take(), None);
+            let mut d = Daemon {
+                pid: child.id(),
+                child,
+                pid1: false,
+                env: ws.env(),
+                tag: ws.tag().to_string(),
+                state_dir: ws.state_dir(),
+                stdout,
+                stderr,
+                exit: None,
+                reported: Default::default(),
+            };
+            assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(78));
+            assert!(d.stderr().ends_with("xend\n"), "{} bytes", d.stderr().len());
+        }
     }
 
     #[test]
