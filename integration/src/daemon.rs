@@ -196,6 +196,12 @@ impl Drop for Workspace {
             && let Some(dir) = self.dir.take()
         {
             eprintln!("keeping workspace {}", dir.keep().display());
+            return;
+        }
+        // A SIGKILLed dockerd leaves its data-root bind-mounted on itself; the temp dir
+        // cannot be removed (nor the mount reclaimed) until it is detached.
+        for m in procfs::mounts_under(&self.root) {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
@@ -231,14 +237,18 @@ pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
 /// full pipe and the test can read what arrived so far.
 struct Capture {
     buf: Arc<Mutex<Vec<u8>>>,
+    /// Set by the thread at end of file.
+    eof: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Capture {
     fn spawn(pipe: Option<impl Read + Send + 'static>, echo: Option<&'static str>) -> Capture {
         let buf = Arc::new(Mutex::new(Vec::new()));
+        let eof = Arc::new(std::sync::atomic::AtomicBool::new(pipe.is_none()));
         let thread = pipe.map(|mut pipe| {
             let buf = buf.clone();
+            let eof = eof.clone();
             std::thread::spawn(move || {
                 let mut chunk = [0u8; 8192];
                 while let Ok(n) = pipe.read(&mut chunk) {
@@ -250,9 +260,18 @@ impl Capture {
                     }
                     buf.lock().unwrap().extend_from_slice(&chunk[..n]);
                 }
+                eof.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         });
-        Capture { buf, thread }
+        Capture { buf, eof, thread }
+    }
+
+    /// Wait (bounded: a leftover grandchild may hold the pipe open) until everything the
+    /// process wrote before it exited has been read.
+    fn wait_eof(&self, timeout: Duration) {
+        let _ = try_wait_until(timeout, || {
+            self.eof.load(std::sync::atomic::Ordering::SeqCst)
+        });
     }
 
     fn text(&self) -> String {
@@ -280,6 +299,8 @@ pub struct Daemon {
     stdout: Capture,
     stderr: Capture,
     exit: Option<ExitStatus>,
+    /// A failure message already carried the report; Drop need not print it again.
+    reported: std::cell::Cell<bool>,
 }
 
 impl Daemon {
@@ -340,6 +361,7 @@ impl Daemon {
             stdout,
             stderr,
             exit: None,
+            reported: Default::default(),
         };
         if pid1 {
             daemon.pid = daemon.find_namespace_init(&bin);
@@ -528,6 +550,12 @@ impl Daemon {
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().expect("try_wait on wsagent");
+            if self.exit.is_some() {
+                // The pipes may still hold its last lines: a test reading stderr() right
+                // after the exit must see them.
+                self.stdout.wait_eof(Duration::from_secs(2));
+                self.stderr.wait_eof(Duration::from_secs(2));
+            }
         }
         self.exit
     }
@@ -576,6 +604,7 @@ impl Daemon {
 
     /// A block for failure messages: the daemon's stderr and its processes.
     pub fn report(&self) -> String {
+        self.reported.set(true);
         format!(
             "--- wsagent (pid {}) stderr ---\n{}\n--- its processes ---\n{}",
             self.pid,
@@ -643,7 +672,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.reported.get() {
             eprintln!("{}", self.report());
         }
         self.kill_everything();
@@ -707,6 +736,63 @@ mod tests {
     }
 
     #[test]
+    fn everything_written_before_the_exit_is_in_stderr_once_the_exit_is_seen() {
+        // The exit is often noticed before the capture thread has drained the pipe.
+        let ws = Workspace::new();
+        for _ in 0..20 {
+            let mut cmd = ws.command("sh");
+            cmd.args([
+                "-c",
+                "head -c 100000 /dev/zero | tr '\\0' x >&2; echo end >&2; exit 78",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+            let mut child = cmd.spawn().unwrap();
+            let stdout = Capture::spawn(child.stdout.take(), None);
+            let stderr = Capture::spawn(child.stderr.take(), None);
+            let mut d = Daemon {
+                pid: child.id(),
+                child,
+                pid1: false,
+                env: ws.env(),
+                tag: ws.tag().to_string(),
+                state_dir: ws.state_dir(),
+                stdout,
+                stderr,
+                exit: None,
+                reported: Default::default(),
+            };
+            assert_eq!(d.wait_exit(Duration::from_secs(10)).code(), Some(78));
+            assert!(d.stderr().ends_with("xend\n"), "{} bytes", d.stderr().len());
+        }
+    }
+
+    #[test]
+    fn dropping_a_workspace_detaches_mounts_left_inside_it() {
+        // What a SIGKILLed dockerd leaves behind: its data-root bind-mounted on itself.
+        if !crate::real::require_root("bind mounts need root") {
+            return;
+        }
+        let ws = Workspace::new();
+        let root = ws.path().join("docker/root");
+        std::fs::create_dir_all(&root).unwrap();
+        nix::mount::mount(
+            Some(&root),
+            &root,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        assert_eq!(procfs::mounts_under(ws.path()), std::slice::from_ref(&root));
+        let dir = ws.path().to_path_buf();
+        drop(ws);
+        assert!(procfs::mounts_under(&dir).is_empty());
+        assert!(!dir.exists(), "{} was not removed", dir.display());
+    }
+
+    #[test]
     fn dropping_a_daemon_kills_the_whole_tree_including_escaped_children() {
         // A stand-in for wsagent: a shell with a child and a double-forked grandchild
         // that escapes the tree; all carry the workspace tag and must die with the drop.
@@ -730,6 +816,7 @@ mod tests {
             stdout,
             stderr,
             exit: None,
+            reported: Default::default(),
         };
         crate::wait_until(Duration::from_secs(10), "three tagged sleeps", || {
             procfs::with_env(TAG_VAR, &tag)

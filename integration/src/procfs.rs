@@ -5,7 +5,7 @@
 //! vanishes mid-scan is simply left out.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The fields of `/proc/<pid>/stat` the tests use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +143,40 @@ pub fn with_env(var: &str, value: &str) -> Vec<Proc> {
         .collect()
 }
 
+/// Mount points at or under `dir` in this process's mount namespace, deepest first (the
+/// order to unmount them in). Kernel escapes (`\040` for a space) are decoded.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut out: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mount_path(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    out.dedup();
+    out
+}
+
+fn unescape_mount_path(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(c) = u8::from_str_radix(&p[i + 1..i + 4], 8)
+        {
+            out.push(c);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// One line per process (`pid ppid state comm`), for failure messages.
 pub fn describe(procs: &[Proc]) -> String {
     procs
@@ -197,6 +231,13 @@ mod tests {
         parent.kill().unwrap();
         parent.wait().unwrap();
         assert!(stat(pid).is_none());
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/tmp/a\\040b"), "/tmp/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        assert!(mounts_under(Path::new("/proc")).contains(&PathBuf::from("/proc")));
     }
 
     #[test]

@@ -68,6 +68,24 @@ fn each_image_config_is_accepted_by_wsagent() {
             env: vec![],
         })
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        // The user's `wsagent save` (Coder's shutdown_script) and `wsagent status` run in
+        // the Coder agent's environment, as the user: they must find the daemon's socket.
+        let socket = loaded
+            .config
+            .daemon
+            .socket
+            .clone()
+            .unwrap_or_else(|| panic!("{rel}: daemon.socket should be stated"));
+        let agent = &loaded.config.services["coder-agent"];
+        assert_eq!(
+            agent.env.get("WSAGENT_SOCKET"),
+            Some(&socket),
+            "{rel}: the coder-agent service should get WSAGENT_SOCKET = daemon.socket"
+        );
+        assert!(
+            loaded.config.daemon.state_dir.starts_with("/home/coder/"),
+            "{rel}: the state dir (save journal) belongs on the home volume"
+        );
         if rel.contains("code-server") {
             for svc in ["dockerd", "code-server", "coder-agent"] {
                 let s = loaded

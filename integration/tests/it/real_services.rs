@@ -1,5 +1,6 @@
 //! Real services under wsagent: Debian's `dockerd` and a real `code-server`, supervised
-//! with their health checks, restarted when killed and stopped by the stop sequence.
+//! with their health checks, restarted when killed and stopped by the stop sequence, and
+//! dockerd's daemonized shims reaped by wsagent as PID 1.
 //!
 //! These need root and the tools `scripts/test` installs; without them each test says why
 //! it skips (or fails, when `WSAGENT_TEST_REQUIRE_REAL=1`). Every dockerd runs with its
@@ -225,6 +226,78 @@ fn sigterm_to_wsagent_stops_dockerd_and_its_containers_cleanly() {
         log.contains("Daemon shutdown complete"),
         "dockerd's log (in the per-service log file) does not end with a clean \
          shutdown:\n{log}"
+    );
+}
+
+#[test]
+fn as_pid1_wsagent_reaps_the_container_shims_dockerd_leaves_behind() {
+    // containerd's shims daemonize (double fork), so as PID 1 wsagent adopts one per
+    // container and must reap it when the container ends; otherwise every `docker run`
+    // leaves a zombie. The stop sequence still ends with exit 0.
+    let Some(rootfs) = docker_prereqs() else {
+        return;
+    };
+    let ws = Workspace::new();
+    let docker = Docker::new(&ws);
+    let mut daemon = Daemon::start_pid1(&ws, &docker.config());
+    daemon.wait_service("dockerd", healthy, START);
+
+    let rootfs = rootfs.display().to_string();
+    docker.ok(&ws, &["import", &rootfs, "wsagent-test/busybox:latest"]);
+    for _ in 0..3 {
+        docker.ok(
+            &ws,
+            &[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "wsagent-test/busybox:latest",
+                "/bin/true",
+            ],
+        );
+    }
+    // A running container's shim, adopted by wsagent, then its container removed.
+    let id = docker.ok(
+        &ws,
+        &[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "wsagent-test/busybox:latest",
+            "/bin/sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 0.1; done",
+        ],
+    );
+    let shim = wait_until(
+        Duration::from_secs(15),
+        "the container's shim to be adopted by wsagent",
+        || {
+            procfs::children(daemon.pid())
+                .into_iter()
+                .find(|p| p.comm.starts_with("containerd-shim"))
+        },
+    );
+    docker.ok(&ws, &["rm", "-f", id.trim()]);
+    wait_until(
+        Duration::from_secs(30),
+        "the shim to exit and be reaped",
+        || procfs::stat(shim.pid).is_none(),
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "no zombie in wsagent's pid namespace",
+        || daemon.zombies().is_empty(),
+    );
+
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "wsagent exited {status}\n{}",
+        daemon.report()
     );
 }
 
