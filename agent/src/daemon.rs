@@ -44,6 +44,8 @@ pub struct Shared {
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
     pub control_status: Mutex<String>,
+    /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
+    pub tasks: crate::startup::State,
 }
 
 impl Shared {
@@ -105,7 +107,7 @@ impl Shared {
         }
     }
 
-    fn record(
+    pub(crate) fn record(
         &self,
         stage: &str,
         name: &str,
@@ -240,6 +242,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         state_dir: state_dir.clone(),
         log_dir,
         control_status: Mutex::new("standalone".into()),
+        tasks: crate::startup::State::default(),
     });
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
