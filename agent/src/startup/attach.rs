@@ -474,7 +474,11 @@ pub async fn cli_attach(client: &Client, name: &str) -> ExitCode {
                 (None, Some(s)) => format!("signal {s}"),
                 _ => "no exit status".into(),
             };
-            let _ = write!(err, "\r\n[wsagent: task {name} is {} ({how})]\r\n", e.state);
+            let _ = write!(
+                err,
+                "\r\n[wsagent: task {name} ended: {} ({how})]\r\n",
+                e.state
+            );
         }
         Some(None) => {
             let _ = write!(err, "\r\n[wsagent: task {name} ended]\r\n");

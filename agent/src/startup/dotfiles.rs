@@ -185,7 +185,7 @@ async fn run_inner(
         }
         None => {
             let r = link_dotfiles(&repo_dir, &ctx.home, ctx.owner.as_ref())?;
-            notes.push(r.summary(&ctx.home));
+            notes.push(r.summary());
         }
     }
     Ok(notes.join("; "))
@@ -413,8 +413,7 @@ pub struct LinkReport {
 }
 
 impl LinkReport {
-    pub fn summary(&self, home: &Path) -> String {
-        let _ = home;
+    pub fn summary(&self) -> String {
         if self.linked.is_empty()
             && self.skipped_dirs.is_empty()
             && self.already.is_empty()
@@ -566,7 +565,7 @@ mod tests {
             ".bashrc"
         );
         assert!(!home.path().join(".gitignore").exists());
-        assert!(r.summary(home.path()).contains("skipped ~/.config"));
+        assert!(r.summary().contains("skipped ~/.config"));
         let again = link_dotfiles(repo.path(), home.path(), None).unwrap();
         assert!(again.linked.is_empty() && again.backed_up.is_empty());
         assert_eq!(again.already.len(), 3);

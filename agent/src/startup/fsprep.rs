@@ -305,7 +305,7 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         fs::write(home.path().join("blocked"), "").unwrap();
         let ok = home.path().join("a/b/c");
-        match directories(&[ok.clone()], None) {
+        match directories(std::slice::from_ref(&ok), None) {
             StepResult::Ok(_) => {}
             other => panic!("{other:?}"),
         }
