@@ -120,6 +120,9 @@ async fn run_inner(
     }
 
     if exists && !moved {
+        if ctx.owner.is_some() {
+            allow_foreign_owners();
+        }
         let dir = repo_dir.clone();
         let limit = cfg.clone_timeout;
         let r = blocking_with_deadline(limit, move |deadline| pull_ff_only(&dir, deadline)).await;
@@ -226,6 +229,19 @@ where
         Ok(Ok((r, false))) => Ok(r),
         Ok(Err(_)) | Err(_) => Err(()),
     }
+}
+
+/// libgit2 refuses a repository owned by another user; a root daemon updates the
+/// workspace user's clone, so the check is relaxed (once, and only as root).
+fn allow_foreign_owners() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if nix::unistd::geteuid().is_root() {
+            // SAFETY: sets a libgit2 global option; called once, before the repository
+            // is opened, with no other libgit2 call racing it in this step.
+            let _ = unsafe { git2::opts::set_verify_owner_validation(false) };
+        }
+    });
 }
 
 fn fetch_options(deadline: Instant) -> git2::FetchOptions<'static> {

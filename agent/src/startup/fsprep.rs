@@ -95,11 +95,33 @@ pub fn create_dir(dir: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
     Ok(())
 }
 
-/// Step 1: create every directory.
-pub fn directories(dirs: &[PathBuf], owner: Option<&RunAs>) -> StepResult {
+/// Give `owner` the directories between `home` (exclusive) and `dir` (inclusive) that
+/// the daemon itself owns: the daemon creates its state and log dirs (e.g.
+/// `~/.local/state/wsagent`) before this step, as root, and a root-owned `~/.local`
+/// would lock the user out of their own HOME.
+fn adopt_under_home(dir: &Path, home: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(o) = owner else { return Ok(()) };
+    let Ok(rest) = dir.strip_prefix(home) else {
+        return Ok(());
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let mut p = home.to_path_buf();
+    for part in rest.components() {
+        p.push(part);
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() && m.uid() == me && me != o.uid => chown(&p, owner)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Step 1: create every directory; under HOME they belong to the workspace user.
+pub fn directories(dirs: &[PathBuf], home: &Path, owner: Option<&RunAs>) -> StepResult {
     let mut errors = Vec::new();
     for d in dirs {
-        if let Err(e) = create_dir(d, owner) {
+        if let Err(e) = create_dir(d, owner).and_then(|()| adopt_under_home(d, home, owner)) {
             errors.push(e.to_string());
         }
     }
@@ -305,12 +327,12 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         fs::write(home.path().join("blocked"), "").unwrap();
         let ok = home.path().join("a/b/c");
-        match directories(std::slice::from_ref(&ok), None) {
+        match directories(std::slice::from_ref(&ok), home.path(), None) {
             StepResult::Ok(_) => {}
             other => panic!("{other:?}"),
         }
         assert!(ok.is_dir());
-        match directories(&[home.path().join("blocked/x")], None) {
+        match directories(&[home.path().join("blocked/x")], home.path(), None) {
             StepResult::Failed(m) => {
                 assert!(m.contains("blocked exists and is not a directory"), "{m}")
             }

@@ -104,6 +104,7 @@ pub struct OnceConfig {
     /// Written after a success; while it exists the task never runs again. Default
     /// `<state_dir>/once/<name>.done`.
     pub marker: Option<String>,
+    /// Working directory (`~` is HOME, a relative path is under HOME); default HOME.
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
     /// Killed (and failed) after this long; unset: no limit.
@@ -138,7 +139,7 @@ pub struct TaskConfig {
     pub command: Option<Vec<String>>,
     /// Run with `sh -c`; exclusive with `command`.
     pub shell: Option<String>,
-    /// Working directory (`~` is HOME); default HOME.
+    /// Working directory (`~` is HOME, a relative path is under HOME); default HOME.
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
     /// The task's process group gets SIGHUP, then SIGKILL, after this long; unset: no
@@ -385,7 +386,7 @@ pub async fn before_services(shared: &Arc<Shared>) -> Result<(), String> {
         .collect();
     note(
         step(shared, "directories", async {
-            fsprep::directories(&dirs, ctx.owner.as_ref())
+            fsprep::directories(&dirs, &ctx.home, ctx.owner.as_ref())
         })
         .await,
     );

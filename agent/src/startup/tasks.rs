@@ -479,10 +479,20 @@ async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::Cancellatio
         let _ = tokio::time::timeout(Duration::from_millis(500), &mut reader).await;
     }
     drop(reader);
+    // Closing the master hangs the terminal up, as closing a terminal window would.
     *task.master.lock().expect("lock") = None;
-    // The group leader is gone; its group may not be: end stragglers.
-    drop(guard);
-    ended.unwrap_or(Ended::Exited(status))
+    match ended {
+        // Timed out or stopped: nothing of the group may stay behind.
+        Some(e) => {
+            drop(guard);
+            e
+        }
+        // A normal exit leaves what the task deliberately detached (nohup, setsid).
+        None => {
+            std::mem::forget(guard);
+            Ended::Exited(status)
+        }
+    }
 }
 
 /// Run a task to its end and record its final state; returns whether it succeeded and
@@ -540,9 +550,10 @@ fn step_outcome(state: TaskState) -> &'static str {
     }
 }
 
+/// The working directory: `~` is HOME, a relative path is under HOME, default HOME.
 fn cwd_of(ctx: &Ctx, cwd: &Option<String>) -> PathBuf {
     cwd.as_deref()
-        .map(|c| ctx.expand(c))
+        .map(|c| ctx.home.join(ctx.expand(c)))
         .unwrap_or_else(|| ctx.home.clone())
 }
 

@@ -74,8 +74,18 @@ impl Workspace {
     /// Start the daemon with `extra` appended to a config that turns the default
     /// services off and points the skeleton at this workspace.
     fn start(&self, extra: &str) -> Daemon {
+        self.start_with(None, extra)
+    }
+
+    /// Start with `startup.user` set (the daemon still runs as the test's user).
+    fn start_as(&self, user: &str, extra: &str) -> Daemon {
+        self.start_with(Some(user), extra)
+    }
+
+    fn start_with(&self, user: Option<&str>, extra: &str) -> Daemon {
+        let user = user.map(|u| format!("user = {u:?}\n")).unwrap_or_default();
         let config = format!(
-            "[services.dockerd]\nenabled = false\n[services.code-server]\nenabled = false\n[services.coder-agent]\nenabled = false\n\n[startup]\nskel_dir = {:?}\n\n{extra}",
+            "[services.dockerd]\nenabled = false\n[services.code-server]\nenabled = false\n[services.coder-agent]\nenabled = false\n\n[startup]\nskel_dir = {:?}\n{user}\n{extra}",
             self.skel().display().to_string()
         );
         let cfg_path = self.path("config.toml");
@@ -591,18 +601,41 @@ struct Terminal {
 
 impl Terminal {
     fn attach(d: &Daemon, task: &str) -> Terminal {
-        let pty = nix::pty::openpty(None, None).expect("openpty");
+        Terminal::attach_sized(d, task, None)
+    }
+
+    /// With a size, the terminal is also the client's controlling terminal, so resizing
+    /// it sends the client SIGWINCH, as a terminal emulator would.
+    fn attach_sized(d: &Daemon, task: &str, size: Option<(u16, u16)>) -> Terminal {
+        let ws = size.map(|(cols, rows)| nix::pty::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        });
+        let pty = nix::pty::openpty(ws.as_ref(), None).expect("openpty");
         let slave: OwnedFd = pty.slave;
-        let child = Command::new(wsagent_bin())
-            .arg("--socket")
+        let mut cmd = Command::new(wsagent_bin());
+        cmd.arg("--socket")
             .arg(&d.socket)
             .args(["attach", task])
             .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
-            .stderr(Stdio::from(slave))
-            .spawn()
-            .expect("spawn wsagent attach");
+            .stderr(Stdio::from(slave));
+        if size.is_some() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("spawn wsagent attach");
         let master = std::fs::File::from(pty.master);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
@@ -638,6 +671,19 @@ impl Terminal {
     fn type_bytes(&mut self, b: &[u8]) {
         self.master.write_all(b).unwrap();
         self.master.flush().unwrap();
+    }
+
+    fn resize(&self, cols: u16, rows: u16) {
+        use std::os::fd::AsRawFd;
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from a pointer valid for the call.
+        let r = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0, "TIOCSWINSZ");
     }
 
     fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -701,5 +747,81 @@ fn attaching_to_an_unknown_task_fails_naming_it() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no task named \"nope\""), "{err}");
+    d.stop();
+}
+
+#[test]
+fn the_task_terminal_takes_the_size_of_the_attached_terminal_and_follows_its_resizes() {
+    let ws = Workspace::new();
+    let d = ws.start(
+        "[[task]]\nname = \"size\"\nshell = 'while read x; do echo \"size=$(stty size)\"; done'\n",
+    );
+    let mut term = Terminal::attach_sized(&d, "size", Some((100, 30)));
+    term.wait_for_text("attached to task size");
+    term.type_bytes(b"\r");
+    term.wait_for_text("size=30 100");
+    // SIGWINCH reaches the client asynchronously: ask again until the new size shows.
+    term.resize(50, 20);
+    wait_for(Duration::from_secs(15), "the resized terminal", || {
+        term.type_bytes(b"\r");
+        std::thread::sleep(Duration::from_millis(50));
+        term.seen().contains("size=20 50").then_some(())
+    });
+    term.type_bytes(&[0x1d]);
+    assert!(term.wait_exit().success());
+    d.stop();
+}
+
+#[test]
+fn as_root_the_workspace_user_owns_what_the_pipeline_creates_and_runs_its_scripts() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: chown and run-as cannot be checked here");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    let uid = nobody.uid.as_raw();
+    let ws = Workspace::new();
+    // The user's HOME, reachable by the user.
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(ws.home(), Some(uid), Some(nobody.gid.as_raw())).unwrap();
+    std::fs::write(ws.skel().join(".profile"), "skel").unwrap();
+    let repo = Repo::new(ws.dir.path(), "dots", &[(".vimrc", "v1", false)]);
+    let cfg = format!(
+        "{}\n[[once]]\nname = \"who\"\nshell = 'id -u > \"$HOME/once-uid\"'\n\n[[task]]\nname = \"tw\"\nblocks_ready = true\nshell = 'id -u > \"$HOME/task-uid\"'\n",
+        dotfiles_config(&repo.url())
+    );
+    let d = ws.start_as("nobody", &cfg);
+    assert_eq!(
+        d.status().unwrap().lifecycle,
+        Lifecycle::Ready,
+        "{:?}",
+        d.status().unwrap().startup
+    );
+    let owner = |p: &str| std::fs::symlink_metadata(ws.home().join(p)).unwrap().uid();
+    for p in [
+        "projects",
+        ".cache",
+        ".local",
+        ".local/state/wsagent",
+        ".profile",
+        ".config/coderv2/dotfiles",
+        ".config/coderv2/dotfiles/.vimrc",
+        ".vimrc",
+    ] {
+        assert_eq!(owner(p), uid, "owner of ~/{p}");
+    }
+    assert_eq!(read(&ws.home().join("once-uid")).trim(), uid.to_string());
+    assert_eq!(read(&ws.home().join("task-uid")).trim(), uid.to_string());
+    d.stop();
+    // The clone now belongs to the user; the root daemon still updates it.
+    repo.commit(&[(".vimrc", "v2", false)], "v2");
+    repo.push();
+    let d = ws.start_as("nobody", &cfg);
+    let msg = d.step("dotfiles").message.unwrap_or_default();
+    assert!(msg.contains("pulled: fast-forwarded"), "{msg}");
+    assert_eq!(read(&ws.home().join(".vimrc")), "v2");
     d.stop();
 }
