@@ -414,8 +414,10 @@ pub async fn before_services(shared: &Arc<Shared>) -> Result<(), String> {
 
     // 4. HOOK(git-token): cache the git token to ~/.cache/coder/github_token (0600,
     //    atomic, refreshed before it expires). The control-plane work plugs its call in
-    //    HERE, as its own recorded step, e.g.
-    //    `note(step(shared, "git-token", crate::tokens::startup_step(shared)).await);`
+    //    HERE, as its own recorded step before the one-time tasks (which may clone
+    //    private repositories), e.g. a wrapper around the control plane's
+    //    `refresh_tokens_once(timeout)`:
+    //    `note(step(shared, "git-token", git_token_step(shared)).await);`
     //    It is deliberately not implemented in the startup pipeline.
 
     // 5. One-time tasks.

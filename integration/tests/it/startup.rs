@@ -366,6 +366,87 @@ fn dotfiles_script_setup_is_found_as_a_real_path() {
 }
 
 #[test]
+fn every_install_script_candidate_is_run_when_it_is_the_only_one() {
+    for candidate in [
+        "install.sh",
+        "install",
+        "bootstrap.sh",
+        "bootstrap",
+        "script/bootstrap",
+        "setup.sh",
+        "setup",
+        "script/setup",
+    ] {
+        let ws = Workspace::new();
+        let script = format!("#!/bin/sh\necho {candidate} > \"$HOME/ran\"\n");
+        let repo = Repo::new(ws.dir.path(), "dots", &[(candidate, &script, true)]);
+        let d = ws.start(&dotfiles_config(&repo.url()));
+        assert_eq!(read(&ws.home().join("ran")).trim(), candidate);
+        let msg = d.step("dotfiles").message.unwrap_or_default();
+        assert!(msg.contains(&format!("ran {candidate}")), "{msg}");
+        d.stop();
+    }
+}
+
+#[test]
+fn the_earliest_candidate_wins_over_later_ones() {
+    let ws = Workspace::new();
+    let repo = Repo::new(
+        ws.dir.path(),
+        "dots",
+        &[
+            (
+                "setup.sh",
+                "#!/bin/sh\necho setup.sh >> \"$HOME/ran\"\n",
+                true,
+            ),
+            (
+                "bootstrap",
+                "#!/bin/sh\necho bootstrap >> \"$HOME/ran\"\n",
+                true,
+            ),
+        ],
+    );
+    let d = ws.start(&dotfiles_config(&repo.url()));
+    assert_eq!(read(&ws.home().join("ran")), "bootstrap\n");
+    d.stop();
+}
+
+#[test]
+fn an_install_script_that_outlives_its_timeout_is_killed_and_named() {
+    let ws = Workspace::new();
+    let repo = Repo::new(
+        ws.dir.path(),
+        "dots",
+        &[("install.sh", "#!/bin/sh\nsleep 60\n", true)],
+    );
+    let cfg = format!("{}install_timeout = \"1s\"\n", dotfiles_config(&repo.url()));
+    let d = ws.start(&cfg);
+    assert_eq!(d.status().unwrap().lifecycle, Lifecycle::StartError);
+    let msg = d.step("dotfiles").message.unwrap_or_default();
+    assert!(msg.contains("install.sh timed out after 1s"), "{msg}");
+    d.stop();
+}
+
+#[test]
+fn a_failing_update_of_the_clone_is_only_a_warning() {
+    let ws = Workspace::new();
+    let repo = Repo::new(ws.dir.path(), "dots", &[(".vimrc", "v1", false)]);
+    let cfg = dotfiles_config(&repo.url());
+    ws.start(&cfg).stop();
+    std::fs::remove_dir_all(&repo.bare).unwrap();
+    let d = ws.start(&cfg);
+    assert_eq!(d.status().unwrap().lifecycle, Lifecycle::Ready);
+    let step = d.step("dotfiles");
+    assert_eq!(step.outcome, "ok");
+    let msg = step.message.unwrap_or_default();
+    assert!(msg.contains("warning: update failed, continuing"), "{msg}");
+    // The old clone still serves.
+    assert_eq!(read(&ws.home().join(".vimrc")), "v1");
+    d.stop();
+}
+
+#[test]
 fn a_non_executable_install_script_is_a_start_error_naming_it() {
     let ws = Workspace::new();
     let repo = Repo::new(
