@@ -7,6 +7,10 @@
 //! - `POST /v1/shutdown` with [`ShutdownRequest`] → [`ActionReply`], or with `wait` a
 //!   stream of [`Event`] as JSON lines until the daemon is `off`
 //! - `GET  /v1/events` → a stream of [`Event`] as JSON lines
+//! - `GET  /v1/tasks` → `Vec<`[`TaskStatus`]`>` (one-time tasks and startup tasks)
+//! - `GET  /v1/tasks/{name}/attach` with `Connection: Upgrade` and
+//!   `Upgrade: wsagent-attach/1` → `101 Switching Protocols`, then the [`attach`]
+//!   protocol on the upgraded connection
 //!
 //! Errors are a non-2xx status with an [`ApiError`] body.
 
@@ -280,4 +284,119 @@ pub enum SaveLine {
     Done {
         outcomes: Vec<crate::save::RepoOutcome>,
     },
+}
+
+/// Whether a task is a `[[once]]` task or a `[[task]]` startup task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Once,
+    Task,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Once => "once",
+            TaskKind::Task => "task",
+        }
+    }
+}
+
+/// State of a one-time task or a startup task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Not started yet.
+    Pending,
+    Running,
+    /// Exited with code 0.
+    Succeeded,
+    /// Exited non-zero, was killed by a signal, or could not start.
+    Failed,
+    /// Killed after its `timeout`.
+    TimedOut,
+    /// Ended by the stop sequence.
+    Stopped,
+    /// Not run (a one-time task whose marker exists).
+    Skipped,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::TimedOut => "timed_out",
+            TaskState::Stopped => "stopped",
+            TaskState::Skipped => "skipped",
+        }
+    }
+
+    /// The task will not produce more output.
+    pub fn is_final(self) -> bool {
+        !matches!(self, TaskState::Pending | TaskState::Running)
+    }
+}
+
+impl std::fmt::Display for TaskState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One task, as `wsagent tasks` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub name: String,
+    pub kind: TaskKind,
+    pub state: TaskState,
+    pub pid: Option<u32>,
+    pub exit_code: Option<i32>,
+    /// Signal number, when a signal ended it.
+    pub signal: Option<i32>,
+    /// RFC 3339 time it started.
+    pub started_at: Option<String>,
+    /// How long it ran (so far, while running).
+    pub duration_ms: Option<u64>,
+    pub blocks_ready: bool,
+    /// It runs in a pseudo-terminal (and takes input through `wsagent attach`).
+    pub tty: bool,
+    /// Why it is in its state (e.g. the marker that skipped it, the spawn error).
+    pub message: Option<String>,
+}
+
+/// The attach protocol, spoken both ways on the upgraded connection of
+/// `GET /v1/tasks/{name}/attach`.
+///
+/// Every message is a frame: one kind byte, a big-endian `u32` payload length, then the
+/// payload. The server first sends the task's buffered output (up to 256 KiB) as
+/// [`DATA`](attach::DATA) frames, then its live output; when the task ends it sends one
+/// [`EXIT`](attach::EXIT) frame (an [`AttachExit`] as JSON) and closes. The client sends
+/// typed input as `DATA` and its window size as [`RESIZE`](attach::RESIZE)
+/// (`cols: u16, rows: u16`, big-endian). Detaching is the client closing the connection:
+/// the task keeps running. `wsagent attach` detaches on [`DETACH_KEY`](attach::DETACH_KEY).
+pub mod attach {
+    /// The `Upgrade` header value.
+    pub const PROTOCOL: &str = "wsagent-attach/1";
+    /// Terminal bytes (output from the server, input from the client).
+    pub const DATA: u8 = 0;
+    /// Client → server: the terminal size, `cols: u16, rows: u16` big-endian.
+    pub const RESIZE: u8 = 1;
+    /// Server → client: the task ended; payload is an [`super::AttachExit`] as JSON.
+    pub const EXIT: u8 = 2;
+    /// Ctrl-] detaches `wsagent attach` (as in telnet); the task keeps running.
+    pub const DETACH_KEY: u8 = 0x1d;
+    /// The largest payload either side sends or accepts.
+    pub const MAX_FRAME: usize = 1 << 20;
+}
+
+/// Payload of the attach protocol's `EXIT` frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachExit {
+    pub state: TaskState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
 }

@@ -67,6 +67,14 @@ enum Cmd {
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: usize,
     },
+    /// List the one-time and startup tasks with state, exit code and duration.
+    Tasks {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a startup task's output and type into its terminal; Ctrl-] detaches (the
+    /// task keeps running).
+    Attach { name: String },
     /// Start the stop sequence.
     Shutdown {
         /// Follow the stop sequence until the daemon is off; exit non-zero unless it
@@ -363,6 +371,8 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
                 }
             }
         }
+        Cmd::Tasks { json } => crate::startup::cli_tasks(&client, json).await,
+        Cmd::Attach { name } => crate::startup::cli_attach(&client, &name).await,
         Cmd::Save {
             repo,
             dry_run,

@@ -54,6 +54,8 @@ pub struct Shared {
     pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
     /// A fresh-token fetch from the control plane, when there is one.
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
+    /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
+    pub tasks: crate::startup::State,
 }
 
 impl Shared {
@@ -174,7 +176,7 @@ impl Shared {
         }
     }
 
-    fn record(
+    pub(crate) fn record(
         &self,
         stage: &str,
         name: &str,
@@ -317,6 +319,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         save_lock: tokio::sync::Mutex::new(()),
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
+        tasks: crate::startup::State::default(),
     });
     // The reporter subscribes first, so the dashboard gets every line from here on.
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
@@ -500,32 +503,8 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     shared.set_lifecycle(Lifecycle::Starting);
     let config = shared.config.read().expect("lock").config.clone();
 
-    let t = Instant::now();
-    shared.record("startup", "directories", "running", None, None);
-    let mut failed = None;
-    for d in [&shared.state_dir, &shared.log_dir] {
-        if let Err(e) = std::fs::create_dir_all(d) {
-            failed = Some(format!("{}: {e}", d.display()));
-        }
-    }
-    match &failed {
-        None => shared.record("startup", "directories", "ok", Some(t.elapsed()), None),
-        Some(m) => shared.record(
-            "startup",
-            "directories",
-            "failed",
-            Some(t.elapsed()),
-            Some(m.clone()),
-        ),
-    }
-
-    if failed.is_none()
-        && let Err(e) = crate::startup::before_services(&shared).await
-    {
-        failed = Some(e);
-    }
-
-    git_token_step(&shared).await;
+    // Directories, skeleton, dotfiles, git token, one-time tasks.
+    let mut failed = crate::startup::before_services(&shared).await.err();
 
     let t = Instant::now();
     shared.record("startup", "services", "running", None, None);
@@ -593,7 +572,7 @@ async fn startup_pipeline(shared: Arc<Shared>) {
 }
 
 /// Startup waits briefly (bounded) for a fresh git token before services that need it.
-async fn git_token_step(shared: &Arc<Shared>) {
+pub(crate) async fn git_token_step(shared: &Arc<Shared>) {
     let Some(c) = shared.control() else { return };
     if c.status().starts_with("standalone") {
         shared.record(

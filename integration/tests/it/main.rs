@@ -7,6 +7,7 @@
 //! - `cli`: config errors, the socket's protection, secrets, the client without a daemon.
 //! - `save`: save on stop through the daemon (SIGTERM, `wsagent save`, SIGUSR1, SIGKILL).
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
+//! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `template`: the Coder template's wiring (token, init script, stop hooks, deadlines).
@@ -20,6 +21,7 @@ mod pid1;
 mod real_services;
 mod repos;
 mod save;
+mod startup;
 mod supervision;
 mod support;
 mod template;
