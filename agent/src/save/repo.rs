@@ -195,6 +195,19 @@ fn prepare_inner(
     if head.is_some() && branch.is_none() {
         add_note(outcome, "detached HEAD");
     }
+    let suffix = ctx.ref_suffix.get(&found.path).cloned().unwrap_or_default();
+    let extra = match &remote {
+        // The branch being rebased is HEAD's work: it is in the snapshot.
+        Some((name, _)) => other_unpushed_branches(
+            &repo,
+            branch.as_deref().or(rebased.as_deref()),
+            &ctx.ref_template,
+            &ctx.workspace,
+            &suffix,
+            name,
+        ),
+        None => Vec::new(),
+    };
     outcome.head = head.map(|h| h.to_string());
     if ctx.dry_run {
         // Read-only: the status alone, no blob written.
@@ -202,16 +215,25 @@ fn prepare_inner(
             path: path.clone(),
             source,
         })?;
-        outcome.result = match (changed, unpushed) {
-            (0, false) => "clean",
-            _ => "would-save",
+        let mut pending = Vec::new();
+        if changed > 0 {
+            pending.push(format!("{changed} changed paths"));
+        }
+        if unpushed {
+            pending.push("unpushed commits".to_string());
+        }
+        if !extra.is_empty() {
+            let names: Vec<&str> = extra.iter().map(|e| e.branch.as_str()).collect();
+            pending.push(format!("unpushed branches {}", names.join(", ")));
+        }
+        outcome.result = if pending.is_empty() {
+            "clean"
+        } else {
+            "would-save"
         }
         .into();
-        match (changed, unpushed) {
-            (0, false) => {}
-            (0, true) => add_note(outcome, "unpushed commits"),
-            (n, true) => add_note(outcome, format!("{n} changed paths and unpushed commits")),
-            (n, false) => add_note(outcome, format!("{n} changed paths")),
+        if !pending.is_empty() {
+            add_note(outcome, pending.join(" and "));
         }
         return Ok(None);
     }
@@ -226,19 +248,6 @@ fn prepare_inner(
     let dirty = match head_tree {
         Some(t) => t != wt.tree,
         None => wt.tree.to_string() != EMPTY_TREE,
-    };
-    let suffix = ctx.ref_suffix.get(&found.path).cloned().unwrap_or_default();
-    let extra = match &remote {
-        // The branch being rebased is HEAD's work: it is in the snapshot.
-        Some((name, _)) => other_unpushed_branches(
-            &repo,
-            branch.as_deref().or(rebased.as_deref()),
-            &ctx.ref_template,
-            &ctx.workspace,
-            &suffix,
-            name,
-        ),
-        None => Vec::new(),
     };
     let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     if !dirty && !unpushed {
