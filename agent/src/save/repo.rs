@@ -261,6 +261,8 @@ fn prepare_inner(
         // The worktree is saved; other branches are not.
         outcome.result = "committed".into();
         outcome.remote = Some(display.clone());
+        outcome.r#ref = Some(extra[0].remote_ref.clone());
+        outcome.commit = Some(extra[0].tip.to_string());
         return Ok(Some(PushPlan {
             repo_path: found.path.clone(),
             url,
