@@ -79,8 +79,23 @@ pub(crate) struct PushPlan {
     pub display: String,
     /// `host` or `host:port`, for the token lookup.
     pub authority: String,
-    pub refspec: String,
+    /// The main push: the snapshot ref, or the branch in branch mode.
+    pub refspec: Option<String>,
     pub branch: Option<BranchPush>,
+    /// Other local branches with commits the remote lacks, saved on their snapshot refs.
+    pub extra: Vec<ExtraPush>,
+}
+
+/// A local branch other than HEAD's, pushed as it is to its snapshot ref.
+#[derive(Debug, Clone)]
+pub(crate) struct ExtraPush {
+    pub branch: String,
+    pub tip: Oid,
+    /// `refs/heads/wip/...` on the remote.
+    pub remote_ref: String,
+    /// The remote-tracking ref recording that the remote has it (so the next save
+    /// sees the branch as pushed).
+    pub tracking_ref: String,
 }
 
 /// Branch mode: where the branch goes, and the snapshot ref to fall back to.
@@ -180,6 +195,19 @@ fn prepare_inner(
     if head.is_some() && branch.is_none() {
         add_note(outcome, "detached HEAD");
     }
+    let suffix = ctx.ref_suffix.get(&found.path).cloned().unwrap_or_default();
+    let extra = match &remote {
+        // The branch being rebased is HEAD's work: it is in the snapshot.
+        Some((name, _)) => other_unpushed_branches(
+            &repo,
+            branch.as_deref().or(rebased.as_deref()),
+            &ctx.ref_template,
+            &ctx.workspace,
+            &suffix,
+            name,
+        ),
+        None => Vec::new(),
+    };
     outcome.head = head.map(|h| h.to_string());
     if ctx.dry_run {
         // Read-only: the status alone, no blob written.
@@ -187,16 +215,25 @@ fn prepare_inner(
             path: path.clone(),
             source,
         })?;
-        outcome.result = match (changed, unpushed) {
-            (0, false) => "clean",
-            _ => "would-save",
+        let mut pending = Vec::new();
+        if changed > 0 {
+            pending.push(format!("{changed} changed paths"));
+        }
+        if unpushed {
+            pending.push("unpushed commits".to_string());
+        }
+        if !extra.is_empty() {
+            let names: Vec<&str> = extra.iter().map(|e| e.branch.as_str()).collect();
+            pending.push(format!("unpushed branches {}", names.join(", ")));
+        }
+        outcome.result = if pending.is_empty() {
+            "clean"
+        } else {
+            "would-save"
         }
         .into();
-        match (changed, unpushed) {
-            (0, false) => {}
-            (0, true) => add_note(outcome, "unpushed commits"),
-            (n, true) => add_note(outcome, format!("{n} changed paths and unpushed commits")),
-            (n, false) => add_note(outcome, format!("{n} changed paths")),
+        if !pending.is_empty() {
+            add_note(outcome, pending.join(" and "));
         }
         return Ok(None);
     }
@@ -212,15 +249,31 @@ fn prepare_inner(
         Some(t) => t != wt.tree,
         None => wt.tree.to_string() != EMPTY_TREE,
     };
+    let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     if !dirty && !unpushed {
-        outcome.result = "clean".into();
-        if remote.is_none() {
-            add_note(outcome, "no remote");
-        }
-        return Ok(None);
+        let Some((url, display, authority)) = remote_url.filter(|_| !extra.is_empty()) else {
+            outcome.result = "clean".into();
+            if remote.is_none() {
+                add_note(outcome, "no remote");
+            }
+            return Ok(None);
+        };
+        // The worktree is saved; other branches are not.
+        outcome.result = "committed".into();
+        outcome.remote = Some(display.clone());
+        outcome.r#ref = Some(extra[0].remote_ref.clone());
+        outcome.commit = Some(extra[0].tip.to_string());
+        return Ok(Some(PushPlan {
+            repo_path: found.path.clone(),
+            url,
+            display,
+            authority,
+            refspec: None,
+            branch: None,
+            extra,
+        }));
     }
 
-    let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     outcome.remote = remote_url.as_ref().map(|u| u.1.clone());
     let mut snap_ref = snapshot_ref(
         &ctx.ref_template,
@@ -228,9 +281,7 @@ fn prepare_inner(
         branch.as_deref().or(rebased.as_deref()),
         head,
     );
-    if let Some(suffix) = ctx.ref_suffix.get(&found.path) {
-        snap_ref.push_str(suffix);
-    }
+    snap_ref.push_str(&suffix);
 
     // Idempotence: the same worktree on the same HEAD was already saved.
     if let Some(prev) = ctx.previous.get(&outcome.repo)
@@ -240,6 +291,7 @@ fn prepare_inner(
         && prev.remote == outcome.remote
         && prev.r#ref.as_deref() == Some(snap_ref.as_str())
         && (prev.pushed || (remote.is_none() && prev.result == "committed"))
+        && extra.is_empty()
     {
         outcome.result = "unchanged".into();
         outcome.commit = prev.commit.clone();
@@ -317,12 +369,13 @@ fn prepare_inner(
                     url,
                     display,
                     authority,
-                    refspec: format!("refs/heads/{b}:{dst}"),
+                    refspec: Some(format!("refs/heads/{b}:{dst}")),
                     branch: Some(BranchPush {
                         tracking_ref,
                         commit: new_head,
                         fallback_ref: snap_ref,
                     }),
+                    extra,
                 }));
             }
         }
@@ -361,9 +414,62 @@ fn prepare_inner(
         url,
         display,
         authority,
-        refspec: format!("+{snap_ref}:{snap_ref}"),
+        refspec: Some(format!("+{snap_ref}:{snap_ref}")),
         branch: None,
+        extra,
     }))
+}
+
+/// Local branches other than `current` whose tips no remote-tracking ref contains,
+/// as pushes to their snapshot refs. The snapshot refs themselves are skipped (they
+/// are local branches too); so is everything when the template's fixed prefix cannot
+/// tell them apart from the user's branches.
+fn other_unpushed_branches(
+    repo: &Repository,
+    current: Option<&str>,
+    template: &str,
+    workspace: &str,
+    suffix: &str,
+    remote_name: &str,
+) -> Vec<ExtraPush> {
+    let prefix = template.split('{').next().unwrap_or(template);
+    if prefix.len() <= "refs/heads/".len() || !prefix.starts_with("refs/heads/") {
+        return Vec::new();
+    }
+    let Ok(branches) = repo.branches(Some(git2::BranchType::Local)) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (b, _) in branches.flatten() {
+        let (Some(name), Some(tip)) = (b.get().name().ok().map(str::to_string), b.get().target())
+        else {
+            continue;
+        };
+        let Some(short) = name.strip_prefix("refs/heads/") else {
+            continue;
+        };
+        if Some(short) == current || name.starts_with(prefix) {
+            continue;
+        }
+        if !is_unpushed(repo, tip, Some(short)) {
+            continue;
+        }
+        let mut remote_ref = snapshot_ref(template, workspace, Some(short), Some(tip));
+        remote_ref.push_str(suffix);
+        let tracking_ref = format!(
+            "refs/remotes/{remote_name}/{}",
+            remote_ref
+                .strip_prefix("refs/heads/")
+                .unwrap_or(&remote_ref)
+        );
+        out.push(ExtraPush {
+            branch: short.to_string(),
+            tip,
+            remote_ref,
+            tracking_ref,
+        });
+    }
+    out
 }
 
 /// The current branch (also when unborn) and the HEAD commit.
@@ -625,10 +731,60 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
         }
     };
     let _owner = AsOwner::of(repo.commondir());
-    match push_once(&repo, plan, &plan.refspec, creds, deadline) {
+    if let Some(spec) = &plan.refspec {
+        push_main(&repo, plan, spec, creds, deadline, &mut res);
+    }
+    if !plan.extra.is_empty() {
+        let specs: Vec<String> = plan
+            .extra
+            .iter()
+            .map(|e| format!("+{}:{}", e.tip, e.remote_ref))
+            .collect();
+        let names: Vec<String> = plan
+            .extra
+            .iter()
+            .map(|e| format!("{} -> {}", e.branch, e.remote_ref))
+            .collect();
+        match push_once(&repo, plan, &specs, creds, deadline) {
+            Ok(()) => {
+                for e in &plan.extra {
+                    let _ = repo.reference(&e.tracking_ref, e.tip, true, "wsagent: pushed");
+                }
+                let note = format!("unpushed branches saved: {}", names.join(", "));
+                res.note = Some(match res.note.take() {
+                    Some(n) => format!("{n}; {note}"),
+                    None => note,
+                });
+                if plan.refspec.is_none() {
+                    res.pushed = true;
+                    res.pushed_ref = Some(plan.extra[0].remote_ref.clone());
+                }
+            }
+            Err(f) => {
+                let e = format!("branches {} not pushed: {}", names.join(", "), f.message());
+                res.error = Some(match res.error.take() {
+                    Some(old) => format!("{old}; {e}"),
+                    None => e,
+                });
+            }
+        }
+    }
+    res
+}
+
+/// The main push, with branch mode's fallback to the snapshot ref.
+fn push_main(
+    repo: &Repository,
+    plan: &PushPlan,
+    spec: &str,
+    creds: &[Credential],
+    deadline: Instant,
+    res: &mut PushResult,
+) {
+    match push_once(repo, plan, &[spec.to_string()], creds, deadline) {
         Ok(()) => {
             res.pushed = true;
-            res.pushed_ref = plan.refspec.split(':').nth(1).map(str::to_string);
+            res.pushed_ref = spec.split(':').nth(1).map(str::to_string);
             if let Some(b) = &plan.branch
                 && let Some(t) = &b.tracking_ref
             {
@@ -646,11 +802,11 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
                             "branch push failed: {msg}; cannot write {snap}: {}",
                             e.message()
                         ));
-                        return res;
+                        return;
                     }
-                    sync_repo(&repo);
+                    sync_repo(repo);
                     res.commit = Some(b.commit.to_string());
-                    match push_once(&repo, plan, &format!("+{snap}:{snap}"), creds, deadline) {
+                    match push_once(repo, plan, &[format!("+{snap}:{snap}")], creds, deadline) {
                         Ok(()) => {
                             res.pushed = true;
                             res.pushed_ref = Some(snap.clone());
@@ -659,7 +815,6 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
                             ));
                         }
                         Err(f2) => {
-                            res.pushed_ref = None;
                             res.error = Some(format!(
                                 "branch push failed: {msg}; snapshot push failed: {}",
                                 f2.message()
@@ -671,13 +826,12 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
             }
         }
     }
-    res
 }
 
 fn push_once(
     repo: &Repository,
     plan: &PushPlan,
-    refspec: &str,
+    refspecs: &[String],
     creds: &[Credential],
     deadline: Instant,
 ) -> Result<(), PushFail> {
@@ -739,7 +893,7 @@ fn push_once(
         cbs.sideband_progress(|_| Instant::now() < deadline);
         let mut opts = PushOptions::new();
         opts.remote_callbacks(cbs);
-        remote.push(&[refspec], Some(&mut opts))
+        remote.push(refspecs, Some(&mut opts))
     };
     if let Err(e) = result {
         let m = clean(e.message());

@@ -247,3 +247,39 @@ async fn without_a_git_identity_the_workspace_owner_then_wsagent_authors_the_sna
         .await;
     assert_eq!(author(one(&outcomes, &dir)), "wsagent <wsagent@localhost>");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_on_a_branch_that_is_not_checked_out_are_saved_too() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    git(&dir, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(dir.join("feature.txt"), "feature\n").unwrap();
+    git(&dir, &["add", "-A"]);
+    git(&dir, &["commit", "-qm", "feature work"]);
+    let feature = git(&dir, &["rev-parse", "HEAD"]);
+    git(&dir, &["checkout", "-q", "main"]);
+    let config_before = std::fs::read(dir.join(".git/config")).unwrap();
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    assert!(o.note.as_deref().unwrap().contains("feature"), "{o:#?}");
+    let r = format!("refs/heads/wip/{WORKSPACE}/feature");
+    assert_eq!(fx.server.ref_target("app.git", &r), Some(feature));
+    assert_eq!(
+        std::fs::read(dir.join(".git/config")).unwrap(),
+        config_before
+    );
+    // The main worktree was clean: no snapshot of it.
+    assert!(
+        fx.server
+            .ref_target("app.git", &format!("refs/heads/wip/{WORKSPACE}/main"))
+            .is_none()
+    );
+
+    fx.server.clear_requests();
+    let again = fx.save(&fx.config(), Duration::from_secs(30)).await;
+    assert_eq!(one(&again, &dir).result, "clean");
+    assert!(fx.server.requests().is_empty());
+}
