@@ -79,7 +79,6 @@ pub async fn run(
         epoch: Instant::now(),
     };
     if let Some(why) = t.spec.absent.clone() {
-        tracing::warn!(service = %t.spec.name, reason = %why, "service skipped: absent");
         t.set(ServiceState::Absent, Health::None, None, Some(why));
         while let Some(cmd) = t.cmds.recv().await {
             if let Cmd::Stop { done, .. } = cmd {

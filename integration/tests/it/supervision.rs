@@ -389,3 +389,27 @@ fn user_and_group_drop_privileges_for_that_service_only() {
             .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
     );
 }
+
+/// The default services whose program (or variable) is missing are skipped with one
+/// warning each and shown as `absent`; the workspace still becomes ready.
+#[test]
+fn default_services_without_their_program_are_absent_not_failed() {
+    let ws = Workspace::new().with_env("PATH", "/usr/bin:/bin");
+    let mut d = Daemon::start(&ws, "[services.mine]\ncommand = [\"sleep\", \"1000\"]\n");
+    let st = d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    for (name, why) in [
+        ("dockerd", "dockerd is not installed"),
+        ("code-server", "code-server is not installed"),
+        ("coder-agent", "CODER_AGENT_INIT_SCRIPT is not set"),
+    ] {
+        let s = st.services.iter().find(|s| s.name == name).unwrap();
+        assert_eq!(s.state, ServiceState::Absent, "{s:?}");
+        assert_eq!(s.message.as_deref(), Some(why));
+        let warnings = d
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(&format!("service={name} ")))
+            .count();
+        assert_eq!(warnings, 1, "one warning for {name}:\n{}", d.stderr());
+    }
+}
