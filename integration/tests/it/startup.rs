@@ -906,3 +906,44 @@ fn as_root_the_workspace_user_owns_what_the_pipeline_creates_and_runs_its_script
     assert_eq!(read(&ws.home().join(".vimrc")), "v2");
     d.stop();
 }
+
+#[test]
+fn a_task_past_its_timeout_is_killed_and_marked_timed_out() {
+    let ws = Workspace::new();
+    let d = ws.start(
+        "[[task]]\nname = \"hang\"\nblocks_ready = true\ntimeout = \"1s\"\nshell = 'sleep 60'\n",
+    );
+    assert_eq!(d.status().unwrap().lifecycle, Lifecycle::StartError);
+    let t = d.task("hang");
+    assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
+    let msg = d.step("task:hang").message.unwrap_or_default();
+    assert!(msg.contains("timed out after 1s"), "{msg}");
+    d.stop();
+}
+
+#[test]
+fn the_stop_sequence_hangs_up_running_tasks() {
+    let ws = Workspace::new();
+    let d = ws
+        .start("[[task]]\nname = \"server\"\nshell = 'echo $$ > \"$HOME/pid\"; exec sleep 300'\n");
+    let pid_file = ws.home().join("pid");
+    let pid: i32 = wait_for(Duration::from_secs(10), "the task's pid", || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    });
+    assert_eq!(d.task("server").state, TaskState::Running);
+    d.stop();
+    // Gone, or at most a zombie waiting for whoever inherited it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next();
+    assert!(
+        matches!(state, None | Some("Z")),
+        "task still alive: {stat}"
+    );
+    let log = read(&ws.path("daemon.log"));
+    assert!(log.contains("stopped by the stop sequence"), "{log}");
+}
