@@ -79,6 +79,32 @@ pub fn display_url(url: &str) -> String {
     url.to_string()
 }
 
+/// The URL to fetch from: wsagent's libgit2 speaks file, http and https but not ssh, so
+/// an `ssh://` or scp-like (`git@host:path`) URL is fetched over its HTTPS twin (the
+/// same host and path), as the save does for pushes. Other URLs are used as they are.
+pub fn fetch_url(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("ssh://") {
+        let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        // A port is the ssh daemon's, not the web server's.
+        let host = host.split(':').next().unwrap_or(host);
+        return format!("https://{host}/{path}");
+    }
+    if !url.contains("://")
+        && let Some((userhost, path)) = url.split_once(':')
+        && !userhost.contains('/')
+        && !path.starts_with('/')
+        && !userhost.is_empty()
+    {
+        let host = userhost
+            .rsplit_once('@')
+            .map(|(_, h)| h)
+            .unwrap_or(userhost);
+        return format!("https://{host}/{path}");
+    }
+    url.to_string()
+}
+
 /// Run the step.
 pub async fn run(ctx: &Arc<Ctx>, cfg: &DotfilesConfig, url: &str) -> StepResult {
     match run_inner(ctx, cfg, url).await {
@@ -143,7 +169,14 @@ async fn run_inner(
     } else {
         let tmp = config_dir.join(format!(".dotfiles.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let (u, t, b) = (url.to_string(), tmp.clone(), cfg.branch.clone());
+        let fetch = fetch_url(url);
+        if fetch != url {
+            notes.push(format!(
+                "ssh is not available: fetched over {}",
+                display_url(&fetch)
+            ));
+        }
+        let (u, t, b) = (fetch, tmp.clone(), cfg.branch.clone());
         let limit = cfg.clone_timeout;
         let r =
             blocking_with_deadline(limit, move |deadline| clone(&u, &t, b.as_deref(), deadline))
@@ -530,6 +563,25 @@ mod tests {
         );
         assert_eq!(display_url("file:///tmp/x"), "file:///tmp/x");
         assert_eq!(display_url("git@github.com:me/d"), "git@github.com:me/d");
+    }
+
+    #[test]
+    fn ssh_urls_are_fetched_over_their_https_twin() {
+        assert_eq!(
+            fetch_url("git@github.com:me/dots.git"),
+            "https://github.com/me/dots.git"
+        );
+        assert_eq!(
+            fetch_url("ssh://git@gitlab.example.com:2222/team/dots"),
+            "https://gitlab.example.com/team/dots"
+        );
+        for same in [
+            "https://github.com/me/dots",
+            "file:///tmp/dots.git",
+            "/srv/git/dots.git",
+        ] {
+            assert_eq!(fetch_url(same), same);
+        }
     }
 
     #[test]

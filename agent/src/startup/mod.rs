@@ -283,7 +283,11 @@ impl Ctx {
             Some(u) if nix::unistd::geteuid().is_root() => Some(
                 crate::procs::resolve_user(u, None).map_err(|e| format!("startup.user: {e}"))?,
             ),
-            _ => None,
+            Some(u) => {
+                tracing::debug!(user = %u, "startup.user is only used when wsagent runs as root");
+                None
+            }
+            None => None,
         };
         Ok(Ctx {
             home: shared.home.clone(),
