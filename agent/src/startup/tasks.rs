@@ -367,6 +367,9 @@ async fn read_output(task: Arc<Task>, fd: Arc<AsyncFd<OwnedFd>>) {
 }
 
 async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::CancellationToken) -> Ended {
+    if stop.is_cancelled() {
+        return Ended::Stopped;
+    }
     let mut spec = Spec::new(run.argv.clone());
     spec.env = run.env;
     spec.cwd = Some(run.cwd.clone());
@@ -664,7 +667,15 @@ pub async fn run_once_tasks(
             }
         };
         if o.blocks_ready {
-            if let Err(e) = job.await
+            // On the tracker even when awaited: the daemon stops polling the startup
+            // pipeline when the stop sequence starts, and the task must still see it.
+            let r = shared
+                .tasks
+                .tracker
+                .spawn(job)
+                .await
+                .unwrap_or_else(|e| Err(format!("{step}: panicked: {e}")));
+            if let Err(e) = r
                 && first_err.is_none()
             {
                 first_err = Some(e);

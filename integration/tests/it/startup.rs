@@ -678,6 +678,9 @@ struct Terminal {
     master: std::fs::File,
     seen: Arc<Mutex<Vec<u8>>>,
     child: Child,
+    /// Held so the master never reads EIO (which can drop unread output) before the
+    /// test is done; dropping it ends the reader thread.
+    _slave: OwnedFd,
 }
 
 impl Terminal {
@@ -696,6 +699,7 @@ impl Terminal {
         });
         let pty = nix::pty::openpty(ws.as_ref(), None).expect("openpty");
         let slave: OwnedFd = pty.slave;
+        let keep = slave.try_clone().unwrap();
         let mut cmd = Command::new(wsagent_bin());
         cmd.arg("--socket")
             .arg(&d.socket)
@@ -722,7 +726,7 @@ impl Terminal {
         let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with EIO once the client (the slave's last holder) exits.
+            // Ends with EIO once the slave's last holder (`_slave`) is gone.
             while let Ok(n) = r.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -734,6 +738,7 @@ impl Terminal {
             master,
             seen,
             child,
+            _slave: keep,
         }
     }
 
@@ -796,11 +801,8 @@ fn attach_replays_output_forwards_typing_and_the_detach_key_leaves_the_task_runn
     term.wait_for_text("hello alice");
     term.type_bytes(&[0x1d]);
     assert!(term.wait_exit().success());
-    assert!(
-        term.seen().contains("detached from task ask"),
-        "{}",
-        term.seen()
-    );
+    // The reader thread may still be draining the terminal.
+    term.wait_for_text("detached from task ask; it keeps running");
     assert_eq!(d.task("ask").state, TaskState::Running);
 
     // Attach again: the whole conversation is replayed; the task's end ends the client.
@@ -809,12 +811,7 @@ fn attach_replays_output_forwards_typing_and_the_detach_key_leaves_the_task_runn
     term.type_bytes(b"bob\r");
     term.wait_for_text("bye bob");
     assert!(term.wait_exit().success());
-    assert!(
-        term.seen()
-            .contains("task ask ended: succeeded (exit code 0)"),
-        "{}",
-        term.seen()
-    );
+    term.wait_for_text("task ask ended: succeeded (exit code 0)");
     let t = d.task("ask");
     assert_eq!((t.state, t.exit_code), (TaskState::Succeeded, Some(0)));
     d.stop();
