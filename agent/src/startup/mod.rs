@@ -39,8 +39,10 @@ pub struct StartupConfig {
     /// Files copied into HOME where the target is absent (never overwriting).
     pub skel_dir: String,
     /// The workspace user (name or uid). When wsagent runs as root, what the pipeline
-    /// creates in HOME is chowned to this user, and the dotfiles install script, the
-    /// one-time tasks and the startup tasks run as this user.
+    /// creates in HOME is chowned to this user (and the configured directories under
+    /// HOME, with their parents under HOME, when root owns them: e.g. the daemon's own
+    /// `~/.local/state/wsagent`), and the dotfiles install script, the one-time tasks
+    /// and the startup tasks run as this user. Ignored when not running as root.
     pub user: Option<String>,
 }
 

@@ -74,15 +74,15 @@ impl Workspace {
     /// Start the daemon with `extra` appended to a config that turns the default
     /// services off and points the skeleton at this workspace.
     fn start(&self, extra: &str) -> Daemon {
-        self.start_with(None, extra)
+        self.start_with(None, extra, &[])
     }
 
     /// Start with `startup.user` set (the daemon still runs as the test's user).
     fn start_as(&self, user: &str, extra: &str) -> Daemon {
-        self.start_with(Some(user), extra)
+        self.start_with(Some(user), extra, &[])
     }
 
-    fn start_with(&self, user: Option<&str>, extra: &str) -> Daemon {
+    fn start_with(&self, user: Option<&str>, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let user = user.map(|u| format!("user = {u:?}\n")).unwrap_or_default();
         let config = format!(
             "[services.dockerd]\nenabled = false\n[services.code-server]\nenabled = false\n[services.coder-agent]\nenabled = false\n\n[startup]\nskel_dir = {:?}\n{user}\n{extra}",
@@ -105,6 +105,7 @@ impl Workspace {
             .env("HOME", self.home())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -338,6 +339,23 @@ fn dotfiles_install_sh_runs_in_the_clone_and_the_url_is_remembered() {
     assert_eq!(step.outcome, "ok", "{step:?}");
     assert!(step.message.unwrap_or_default().contains("ran install.sh"));
     assert_eq!(d.status().unwrap().lifecycle, Lifecycle::Ready);
+    d.stop();
+}
+
+#[test]
+fn without_dotfiles_repo_the_dotfiles_uri_variable_is_used() {
+    let ws = Workspace::new();
+    let repo = Repo::new(
+        ws.dir.path(),
+        "dots",
+        &[(".inputrc", "set bell-style none", false)],
+    );
+    let d = ws.start_with(None, "", &[("DOTFILES_URI", &repo.url())]);
+    assert_eq!(read(&ws.home().join(".inputrc")), "set bell-style none");
+    assert_eq!(
+        read(&ws.home().join(".config/coderv2/dotfilesurl")),
+        repo.url()
+    );
     d.stop();
 }
 
@@ -583,6 +601,10 @@ fn the_skeleton_is_copied_but_never_overwrites_an_existing_file() {
         assert!(ws.home().join(dir).is_dir(), "{dir}");
     }
     assert_eq!(d.step("skeleton").outcome, "ok");
+    // No dotfiles.repo and no DOTFILES_URI: skipped, and said why.
+    let dots = d.step("dotfiles");
+    assert_eq!(dots.outcome, "skipped");
+    assert!(dots.message.unwrap_or_default().contains("DOTFILES_URI"));
     d.stop();
 }
 
