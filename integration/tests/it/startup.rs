@@ -550,6 +550,23 @@ fn a_second_start_pulls_the_existing_clone_instead_of_cloning_again() {
 }
 
 #[test]
+fn a_newly_configured_branch_is_checked_out_in_the_existing_clone() {
+    let ws = Workspace::new();
+    let repo = Repo::new(ws.dir.path(), "dots", &[(".vimrc", "main", false)]);
+    git(&repo.work, &["checkout", "-q", "-b", "work"]);
+    repo.commit(&[(".vimrc", "work", false)], "work");
+    git(&repo.work, &["push", "-q", "origin", "work"]);
+    ws.start(&dotfiles_config(&repo.url())).stop();
+    assert_eq!(read(&ws.home().join(".vimrc")), "main");
+    let cfg = format!("{}branch = \"work\"\n", dotfiles_config(&repo.url()));
+    let d = ws.start(&cfg);
+    assert_eq!(read(&ws.home().join(".vimrc")), "work");
+    let msg = d.step("dotfiles").message.unwrap_or_default();
+    assert!(msg.contains("switched to work"), "{msg}");
+    d.stop();
+}
+
+#[test]
 fn a_changed_dotfiles_url_moves_the_old_clone_to_a_backup() {
     let ws = Workspace::new();
     let a = Repo::new(ws.dir.path(), "a", &[(".a-only", "a", false)]);
