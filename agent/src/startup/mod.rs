@@ -103,8 +103,8 @@ pub struct OnceConfig {
     pub command: Option<Vec<String>>,
     /// Run with `sh -c`; exclusive with `command`.
     pub shell: Option<String>,
-    /// Written after a success; while it exists the task never runs again. Default
-    /// `<state_dir>/once/<name>.done`.
+    /// Written after a success; while it exists the task never runs again (`~` is HOME,
+    /// a relative path is under HOME). Default `<state_dir>/once/<name>.done`.
     pub marker: Option<String>,
     /// Working directory (`~` is HOME, a relative path is under HOME); default HOME.
     pub cwd: Option<String>,

@@ -560,10 +560,10 @@ fn cwd_of(ctx: &Ctx, cwd: &Option<String>) -> PathBuf {
         .unwrap_or_else(|| ctx.home.clone())
 }
 
-/// The marker of a one-time task.
+/// The marker of a one-time task (`~` is HOME, a relative path is under HOME).
 pub fn marker_path(ctx: &Ctx, o: &OnceConfig) -> PathBuf {
     match &o.marker {
-        Some(m) => ctx.expand(m),
+        Some(m) => ctx.home.join(ctx.expand(m)),
         None => ctx.state_dir.join("once").join(format!("{}.done", o.name)),
     }
 }

@@ -670,6 +670,25 @@ fn a_failed_once_task_writes_no_marker_and_runs_again_at_the_next_start() {
 }
 
 #[test]
+fn a_once_task_with_its_own_marker_is_skipped_while_that_marker_exists() {
+    let ws = Workspace::new();
+    std::fs::create_dir_all(ws.home().join(".linuxbrew")).unwrap();
+    std::fs::write(ws.home().join(".linuxbrew/installed"), "").unwrap();
+    let d = ws.start(
+        "[[once]]\nname = \"linuxbrew\"\nmarker = \".linuxbrew/installed\"\nshell = 'touch \"$HOME/ran\"'\n",
+    );
+    assert!(!ws.home().join("ran").exists());
+    let step = d.step("once:linuxbrew");
+    assert_eq!(step.outcome, "skipped");
+    assert!(
+        step.message
+            .unwrap_or_default()
+            .contains(".linuxbrew/installed exists")
+    );
+    d.stop();
+}
+
+#[test]
 fn a_background_once_task_does_not_hold_up_ready() {
     let ws = Workspace::new();
     let cfg = "[[once]]\nname = \"slow\"\nshell = 'sleep 30'\nblocks_ready = false\n";
