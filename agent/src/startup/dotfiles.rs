@@ -79,6 +79,32 @@ pub fn display_url(url: &str) -> String {
     url.to_string()
 }
 
+/// The URL to fetch from: wsagent's libgit2 speaks file, http and https but not ssh, so
+/// an `ssh://` or scp-like (`git@host:path`) URL is fetched over its HTTPS twin (the
+/// same host and path), as the save does for pushes. Other URLs are used as they are.
+pub fn fetch_url(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("ssh://") {
+        let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
+        let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+        // A port is the ssh daemon's, not the web server's.
+        let host = host.split(':').next().unwrap_or(host);
+        return format!("https://{host}/{path}");
+    }
+    if !url.contains("://")
+        && let Some((userhost, path)) = url.split_once(':')
+        && !userhost.contains('/')
+        && !path.starts_with('/')
+        && !userhost.is_empty()
+    {
+        let host = userhost
+            .rsplit_once('@')
+            .map(|(_, h)| h)
+            .unwrap_or(userhost);
+        return format!("https://{host}/{path}");
+    }
+    url.to_string()
+}
+
 /// Run the step.
 pub async fn run(ctx: &Arc<Ctx>, cfg: &DotfilesConfig, url: &str) -> StepResult {
     match run_inner(ctx, cfg, url).await {
@@ -125,7 +151,11 @@ async fn run_inner(
         }
         let dir = repo_dir.clone();
         let limit = cfg.clone_timeout;
-        let r = blocking_with_deadline(limit, move |deadline| pull_ff_only(&dir, deadline)).await;
+        let branch = cfg.branch.clone();
+        let r = blocking_with_deadline(limit, move |deadline| {
+            pull_ff_only(&dir, branch.as_deref(), deadline)
+        })
+        .await;
         match r {
             Ok(Ok(m)) => notes.push(m),
             Ok(Err(m)) => {
@@ -143,7 +173,14 @@ async fn run_inner(
     } else {
         let tmp = config_dir.join(format!(".dotfiles.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let (u, t, b) = (url.to_string(), tmp.clone(), cfg.branch.clone());
+        let fetch = fetch_url(url);
+        if fetch != url {
+            notes.push(format!(
+                "ssh is not available: fetched over {}",
+                display_url(&fetch)
+            ));
+        }
+        let (u, t, b) = (fetch, tmp.clone(), cfg.branch.clone());
         let limit = cfg.clone_timeout;
         let r =
             blocking_with_deadline(limit, move |deadline| clone(&u, &t, b.as_deref(), deadline))
@@ -264,10 +301,59 @@ fn clone(url: &str, dir: &Path, branch: Option<&str>, deadline: Instant) -> Resu
         .map_err(|e| e.message().to_string())
 }
 
-/// `git pull --ff-only` of the current branch from `origin`.
-fn pull_ff_only(dir: &Path, deadline: Instant) -> Result<String, String> {
+/// Check out `branch` (from `origin/<branch>` when there is no local one yet), like
+/// `coder dotfiles --branch` does on an existing clone.
+fn switch_branch(repo: &git2::Repository, branch: &str, deadline: Instant) -> Result<(), String> {
+    let m = |e: git2::Error| e.message().to_string();
+    let mut remote = repo.find_remote("origin").map_err(m)?;
+    let spec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+    remote
+        .fetch(&[&spec], Some(&mut fetch_options(deadline)), None)
+        .map_err(m)?;
+    let local = match repo.find_branch(branch, git2::BranchType::Local) {
+        Ok(b) => b,
+        Err(_) => {
+            let theirs = repo
+                .find_reference(&format!("refs/remotes/origin/{branch}"))
+                .and_then(|r| r.peel_to_commit())
+                .map_err(|e| format!("no branch {branch:?} on origin: {}", e.message()))?;
+            let mut b = repo.branch(branch, &theirs, false).map_err(m)?;
+            b.set_upstream(Some(&format!("origin/{branch}")))
+                .map_err(m)?;
+            b
+        }
+    };
+    let target = local.get().peel_to_commit().map_err(m)?;
+    repo.checkout_tree(
+        target.as_object(),
+        Some(git2::build::CheckoutBuilder::new().safe()),
+    )
+    .map_err(m)?;
+    repo.set_head(&format!("refs/heads/{branch}")).map_err(m)
+}
+
+/// `git pull --ff-only` of the current branch from `origin`, after switching to
+/// `branch` when it is given and differs.
+fn pull_ff_only(dir: &Path, branch: Option<&str>, deadline: Instant) -> Result<String, String> {
     let m = |e: git2::Error| e.message().to_string();
     let repo = git2::Repository::open(dir).map_err(m)?;
+    let mut switched = String::new();
+    if let Some(b) = branch {
+        let current = repo
+            .head()
+            .ok()
+            .and_then(|h| h.shorthand().ok().map(String::from));
+        if current.as_deref() != Some(b) {
+            switch_branch(&repo, b, deadline)?;
+            switched = format!("switched to {b}; ");
+        }
+    }
+    let pulled = pull_current(&repo, deadline)?;
+    Ok(format!("{switched}{pulled}"))
+}
+
+fn pull_current(repo: &git2::Repository, deadline: Instant) -> Result<String, String> {
+    let m = |e: git2::Error| e.message().to_string();
     let head = repo.head().map_err(m)?;
     if !head.is_branch() {
         return Err("HEAD is detached; not updating".into());
@@ -530,6 +616,25 @@ mod tests {
         );
         assert_eq!(display_url("file:///tmp/x"), "file:///tmp/x");
         assert_eq!(display_url("git@github.com:me/d"), "git@github.com:me/d");
+    }
+
+    #[test]
+    fn ssh_urls_are_fetched_over_their_https_twin() {
+        assert_eq!(
+            fetch_url("git@github.com:me/dots.git"),
+            "https://github.com/me/dots.git"
+        );
+        assert_eq!(
+            fetch_url("ssh://git@gitlab.example.com:2222/team/dots"),
+            "https://gitlab.example.com/team/dots"
+        );
+        for same in [
+            "https://github.com/me/dots",
+            "file:///tmp/dots.git",
+            "/srv/git/dots.git",
+        ] {
+            assert_eq!(fetch_url(same), same);
+        }
     }
 
     #[test]

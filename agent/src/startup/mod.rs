@@ -39,8 +39,10 @@ pub struct StartupConfig {
     /// Files copied into HOME where the target is absent (never overwriting).
     pub skel_dir: String,
     /// The workspace user (name or uid). When wsagent runs as root, what the pipeline
-    /// creates in HOME is chowned to this user, and the dotfiles install script, the
-    /// one-time tasks and the startup tasks run as this user.
+    /// creates in HOME is chowned to this user (and the configured directories under
+    /// HOME, with their parents under HOME, when root owns them: e.g. the daemon's own
+    /// `~/.local/state/wsagent`), and the dotfiles install script, the one-time tasks
+    /// and the startup tasks run as this user. Ignored when not running as root.
     pub user: Option<String>,
 }
 
@@ -101,8 +103,8 @@ pub struct OnceConfig {
     pub command: Option<Vec<String>>,
     /// Run with `sh -c`; exclusive with `command`.
     pub shell: Option<String>,
-    /// Written after a success; while it exists the task never runs again. Default
-    /// `<state_dir>/once/<name>.done`.
+    /// Written after a success; while it exists the task never runs again (`~` is HOME,
+    /// a relative path is under HOME). Default `<state_dir>/once/<name>.done`.
     pub marker: Option<String>,
     /// Working directory (`~` is HOME, a relative path is under HOME); default HOME.
     pub cwd: Option<String>,
@@ -283,7 +285,11 @@ impl Ctx {
             Some(u) if nix::unistd::geteuid().is_root() => Some(
                 crate::procs::resolve_user(u, None).map_err(|e| format!("startup.user: {e}"))?,
             ),
-            _ => None,
+            Some(u) => {
+                tracing::debug!(user = %u, "startup.user is only used when wsagent runs as root");
+                None
+            }
+            None => None,
         };
         Ok(Ctx {
             home: shared.home.clone(),

@@ -367,6 +367,9 @@ async fn read_output(task: Arc<Task>, fd: Arc<AsyncFd<OwnedFd>>) {
 }
 
 async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::CancellationToken) -> Ended {
+    if stop.is_cancelled() {
+        return Ended::Stopped;
+    }
     let mut spec = Spec::new(run.argv.clone());
     spec.env = run.env;
     spec.cwd = Some(run.cwd.clone());
@@ -557,10 +560,10 @@ fn cwd_of(ctx: &Ctx, cwd: &Option<String>) -> PathBuf {
         .unwrap_or_else(|| ctx.home.clone())
 }
 
-/// The marker of a one-time task.
+/// The marker of a one-time task (`~` is HOME, a relative path is under HOME).
 pub fn marker_path(ctx: &Ctx, o: &OnceConfig) -> PathBuf {
     match &o.marker {
-        Some(m) => ctx.expand(m),
+        Some(m) => ctx.home.join(ctx.expand(m)),
         None => ctx.state_dir.join("once").join(format!("{}.done", o.name)),
     }
 }
@@ -664,7 +667,15 @@ pub async fn run_once_tasks(
             }
         };
         if o.blocks_ready {
-            if let Err(e) = job.await
+            // On the tracker even when awaited: the daemon stops polling the startup
+            // pipeline when the stop sequence starts, and the task must still see it.
+            let r = shared
+                .tasks
+                .tracker
+                .spawn(job)
+                .await
+                .unwrap_or_else(|e| Err(format!("{step}: panicked: {e}")));
+            if let Err(e) = r
                 && first_err.is_none()
             {
                 first_err = Some(e);
@@ -764,43 +775,20 @@ mod tests {
         assert_eq!(r.contents(), b"56789abc");
     }
 
-    #[tokio::test]
-    async fn a_pty_task_sees_a_terminal_and_a_pipe_task_does_not() {
+    #[test]
+    fn subscribers_get_the_bounded_buffer_then_every_later_byte_once() {
         let dir = tempfile::tempdir().unwrap();
-        crate::procs::reap_all();
-        for (tty, want) in [(true, "tty"), (false, "notty")] {
-            let task = Task::new(
-                "t",
-                TaskKind::Task,
-                false,
-                tty,
-                dir.path().join(format!("{tty}.log")),
-                1 << 20,
-            );
-            let run = Run {
-                argv: vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "if test -t 1; then echo tty; else echo notty; fi".into(),
-                ],
-                env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-                cwd: dir.path().into(),
-                run_as: None,
-                timeout: Some(Duration::from_secs(10)),
-                tty,
-            };
-            let reaper = tokio::spawn(async {
-                loop {
-                    crate::procs::reap_all();
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            });
-            let (state, _) = run_to_end(&task, run, Default::default()).await;
-            reaper.abort();
-            assert_eq!(state, TaskState::Succeeded);
-            let (out, _) = task.subscribe();
-            let out = String::from_utf8_lossy(&out).replace('\r', "");
-            assert_eq!(out.trim(), want, "tty={tty}");
-        }
+        let log = dir.path().join("task-t.log");
+        let t = Task::new("t", TaskKind::Task, false, true, log.clone(), 1 << 20);
+        t.output(&vec![b'x'; RING_BYTES + 1000]);
+        t.output(b"before");
+        let (replay, mut rx) = t.subscribe();
+        t.output(b"after");
+        assert_eq!(replay.len(), RING_BYTES);
+        assert!(replay.ends_with(b"xbefore"));
+        assert_eq!(&rx.try_recv().unwrap()[..], b"after");
+        assert!(rx.try_recv().is_err());
+        let logged = std::fs::read(&log).unwrap();
+        assert_eq!(logged.len(), RING_BYTES + 1000 + "beforeafter".len());
     }
 }

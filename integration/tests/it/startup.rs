@@ -74,15 +74,15 @@ impl Workspace {
     /// Start the daemon with `extra` appended to a config that turns the default
     /// services off and points the skeleton at this workspace.
     fn start(&self, extra: &str) -> Daemon {
-        self.start_with(None, extra)
+        self.start_with(None, extra, &[])
     }
 
     /// Start with `startup.user` set (the daemon still runs as the test's user).
     fn start_as(&self, user: &str, extra: &str) -> Daemon {
-        self.start_with(Some(user), extra)
+        self.start_with(Some(user), extra, &[])
     }
 
-    fn start_with(&self, user: Option<&str>, extra: &str) -> Daemon {
+    fn start_with(&self, user: Option<&str>, extra: &str, env: &[(&str, &str)]) -> Daemon {
         let user = user.map(|u| format!("user = {u:?}\n")).unwrap_or_default();
         let config = format!(
             "[services.dockerd]\nenabled = false\n[services.code-server]\nenabled = false\n[services.coder-agent]\nenabled = false\n\n[startup]\nskel_dir = {:?}\n{user}\n{extra}",
@@ -105,6 +105,7 @@ impl Workspace {
             .env("HOME", self.home())
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -342,6 +343,23 @@ fn dotfiles_install_sh_runs_in_the_clone_and_the_url_is_remembered() {
 }
 
 #[test]
+fn without_dotfiles_repo_the_dotfiles_uri_variable_is_used() {
+    let ws = Workspace::new();
+    let repo = Repo::new(
+        ws.dir.path(),
+        "dots",
+        &[(".inputrc", "set bell-style none", false)],
+    );
+    let d = ws.start_with(None, "", &[("DOTFILES_URI", &repo.url())]);
+    assert_eq!(read(&ws.home().join(".inputrc")), "set bell-style none");
+    assert_eq!(
+        read(&ws.home().join(".config/coderv2/dotfilesurl")),
+        repo.url()
+    );
+    d.stop();
+}
+
+#[test]
 fn dotfiles_script_setup_is_found_as_a_real_path() {
     // Unlike coder's directory-entry comparison, script/setup is looked up as a path.
     let ws = Workspace::new();
@@ -532,6 +550,23 @@ fn a_second_start_pulls_the_existing_clone_instead_of_cloning_again() {
 }
 
 #[test]
+fn a_newly_configured_branch_is_checked_out_in_the_existing_clone() {
+    let ws = Workspace::new();
+    let repo = Repo::new(ws.dir.path(), "dots", &[(".vimrc", "main", false)]);
+    git(&repo.work, &["checkout", "-q", "-b", "work"]);
+    repo.commit(&[(".vimrc", "work", false)], "work");
+    git(&repo.work, &["push", "-q", "origin", "work"]);
+    ws.start(&dotfiles_config(&repo.url())).stop();
+    assert_eq!(read(&ws.home().join(".vimrc")), "main");
+    let cfg = format!("{}branch = \"work\"\n", dotfiles_config(&repo.url()));
+    let d = ws.start(&cfg);
+    assert_eq!(read(&ws.home().join(".vimrc")), "work");
+    let msg = d.step("dotfiles").message.unwrap_or_default();
+    assert!(msg.contains("switched to work"), "{msg}");
+    d.stop();
+}
+
+#[test]
 fn a_changed_dotfiles_url_moves_the_old_clone_to_a_backup() {
     let ws = Workspace::new();
     let a = Repo::new(ws.dir.path(), "a", &[(".a-only", "a", false)]);
@@ -583,6 +618,10 @@ fn the_skeleton_is_copied_but_never_overwrites_an_existing_file() {
         assert!(ws.home().join(dir).is_dir(), "{dir}");
     }
     assert_eq!(d.step("skeleton").outcome, "ok");
+    // No dotfiles.repo and no DOTFILES_URI: skipped, and said why.
+    let dots = d.step("dotfiles");
+    assert_eq!(dots.outcome, "skipped");
+    assert!(dots.message.unwrap_or_default().contains("DOTFILES_URI"));
     d.stop();
 }
 
@@ -627,6 +666,25 @@ fn a_failed_once_task_writes_no_marker_and_runs_again_at_the_next_start() {
     assert_eq!(d.status().unwrap().lifecycle, Lifecycle::Ready);
     assert_eq!(read(&ws.home().join("runs")), "run\nrun\n");
     assert!(marker.exists());
+    d.stop();
+}
+
+#[test]
+fn a_once_task_with_its_own_marker_is_skipped_while_that_marker_exists() {
+    let ws = Workspace::new();
+    std::fs::create_dir_all(ws.home().join(".linuxbrew")).unwrap();
+    std::fs::write(ws.home().join(".linuxbrew/installed"), "").unwrap();
+    let d = ws.start(
+        "[[once]]\nname = \"linuxbrew\"\nmarker = \".linuxbrew/installed\"\nshell = 'touch \"$HOME/ran\"'\n",
+    );
+    assert!(!ws.home().join("ran").exists());
+    let step = d.step("once:linuxbrew");
+    assert_eq!(step.outcome, "skipped");
+    assert!(
+        step.message
+            .unwrap_or_default()
+            .contains(".linuxbrew/installed exists")
+    );
     d.stop();
 }
 
@@ -678,6 +736,9 @@ struct Terminal {
     master: std::fs::File,
     seen: Arc<Mutex<Vec<u8>>>,
     child: Child,
+    /// Held so the master never reads EIO (which can drop unread output) before the
+    /// test is done; dropping it ends the reader thread.
+    _slave: OwnedFd,
 }
 
 impl Terminal {
@@ -696,6 +757,7 @@ impl Terminal {
         });
         let pty = nix::pty::openpty(ws.as_ref(), None).expect("openpty");
         let slave: OwnedFd = pty.slave;
+        let keep = slave.try_clone().unwrap();
         let mut cmd = Command::new(wsagent_bin());
         cmd.arg("--socket")
             .arg(&d.socket)
@@ -722,7 +784,7 @@ impl Terminal {
         let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            // Ends with EIO once the client (the slave's last holder) exits.
+            // Ends with EIO once the slave's last holder (`_slave`) is gone.
             while let Ok(n) = r.read(&mut buf) {
                 if n == 0 {
                     break;
@@ -734,6 +796,7 @@ impl Terminal {
             master,
             seen,
             child,
+            _slave: keep,
         }
     }
 
@@ -796,11 +859,8 @@ fn attach_replays_output_forwards_typing_and_the_detach_key_leaves_the_task_runn
     term.wait_for_text("hello alice");
     term.type_bytes(&[0x1d]);
     assert!(term.wait_exit().success());
-    assert!(
-        term.seen().contains("detached from task ask"),
-        "{}",
-        term.seen()
-    );
+    // The reader thread may still be draining the terminal.
+    term.wait_for_text("detached from task ask; it keeps running");
     assert_eq!(d.task("ask").state, TaskState::Running);
 
     // Attach again: the whole conversation is replayed; the task's end ends the client.
@@ -809,12 +869,7 @@ fn attach_replays_output_forwards_typing_and_the_detach_key_leaves_the_task_runn
     term.type_bytes(b"bob\r");
     term.wait_for_text("bye bob");
     assert!(term.wait_exit().success());
-    assert!(
-        term.seen()
-            .contains("task ask ended: succeeded (exit code 0)"),
-        "{}",
-        term.seen()
-    );
+    term.wait_for_text("task ask ended: succeeded (exit code 0)");
     let t = d.task("ask");
     assert_eq!((t.state, t.exit_code), (TaskState::Succeeded, Some(0)));
     d.stop();
@@ -905,4 +960,45 @@ fn as_root_the_workspace_user_owns_what_the_pipeline_creates_and_runs_its_script
     assert!(msg.contains("pulled: fast-forwarded"), "{msg}");
     assert_eq!(read(&ws.home().join(".vimrc")), "v2");
     d.stop();
+}
+
+#[test]
+fn a_task_past_its_timeout_is_killed_and_marked_timed_out() {
+    let ws = Workspace::new();
+    let d = ws.start(
+        "[[task]]\nname = \"hang\"\nblocks_ready = true\ntimeout = \"1s\"\nshell = 'sleep 60'\n",
+    );
+    assert_eq!(d.status().unwrap().lifecycle, Lifecycle::StartError);
+    let t = d.task("hang");
+    assert_eq!(t.state, TaskState::TimedOut, "{t:?}");
+    let msg = d.step("task:hang").message.unwrap_or_default();
+    assert!(msg.contains("timed out after 1s"), "{msg}");
+    d.stop();
+}
+
+#[test]
+fn the_stop_sequence_hangs_up_running_tasks() {
+    let ws = Workspace::new();
+    let d = ws
+        .start("[[task]]\nname = \"server\"\nshell = 'echo $$ > \"$HOME/pid\"; exec sleep 300'\n");
+    let pid_file = ws.home().join("pid");
+    let pid: i32 = wait_for(Duration::from_secs(10), "the task's pid", || {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    });
+    assert_eq!(d.task("server").state, TaskState::Running);
+    d.stop();
+    // Gone, or at most a zombie waiting for whoever inherited it.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next();
+    assert!(
+        matches!(state, None | Some("Z")),
+        "task still alive: {stat}"
+    );
+    let log = read(&ws.path("daemon.log"));
+    assert!(log.contains("stopped by the stop sequence"), "{log}");
 }
