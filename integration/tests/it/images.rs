@@ -97,7 +97,19 @@ fn each_image_config_is_accepted_by_wsagent() {
                     assert!(s.health.is_some(), "{rel}: {svc} has no health check");
                 }
             }
+            let brew = loaded.config.once.iter().find(|o| o.name == "linuxbrew");
+            let brew = brew.unwrap_or_else(|| panic!("{rel}: linuxbrew is not a one-time task"));
+            assert!(
+                brew.marker
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("/home/linuxbrew/"))
+            );
         }
+        assert_eq!(
+            loaded.config.startup.user.as_deref(),
+            Some("coder"),
+            "{rel}: startup.user"
+        );
     }
 }
 
