@@ -87,6 +87,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the current git token of a provider (default `github`) for scripts; exit 1
+    /// and print the sign-in URL when there is none.
+    Token { provider: Option<String> },
+    /// Answer git's `Username for ...`/`Password for ...` prompt from the token cache.
+    /// `GIT_ASKPASS=/usr/local/bin/wsagent` works too: a single prompt argument is
+    /// recognised without the subcommand.
+    GitAskpass { prompt: String },
     /// Check or show the configuration.
     Config {
         #[command(subcommand)]
@@ -119,9 +126,41 @@ enum ConfigCmd {
     },
 }
 
+/// git runs `$GIT_ASKPASS "<prompt>"`: one argument that starts with `Username ` or
+/// `Password `.
+fn askpass_prompt() -> Option<String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [p] if p.starts_with("Username ") || p.starts_with("Password ") => Some(p.clone()),
+        _ => None,
+    }
+}
+
+fn load_or_exit() -> Result<config::Config, ExitCode> {
+    config::load(&Sources::standard(None))
+        .map(|l| l.config)
+        .map_err(|e| {
+            eprintln!("wsagent: {e}");
+            ExitCode::from(EX_CONFIG)
+        })
+}
+
+fn git_askpass(prompt: &str) -> ExitCode {
+    let cfg = match load_or_exit() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let code = crate::control::cmd_git_askpass(&cfg, prompt, &mut std::io::stdout());
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
 pub fn main() -> ExitCode {
+    if let Some(prompt) = askpass_prompt() {
+        return git_askpass(&prompt);
+    }
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::GitAskpass { prompt } => git_askpass(&prompt),
         Cmd::Run { config } => run_daemon(config, cli.socket),
         Cmd::Config { cmd } => config_cmd(cmd),
         Cmd::Version => {
@@ -329,10 +368,21 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
             dry_run,
             json,
         } => save(&client, repo, dry_run, json).await,
-        Cmd::Demo => crate::demo::run().await,
-        Cmd::Run { .. } | Cmd::Config { .. } | Cmd::Version | Cmd::DemoService { .. } => {
-            ExitCode::SUCCESS
+        Cmd::Token { provider } => {
+            let cfg = match load_or_exit() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let code =
+                crate::control::cmd_token(&cfg, provider.as_deref(), &mut std::io::stdout()).await;
+            ExitCode::from(code.clamp(0, 255) as u8)
         }
+        Cmd::Demo => crate::demo::run().await,
+        Cmd::Run { .. }
+        | Cmd::Config { .. }
+        | Cmd::Version
+        | Cmd::DemoService { .. }
+        | Cmd::GitAskpass { .. } => ExitCode::SUCCESS,
     }
 }
 

@@ -43,11 +43,15 @@ pub struct Shared {
     pub home: PathBuf,
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
-    pub control_status: Mutex<String>,
+    /// The control-plane reporter (standalone when Coder is not configured).
+    pub control: Mutex<Option<crate::control::ControlHandle>>,
     /// Every background task of the daemon, joined at exit.
     pub tracker: TaskTracker,
     /// One save at a time (stop, `wsagent save`, SIGUSR1).
     pub save_lock: tokio::sync::Mutex<()>,
+    /// The latest save outcome of each repository (read from the journal at start, then
+    /// kept current by each save), so `status` never re-reads the journal.
+    pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
     /// A fresh-token fetch from the control plane, when there is one.
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
 }
@@ -72,8 +76,15 @@ impl Shared {
             services,
             startup: self.startup.lock().expect("lock").clone(),
             shutdown: self.shutdown.lock().expect("lock").clone(),
-            control_plane: Some(self.control_status.lock().expect("lock").clone()),
-            last_save: crate::save::last_outcomes(&self.state_dir),
+            control_plane: Some(
+                self.control
+                    .lock()
+                    .expect("lock")
+                    .as_ref()
+                    .map(|c| c.status())
+                    .unwrap_or_else(|| "standalone".into()),
+            ),
+            last_save: self.last_save.lock().expect("lock").clone(),
         }
     }
 
@@ -117,7 +128,16 @@ impl Shared {
             only,
             dry_run,
         };
-        Ok(crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await)
+        let outcomes = crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await;
+        if !dry_run {
+            let mut last = self.last_save.lock().expect("lock");
+            for o in &outcomes {
+                last.retain(|l| l.repo != o.repo);
+                last.push(o.clone());
+            }
+            last.sort_by(|a, b| a.repo.cmp(&b.repo));
+        }
+        Ok(outcomes)
     }
 
     pub fn set_lifecycle(&self, state: Lifecycle) {
@@ -210,6 +230,10 @@ impl Shared {
     }
 }
 
+/// The running stop sequence: its exit code and the budget's deadline.
+type StopFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (ExitCode, tokio::time::Instant)> + Send>>;
+
 /// Options of `wsagent run`.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -288,11 +312,21 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         home: home.clone(),
         state_dir: state_dir.clone(),
         log_dir,
-        control_status: Mutex::new("standalone".into()),
+        control: Mutex::new(None),
         tracker: tracker.clone(),
         save_lock: tokio::sync::Mutex::new(()),
+        last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
     });
+    // The reporter subscribes first, so the dashboard gets every line from here on.
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let control = crate::control::ControlPlane::new(&config, &env, home.clone()).start(
+        &events,
+        &tracker,
+        cancel.clone(),
+    );
+    *shared.fresh_token.lock().expect("lock") = Some(control.fresh_fetch());
+    *shared.control.lock().expect("lock") = Some(control);
     if let Some(summary) = crate::save::previous_save_summary(&state_dir) {
         tracing::info!("previous save: {summary}");
         shared
@@ -323,10 +357,8 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     let (_watcher, mut config_changed) = watch_config_files(&opts.sources);
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
-    let mut stopping: Option<
-        std::pin::Pin<Box<dyn std::future::Future<Output = ExitCode> + Send>>,
-    > = None;
-    let code = loop {
+    let mut stopping: Option<StopFuture> = None;
+    let (code, deadline) = loop {
         tokio::select! {
             _ = &mut startup, if !startup_done && stopping.is_none() => { startup_done = true; }
             sig = signals.recv() => match sig {
@@ -378,13 +410,16 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     };
     // Let `shutdown --wait` clients read the last events, then end every task.
+    // Then end every task, bounded by what is left of the budget (a stuck HTTP call of
+    // the reporter must not hold the exit).
+    let join_by = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
     if api {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cancel.cancel();
     shared.supervisor.lock().await.detach_all();
     tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+    let _ = tokio::time::timeout_at(join_by, tracker.wait()).await;
     let _ = std::fs::remove_file(&socket);
     signal_thread.close();
     code
@@ -490,6 +525,8 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         failed = Some(e);
     }
 
+    git_token_step(&shared).await;
+
     let t = Instant::now();
     shared.record("startup", "services", "running", None, None);
     {
@@ -518,7 +555,13 @@ async fn startup_pipeline(shared: Arc<Shared>) {
             Some(format!("not up in time: {}", names.join(", "))),
         ),
     };
-    shared.record("startup", "services", outcome, Some(t.elapsed()), msg);
+    shared.record(
+        "startup",
+        "services",
+        outcome,
+        Some(t.elapsed()),
+        msg.clone(),
+    );
     if let Err(e) = crate::startup::after_services(&shared).await {
         failed = Some(e);
     }
@@ -528,6 +571,44 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         lifecycle
     };
     shared.set_lifecycle(lifecycle);
+    if let Some(c) = shared.control() {
+        match lifecycle {
+            Lifecycle::Ready => {
+                let n = shared.service_watch.lock().expect("lock").len();
+                let last = crate::save::previous_save_summary(&shared.state_dir)
+                    .map(|s| format!("; last save: {s}"))
+                    .unwrap_or_default();
+                c.app_status(
+                    "complete",
+                    &format!("workspace ready, {n} services up{last}"),
+                )
+                .await;
+            }
+            _ => {
+                let why = failed.or(msg).unwrap_or_else(|| lifecycle.to_string());
+                c.app_status("failure", &format!("startup: {why}")).await;
+            }
+        }
+    }
+}
+
+/// Startup waits briefly (bounded) for a fresh git token before services that need it.
+async fn git_token_step(shared: &Arc<Shared>) {
+    let Some(c) = shared.control() else { return };
+    if c.status().starts_with("standalone") {
+        shared.record(
+            "startup",
+            "git token",
+            "skipped",
+            None,
+            Some("standalone".into()),
+        );
+        return;
+    }
+    let t = Instant::now();
+    shared.record("startup", "git token", "running", None, None);
+    c.refresh_tokens_once(Duration::from_secs(5)).await;
+    shared.record("startup", "git token", "ok", Some(t.elapsed()), None);
 }
 
 enum Settled {
@@ -612,7 +693,7 @@ where
     }
 }
 
-async fn stop_sequence(shared: Arc<Shared>) -> ExitCode {
+async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) {
     let config = shared.config.read().expect("lock").config.clone();
     let budget = config.shutdown.budget;
     let start = tokio::time::Instant::now();
@@ -660,14 +741,25 @@ async fn stop_sequence(shared: Arc<Shared>) -> ExitCode {
     } else {
         Lifecycle::Off
     };
-    outcomes.push(run_phase(&shared, "flush", deadline, flush_phase(shared.clone())).await);
-    shared.set_lifecycle(final_state);
     tracing::info!(took = %fmt_dur(start.elapsed()), lifecycle = %final_state, "stop sequence ended");
-    if final_state == Lifecycle::Off {
+    // The final state first, so the flush delivers it to the dashboard; the flush is
+    // best effort and does not change the exit code.
+    shared.set_lifecycle(final_state);
+    // The flush leaves a little of the budget for the exit itself.
+    let flush_deadline = deadline - (budget / 50).min(Duration::from_millis(100));
+    run_phase(
+        &shared,
+        "flush",
+        flush_deadline,
+        flush_phase(shared.clone(), flush_deadline),
+    )
+    .await;
+    let code = if final_state == Lifecycle::Off {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    }
+    };
+    (code, deadline)
 }
 
 async fn pre_stop(cmds: Vec<String>) -> Phase {
@@ -746,7 +838,17 @@ pub fn save_ok(o: &agent_proto::save::RepoOutcome) -> bool {
     matches!(o.result.as_str(), "pushed" | "clean" | "unchanged")
 }
 
-/// The flush phase: deliver reports (the control-plane reporter plugs in here).
-async fn flush_phase(_shared: Arc<Shared>) -> Phase {
+/// The flush phase: deliver the last reports to the control plane, within the budget.
+async fn flush_phase(shared: Arc<Shared>, deadline: tokio::time::Instant) -> Phase {
+    let control = shared.control.lock().expect("lock").clone();
+    if let Some(c) = control {
+        c.flush(deadline).await;
+    }
     Phase::Ok(None)
+}
+
+impl Shared {
+    fn control(&self) -> Option<crate::control::ControlHandle> {
+        self.control.lock().expect("lock").clone()
+    }
 }

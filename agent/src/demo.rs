@@ -81,6 +81,12 @@ async fn run_in(dir: &Path, t0: Instant) -> ExitCode {
     let socket = dir.join("wsagent.sock");
     let port = free_port();
     let _ = std::fs::create_dir_all(&home);
+    let remote = dir.join("remote.git");
+    let repo_dir = home.join("projects/hello");
+    if let Err(e) = make_dirty_repo(&repo_dir, &remote) {
+        eprintln!("wsagent demo: cannot create the demo repository: {e}");
+        return ExitCode::from(1);
+    }
     let config = format!(
         r#"# wsagent demo configuration
 [daemon]
@@ -88,6 +94,9 @@ state_dir = "{state}"
 
 [shutdown]
 budget = "10s"
+
+[save]
+roots = ["{projects}"]
 
 [services.dockerd]
 enabled = false
@@ -107,6 +116,7 @@ url = "http://127.0.0.1:{port}/healthz"
 interval = "500ms"
 "#,
         state = state.display(),
+        projects = home.join("projects").display(),
         exe = exe.display(),
         marker = dir.join("crashed").display(),
     );
@@ -116,7 +126,8 @@ interval = "500ms"
         return ExitCode::from(1);
     }
     println!("wsagent demo: a throwaway workspace in {}", dir.display());
-    println!("  config: one service `web` (HTTP health check on :{port}) that crashes once\n");
+    println!("  config: one service `web` (HTTP health check on :{port}) that crashes once");
+    println!("  git:    ~/projects/hello has uncommitted work; its remote is a local bare repo\n");
     let log = std::fs::File::create(dir.join("daemon.log")).ok();
     let mut cmd = std::process::Command::new(&exe);
     cmd.args(["run", "--config"])
@@ -125,6 +136,7 @@ interval = "500ms"
         .arg(&socket)
         .env("HOME", &home)
         .env("WSAGENT_SYSTEM_CONFIG", dir.join("no-system-config"))
+        .env("CODER_WORKSPACE_NAME", "demo")
         .env_remove("WSAGENT_SOCKET")
         .env_remove("CODER_AGENT_TOKEN")
         .stdin(std::process::Stdio::null())
@@ -161,8 +173,21 @@ interval = "500ms"
     match (result, status) {
         (Ok(()), Some(st)) if st.success() => {
             say(t0, "daemon exited 0");
+            match saved_files(&remote) {
+                Some(files) => say(
+                    t0,
+                    &format!(
+                        "the remote now holds refs/heads/wip/demo/main: {}",
+                        files.join(", ")
+                    ),
+                ),
+                None => {
+                    eprintln!("wsagent demo: the work did not reach the remote");
+                    return ExitCode::from(1);
+                }
+            }
             println!(
-                "\nThat is wsagent: start, health, restart, ordered stop. Next: README.md (Configuration)."
+                "\nThat is wsagent: start, health check, restart, git work saved, ordered stop. Next: README.md (Configuration)."
             );
             ExitCode::SUCCESS
         }
@@ -262,4 +287,42 @@ async fn tour(socket: &Path, t0: Instant) -> Result<(), String> {
     } else {
         Err("the stop sequence did not end `off`".into())
     }
+}
+
+/// A repository with one commit on `main` pushed to `remote` (a bare repo), then
+/// uncommitted work: a modified file and a new one.
+fn make_dirty_repo(dir: &Path, remote: &Path) -> Result<(), git2::Error> {
+    git2::Repository::init_bare(remote)?;
+    let repo =
+        git2::Repository::init_opts(dir, git2::RepositoryInitOptions::new().initial_head("main"))?;
+    std::fs::write(dir.join("README.md"), "# hello\n")
+        .map_err(|e| git2::Error::from_str(&e.to_string()))?;
+    let mut index = repo.index()?;
+    index.add_path(Path::new("README.md"))?;
+    index.write()?;
+    let tree = repo.find_tree(index.write_tree()?)?;
+    let sig = git2::Signature::now("Demo", "demo@localhost")?;
+    repo.commit(Some("HEAD"), &sig, &sig, "first commit", &tree, &[])?;
+    repo.remote("origin", &remote.display().to_string())?;
+    repo.find_remote("origin")?
+        .push(&["refs/heads/main:refs/heads/main"], None)?;
+    let io = |e: std::io::Error| git2::Error::from_str(&e.to_string());
+    std::fs::write(dir.join("README.md"), "# hello\n\nwork in progress\n").map_err(io)?;
+    std::fs::write(dir.join("notes.txt"), "not committed yet\n").map_err(io)?;
+    Ok(())
+}
+
+/// The files of the snapshot ref on the demo's remote.
+fn saved_files(remote: &Path) -> Option<Vec<String>> {
+    let repo = git2::Repository::open_bare(remote).ok()?;
+    let tree = repo
+        .find_reference("refs/heads/wip/demo/main")
+        .ok()?
+        .peel_to_tree()
+        .ok()?;
+    Some(
+        tree.iter()
+            .filter_map(|e| e.name().ok().map(String::from))
+            .collect(),
+    )
 }

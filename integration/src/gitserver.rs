@@ -8,6 +8,22 @@
 //! push fail in a `pre-receive` hook. Every request is logged ([`GitServer::requests`]).
 //! The server runs on its own thread and runtime, so it serves sync and async tests alike
 //! and keeps serving while the test's runtime is busy; dropping it stops it.
+//!
+//! ```no_run
+//! use integration::gitserver::GitServer;
+//! let root = tempfile::tempdir().unwrap();
+//! let server = GitServer::start(root.path(), "the-token").unwrap();
+//! server.create_bare("alice/app.git").unwrap();
+//! let url = server.url("alice/app.git"); // http://127.0.0.1:PORT/alice/app.git
+//! server.set_latency(std::time::Duration::from_millis(200)); // every request
+//! server.set_reject(true); // pre-receive says no
+//! assert!(server.requests().iter().all(|r| r.status != 500));
+//! # let _ = url;
+//! ```
+//!
+//! Switch semantics: latency is added before each request is answered (a 401 too);
+//! trickle paces the body of every answer byte by byte; reject is read when a push
+//! reaches the hook. Needs `git` (with `git-http-backend`) on PATH.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -47,6 +63,7 @@ struct Shared {
     backend: PathBuf,
     token: String,
     latency_ms: AtomicU64,
+    trickle_ms: AtomicU64,
     reject: AtomicBool,
     auth_fetch: AtomicBool,
     log: Mutex<Vec<LoggedRequest>>,
@@ -84,6 +101,7 @@ impl GitServer {
             backend,
             token: token.to_string(),
             latency_ms: AtomicU64::new(0),
+            trickle_ms: AtomicU64::new(0),
             reject: AtomicBool::new(false),
             auth_fetch: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
@@ -193,6 +211,14 @@ impl GitServer {
     pub fn set_latency(&self, d: Duration) {
         self.shared
             .latency_ms
+            .store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Send response bodies one byte at a time, pausing `d` between bytes (zero: off).
+    /// A client reading such an answer never hits a socket timeout yet never finishes.
+    pub fn set_trickle(&self, d: Duration) {
+        self.shared
+            .trickle_ms
             .store(d.as_millis() as u64, Ordering::SeqCst);
     }
 
@@ -443,8 +469,27 @@ async fn cgi(
             resp = resp.header(k.as_str(), v);
         }
     }
-    resp.body(Body::from_stream(stream))
-        .map_err(|e| io::Error::other(e.to_string()))
+    let trickle = sh.trickle_ms.load(Ordering::SeqCst);
+    let body = if trickle == 0 {
+        Body::from_stream(stream)
+    } else {
+        let pause = Duration::from_millis(trickle);
+        Body::from_stream(
+            stream
+                .flat_map(|chunk| {
+                    let items: Vec<io::Result<Bytes>> = match chunk {
+                        Ok(b) => (0..b.len()).map(|i| Ok(b.slice(i..i + 1))).collect(),
+                        Err(e) => vec![Err(e)],
+                    };
+                    futures::stream::iter(items)
+                })
+                .then(move |item| async move {
+                    tokio::time::sleep(pause).await;
+                    item
+                }),
+        )
+    };
+    resp.body(body).map_err(|e| io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 //! The pieces: [`wait`] (polling with a deadline), [`daemon`] ([`Workspace`] and
 //! [`Daemon`]), [`procfs`] (descendants, zombies, pid namespaces), [`real`] (real-tool
 //! requirements and the `WSAGENT_TEST_*` variables set by `scripts/test`), [`net`]
-//! (free ports, a tiny HTTP probe) and [`gitserver`] (a real smart-HTTP git server).
+//! (free ports, a tiny HTTP probe), [`gitserver`] (a real smart-HTTP git server) and
+//! [`fake_coderd`] (a real HTTP server following Coder's agent API reference).
 
 pub mod daemon;
+pub mod fake_coderd;
 pub mod gitserver;
 pub mod net;
 pub mod procfs;

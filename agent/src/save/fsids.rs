@@ -53,17 +53,21 @@ impl Drop for AsOwner {
     }
 }
 
-/// Let libgit2 open repositories owned by another user (it refuses by default): a root
-/// daemon saves every user's repositories. Only relaxed when running as root.
-pub fn allow_foreign_owners() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: geteuid has no preconditions; the libgit2 option is set once, before
-        // any repository is opened by the save.
-        unsafe {
-            if libc::geteuid() == 0 {
-                let _ = git2::opts::set_verify_owner_validation(false);
-            }
-        }
-    });
+/// Prepare libgit2 for a root daemon working on a user's repositories: let it open
+/// repositories owned by another user (it refuses by default), and read the user's
+/// global git config (`<home>/.gitconfig`, `<home>/.config/git/config`) instead of
+/// root's, which the owner's filesystem ids could not even stat. Both settings are
+/// process-wide, so they are only made when running as root. A no-op otherwise.
+pub fn prepare_for_root(home: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    // SAFETY: process-wide libgit2 settings, made before this save opens repositories;
+    // libgit2 reads them when it next loads a repository's config.
+    unsafe {
+        let _ = git2::opts::set_verify_owner_validation(false);
+        let _ = git2::opts::set_search_path(git2::ConfigLevel::Global, home);
+        let _ = git2::opts::set_search_path(git2::ConfigLevel::XDG, home.join(".config/git"));
+    }
 }

@@ -41,12 +41,23 @@ impl Journal {
 
     /// Append one line and fsync it.
     pub fn append(&self, outcome: &RepoOutcome) -> Result<(), JournalError> {
+        self.append_all(std::slice::from_ref(outcome))
+    }
+
+    /// Append several lines with one write and one fsync.
+    pub fn append_all(&self, outcomes: &[RepoOutcome]) -> Result<(), JournalError> {
         let err = |source| JournalError {
             path: self.path.display().to_string(),
             source,
         };
-        let mut line = serde_json::to_string(outcome).map_err(|e| err(e.into()))?;
-        line.push('\n');
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let mut line = String::new();
+        for o in outcomes {
+            line.push_str(&serde_json::to_string(o).map_err(|e| err(e.into()))?);
+            line.push('\n');
+        }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
@@ -62,6 +73,34 @@ impl Journal {
         f.sync_data().map_err(err)?;
         Ok(())
     }
+}
+
+/// Past this size the journal is compacted to the latest line of each repository.
+pub const COMPACT_AT: u64 = 1 << 20;
+
+/// Rewrite a journal grown past [`COMPACT_AT`] to its latest line per repository
+/// (atomically: a new file renamed over the old one).
+pub fn compact_if_large(state_dir: &Path) -> Result<bool, JournalError> {
+    let path = state_dir.join(JOURNAL_FILE);
+    let err = |source| JournalError {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::metadata(&path) {
+        Ok(m) if m.len() > COMPACT_AT => {}
+        _ => return Ok(false),
+    }
+    let mut text = String::new();
+    for o in last_outcomes(state_dir) {
+        text.push_str(&serde_json::to_string(&o).map_err(|e| err(e.into()))?);
+        text.push('\n');
+    }
+    let tmp = state_dir.join(format!("{JOURNAL_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    Ok(true)
 }
 
 /// Every readable line of the journal, oldest first (torn or foreign lines skipped).
@@ -181,6 +220,23 @@ mod tests {
         assert!(s.contains("1 pushed"), "{s}");
         assert!(s.contains("INTERRUPTED"), "{s}");
         assert!(s.contains("/b"), "{s}");
+    }
+
+    #[test]
+    fn a_large_journal_is_compacted_to_the_latest_line_per_repo() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::new(dir.path());
+        let mut big = line("/a", "pushed");
+        big.note = Some("x".repeat(4096));
+        for _ in 0..300 {
+            j.append_all(&[line("/a", "started"), big.clone()]).unwrap();
+        }
+        j.append(&line("/b", "committed")).unwrap();
+        assert!(compact_if_large(dir.path()).unwrap());
+        let all = read_journal(dir.path());
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].result, "pushed");
+        assert!(!compact_if_large(dir.path()).unwrap());
     }
 
     #[test]

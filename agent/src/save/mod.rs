@@ -1,20 +1,25 @@
 //! Save on stop: commit and push every repository's unsaved work (issue 3).
 //!
 //! [`save_all`] finds the repositories ([`discover`]), makes each one's local commit on
-//! a blocking thread (submodules before their parents), makes it durable, then pushes
-//! every commit, all bounded by `save.parallelism` and by the caller's deadline. At the
-//! deadline it returns whatever is still running as `committed` (the commit is already
-//! on disk) or `failed`. Each repository gets a `started` journal line before it is
-//! touched and an outcome line after ([`journal`]), and an [`EventKind::Save`] event.
+//! a blocking thread (submodules before their parents) and makes it durable, then
+//! pushes it; commits and pushes each have `save.parallelism` slots, so slow pushes
+//! never hold back local commits. Everything runs under the caller's deadline: at the
+//! deadline, whatever is still running is reported as `committed` (the commit is on
+//! disk) or `failed`, and `save_all` returns. Each repository gets a `started` journal
+//! line before it is touched and an outcome line after ([`journal`]), and an
+//! [`EventKind::Save`] event.
 //!
 //! Invariants: `.git/config` is never written (pushes go through an anonymous remote
 //! whose credentials come from a callback); in `snapshot` mode HEAD, the index and the
 //! worktree are never written; a token appears nowhere but in the callback's answer.
+//! Process-wide libgit2 settings made here: the socket timeouts (the save's remaining
+//! budget, at least 1 s), and, when running as root, no owner check and the global
+//! config read from the user's HOME ([`fsids::prepare_for_root`]).
 
 pub mod discover;
 pub mod fsids;
 pub mod journal;
-pub mod repo;
+mod repo;
 pub mod url;
 pub mod worktree;
 
@@ -24,7 +29,7 @@ use std::sync::Arc;
 
 use agent_proto::local::{EventKind, Level};
 use agent_proto::save::RepoOutcome;
-use futures::StreamExt;
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 pub use journal::{Journal, last_outcomes, previous_save_summary};
@@ -204,7 +209,14 @@ pub async fn save_all(
     req: &SaveRequest,
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
-    fsids::allow_foreign_owners();
+    fsids::prepare_for_root(&env.home);
+    // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
+    // one waits, then finds the work of the first already saved.
+    let lock = save_lock(&env.state_dir);
+    let Ok(_running) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        tracing::error!("deadline passed while another save was running");
+        return Vec::new();
+    };
     let journal = Arc::new(Journal::new(&env.state_dir));
 
     // Discovery.
@@ -220,15 +232,30 @@ pub async fn save_all(
         .collect();
     let (depth, only) = (cfg.depth, req.only.clone());
     let state_dir = env.state_dir.clone();
+    let (template, workspace) = (cfg.ref_template.clone(), env.workspace.clone());
     let found = tokio::task::spawn_blocking(move || {
+        // The whole set is needed even for `only`: ref suffixes depend on it.
+        let all = discover::discover(&roots, depth, &explicit);
         let mut found = match &only {
             Some(p) => only_repo(p),
-            None => discover::discover(&roots, depth, &explicit),
+            None => all.clone(),
         };
         found.sort_by(|a, b| b.level.cmp(&a.level).then(a.path.cmp(&b.path)));
-        (found, journal::last_finished(&state_dir))
+        if let Err(e) = journal::compact_if_large(&state_dir) {
+            tracing::warn!(error = %e, "save journal");
+        }
+        let mut everyone = all;
+        everyone.extend(
+            found
+                .iter()
+                .filter(|f| !everyone.contains(f))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
+        (found, journal::last_finished(&state_dir), suffixes)
     });
-    let (found, previous) = match tokio::time::timeout_at(deadline, found).await {
+    let (found, previous, ref_suffix) = match tokio::time::timeout_at(deadline, found).await {
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "repository discovery failed");
@@ -262,151 +289,263 @@ pub async fn save_all(
         known_hosts,
         previous,
         dry_run: req.dry_run,
+        ref_suffix,
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
+    set_socket_timeouts(deadline);
 
-    // Local commits, deepest submodules first, one level at a time.
-    let mut prepared: Vec<repo::Prepared> = Vec::new();
-    let levels: BTreeSet<usize> = found.iter().map(|f| f.level).collect();
-    for level in levels.into_iter().rev() {
-        let batch: Vec<discover::Found> =
-            found.iter().filter(|f| f.level == level).cloned().collect();
-        let results: Vec<repo::Prepared> = futures::stream::iter(batch.into_iter().map(|f| {
-            let ctx = ctx.clone();
-            let journal = journal.clone();
-            async move {
-                let base = outcome_base(&f.path, ctx.mode, ctx.reason);
-                if !ctx.dry_run
-                    && let Err(e) = journal.append(&base)
-                {
-                    tracing::warn!(error = %e, "save journal");
-                }
-                let mut fallback = base.clone();
-                let task = tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base));
-                match tokio::time::timeout_at(deadline, task).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        fallback.result = "failed".into();
-                        fallback.error = Some(format!("internal error while committing: {e}"));
-                        repo::Prepared {
-                            outcome: fallback,
-                            push: None,
-                        }
-                    }
-                    Err(_) => {
-                        fallback.result = "failed".into();
-                        fallback.error =
-                            Some("deadline passed before the local commit was made".into());
-                        repo::Prepared {
-                            outcome: fallback,
-                            push: None,
-                        }
-                    }
-                }
-            }
-        }))
-        .buffer_unordered(parallelism)
-        .collect()
-        .await;
-        prepared.extend(results);
-    }
-
-    // Credentials, once per host, before any push (a fresh fetch is async).
-    let mut creds: BTreeMap<String, Vec<crate::tokens::Credential>> = BTreeMap::new();
-    for p in prepared.iter().filter_map(|p| p.push.as_ref()) {
-        if creds.contains_key(&p.authority) {
-            continue;
-        }
-        let host = p.authority.clone();
-        let mut c = tokio::time::timeout_at(deadline, env.tokens.for_host(&host))
-            .await
-            .unwrap_or_default();
-        if c.is_empty()
-            && let Some((h, _)) = host.rsplit_once(':')
-        {
-            c = tokio::time::timeout_at(deadline, env.tokens.for_host(h))
-                .await
-                .unwrap_or_default();
-        }
-        creds.insert(host, c);
-    }
-    let creds = Arc::new(creds);
-
-    // A push blocked on a silent server must not outlive the deadline by much: libgit2
-    // gives up on a socket after this long (a process-wide setting).
-    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let timeout_ms = remaining.as_millis().clamp(1000, i32::MAX as u128) as i32;
-    // SAFETY: plain integer settings of libgit2, set before this save's pushes start.
-    unsafe {
-        let _ = git2::opts::set_server_timeout_in_milliseconds(timeout_ms);
-        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(timeout_ms);
-    }
-    let std_deadline = deadline.into_std();
-
-    // Pushes.
-    let outcomes: Vec<RepoOutcome> = futures::stream::iter(prepared.into_iter().map(|p| {
-        let creds = creds.clone();
-        async move {
-            let repo::Prepared { mut outcome, push } = p;
-            let Some(plan) = push else {
-                return outcome;
-            };
-            let c = creds.get(&plan.authority).cloned().unwrap_or_default();
-            let task = tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline));
-            match tokio::time::timeout_at(deadline, task).await {
-                Ok(Ok(r)) => {
-                    if r.pushed {
-                        outcome.result = "pushed".into();
-                        outcome.pushed = true;
-                        if let Some(rf) = r.pushed_ref {
-                            outcome.r#ref = Some(rf);
-                        }
-                    }
-                    if let Some(c) = r.commit {
-                        outcome.commit = Some(c);
-                    }
-                    if let Some(n) = r.note {
-                        outcome.note = Some(match outcome.note.take() {
-                            Some(o) => format!("{o}; {n}"),
-                            None => n,
-                        });
-                    }
-                    if let Some(e) = r.error {
-                        outcome.error = Some(format!("not pushed: {e}"));
-                    }
-                }
-                Ok(Err(e)) => {
-                    outcome.error = Some(format!("not pushed: internal error: {e}"));
-                }
-                Err(_) => {
-                    outcome.error =
-                        Some("not pushed: deadline passed while pushing; committed locally".into());
-                }
-            }
-            outcome
-        }
-    }))
-    .buffer_unordered(parallelism)
-    .collect()
-    .await;
-
-    let mut outcomes = outcomes;
-    let total = started.elapsed();
-    for o in &mut outcomes {
-        o.duration_ms = total.as_millis() as u64;
-        if let Some(e) = &o.error {
-            o.error = Some(crate::secrets::redact(e).into_owned());
-        }
-        if !req.dry_run
-            && let Err(e) = journal.append(o)
-        {
+    // One fsynced write of every `started` line before any repository is touched.
+    if !req.dry_run {
+        let lines: Vec<RepoOutcome> = found
+            .iter()
+            .map(|f| outcome_base(&f.path, ctx.mode, ctx.reason))
+            .collect();
+        if let Err(e) = journal.append_all(&lines) {
             tracing::warn!(error = %e, "save journal");
         }
+    }
+
+    // Commits and pushes have their own slots, so slow pushes never hold back a local
+    // commit and one slow commit never holds back the pushes of the others. Each
+    // repository pushes as soon as its commit is made. Submodules commit before their
+    // parents: a level starts when every commit of the level below has ended.
+    let commit_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
+    let push_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
+    let now = tokio::time::Instant::now();
+    let fresh_by = now + (deadline.saturating_duration_since(now) / 3).min(FRESH_TOKEN_WAIT);
+    let creds = Arc::new(CredCache {
+        tokens: env.tokens.clone(),
+        by: fresh_by,
+        cells: std::sync::Mutex::new(BTreeMap::new()),
+    });
+    let mut tasks = Vec::new();
+    let mut below = futures::future::ready(()).boxed().shared();
+    let levels: BTreeSet<usize> = found.iter().map(|f| f.level).collect();
+    for level in levels.into_iter().rev() {
+        let mut done = Vec::new();
+        for f in found.iter().filter(|f| f.level == level).cloned() {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            done.push(rx);
+            let wait = below.clone();
+            let (ctx, commit_slots, push_slots, creds) = (
+                ctx.clone(),
+                commit_slots.clone(),
+                push_slots.clone(),
+                creds.clone(),
+            );
+            tasks.push(async move {
+                let _ = tokio::time::timeout_at(deadline, wait).await;
+                let prepared = commit_one(ctx, f, &commit_slots, deadline).await;
+                let _ = tx.send(());
+                push_one(prepared, &push_slots, &creds, deadline).await
+            });
+        }
+        below = futures::future::join_all(done).map(|_| ()).boxed().shared();
+    }
+    let outcomes: Vec<RepoOutcome> = futures::future::join_all(tasks).await;
+
+    let mut outcomes = outcomes;
+    tracing::info!(
+        repos = outcomes.len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "git work saved"
+    );
+    for o in &mut outcomes {
+        // Last line of defence: no token, no URL userinfo in what is kept or shown.
+        if let Some(e) = &o.error {
+            o.error = Some(crate::secrets::redact(&url::scrub_userinfo(e)).into_owned());
+        }
+        if let Some(n) = &o.note {
+            o.note = Some(crate::secrets::redact(&url::scrub_userinfo(n)).into_owned());
+        }
+    }
+    if !req.dry_run
+        && let Err(e) = journal.append_all(&outcomes)
+    {
+        tracing::warn!(error = %e, "save journal");
+    }
+    for o in &outcomes {
         report(env, o);
     }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));
     outcomes
+}
+
+fn save_lock(state_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::Mutex<BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    LOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(state_dir.to_path_buf())
+        .or_default()
+        .clone()
+}
+
+/// Make the local commit of one repository on a blocking thread, under the deadline.
+async fn commit_one(
+    ctx: Arc<repo::Ctx>,
+    f: discover::Found,
+    slots: &tokio::sync::Semaphore,
+    deadline: tokio::time::Instant,
+) -> repo::Prepared {
+    let base = outcome_base(&f.path, ctx.mode, ctx.reason);
+    let mut fallback = base.clone();
+    let t0 = std::time::Instant::now();
+    let work = async {
+        let _slot = slots.acquire().await;
+        tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base)).await
+    };
+    let mut p = match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            fallback.result = "failed".into();
+            fallback.error = Some(format!("internal error while committing: {e}"));
+            repo::Prepared {
+                outcome: fallback,
+                push: None,
+            }
+        }
+        Err(_) => {
+            fallback.result = "failed".into();
+            fallback.error = Some("deadline passed before the local commit was made".into());
+            repo::Prepared {
+                outcome: fallback,
+                push: None,
+            }
+        }
+    };
+    p.outcome.duration_ms = t0.elapsed().as_millis() as u64;
+    p
+}
+
+/// Push a prepared commit on a blocking thread; at the deadline the outcome says
+/// committed, not pushed, whatever the thread is doing.
+async fn push_one(
+    p: repo::Prepared,
+    slots: &tokio::sync::Semaphore,
+    creds: &CredCache,
+    deadline: tokio::time::Instant,
+) -> RepoOutcome {
+    let repo::Prepared { mut outcome, push } = p;
+    let Some(plan) = push else {
+        return outcome;
+    };
+    let t0 = std::time::Instant::now();
+    let std_deadline = deadline.into_std();
+    let work = async {
+        let _slot = slots.acquire().await;
+        let c = creds.get(&plan.authority).await;
+        tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline)).await
+    };
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(Ok(r)) => {
+            if r.pushed {
+                outcome.result = "pushed".into();
+                outcome.pushed = true;
+                if let Some(rf) = r.pushed_ref {
+                    outcome.r#ref = Some(rf);
+                }
+            }
+            if let Some(c) = r.commit {
+                outcome.commit = Some(c);
+            }
+            if let Some(n) = r.note {
+                outcome.note = Some(match outcome.note.take() {
+                    Some(o) => format!("{o}; {n}"),
+                    None => n,
+                });
+            }
+            if let Some(e) = r.error {
+                outcome.error = Some(format!("not pushed: {e}"));
+            }
+        }
+        Ok(Err(e)) => {
+            outcome.error = Some(format!("not pushed: internal error: {e}"));
+        }
+        Err(_) => {
+            outcome.error =
+                Some("not pushed: deadline passed while pushing; committed locally".into());
+        }
+    }
+    outcome.duration_ms += t0.elapsed().as_millis() as u64;
+    outcome
+}
+
+/// A push blocked on a silent server must not outlive the deadline by much: libgit2
+/// gives up on a socket operation after this long. The setting is process-wide.
+fn set_socket_timeouts(deadline: tokio::time::Instant) {
+    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let ms = remaining.as_millis().clamp(1000, i32::MAX as u128) as i32;
+    // SAFETY: plain integer settings of libgit2, read when a connection is opened.
+    unsafe {
+        let _ = git2::opts::set_server_timeout_in_milliseconds(ms);
+        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms);
+    }
+}
+
+/// Credentials per host, fetched once, on first use.
+struct CredCache {
+    tokens: crate::tokens::Tokens,
+    /// Fresh tokens not in by then are given up for the cached ones.
+    by: tokio::time::Instant,
+    cells: std::sync::Mutex<
+        BTreeMap<String, Arc<tokio::sync::OnceCell<Vec<crate::tokens::Credential>>>>,
+    >,
+}
+
+impl CredCache {
+    async fn get(&self, authority: &str) -> Vec<crate::tokens::Credential> {
+        let cell = self
+            .cells
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(authority.to_string())
+            .or_default()
+            .clone();
+        cell.get_or_init(|| credentials_for(&self.tokens, authority, self.by))
+            .await
+            .clone()
+    }
+}
+
+/// The longest a save waits for fresh tokens before it pushes with cached ones.
+const FRESH_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tokens for `authority` (`host:port` tried as is, then as `host`), freshest first;
+/// past `by`, the cached ones alone.
+async fn credentials_for(
+    tokens: &crate::tokens::Tokens,
+    authority: &str,
+    by: tokio::time::Instant,
+) -> Vec<crate::tokens::Credential> {
+    let mut names = vec![authority];
+    if let Some((h, _)) = authority.rsplit_once(':') {
+        names.push(h);
+    }
+    for host in names {
+        if tokens.provider_for_host(host).is_none() {
+            continue;
+        }
+        if let Ok(c) = tokio::time::timeout_at(by, tokens.for_host(host)).await {
+            return c;
+        }
+        tracing::warn!(host, "no fresh token in time: pushing with the cached one");
+        let Some((id, p)) = tokens.provider_for_host(host) else {
+            continue;
+        };
+        return tokens
+            .cached(id)
+            .map(|token| crate::tokens::Credential {
+                username: p.username(),
+                token,
+                source: "cache",
+            })
+            .into_iter()
+            .collect();
+    }
+    Vec::new()
 }
 
 /// The repository containing `path` (for `wsagent save --only`).

@@ -20,7 +20,7 @@ use git2::{
 use super::discover::Found;
 use super::fsids::AsOwner;
 use super::url::RemoteUrl;
-use super::worktree::worktree_tree;
+use super::worktree::{pending_changes, worktree_tree};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
 
@@ -41,6 +41,9 @@ pub(crate) struct Ctx {
     /// The last finished outcome of each repository (idempotence).
     pub previous: BTreeMap<String, RepoOutcome>,
     pub dry_run: bool,
+    /// Repositories whose snapshot ref would collide with another's on the same remote
+    /// (two clones on one branch): a suffix that keeps them apart ([`ref_suffixes`]).
+    pub ref_suffix: BTreeMap<PathBuf, String>,
 }
 
 /// Errors of the local half of a save.
@@ -146,26 +149,13 @@ fn prepare_inner(
         },
     };
 
-    let (branch, head): (Option<String>, Option<Oid>) = match repo.head() {
-        Ok(r) => {
-            let head = r.peel_to_commit().ok().map(|c| c.id());
-            let branch = r
-                .is_branch()
-                .then(|| r.shorthand().ok().map(str::to_string))
-                .flatten();
-            (branch, head)
-        }
-        Err(e) if e.code() == ErrorCode::UnbornBranch || e.code() == ErrorCode::NotFound => {
-            let b = repo
-                .find_reference("HEAD")
-                .ok()
-                .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
-                .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
-            (b, None)
-        }
-        Err(source) => return Err(SaveError::Open { path, source }),
-    };
-    let remote = pick_remote(&repo, branch.as_deref());
+    let (branch, head) = head_info(&repo).map_err(|source| SaveError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    // Mid-rebase HEAD is detached; the snapshot is still that branch's work.
+    let rebased = rebase_head_name(&repo);
+    let remote = pick_remote(&repo, branch.as_deref().or(rebased.as_deref()));
     let merge = branch
         .as_deref()
         .and_then(|b| get(&format!("branch.{b}.merge")));
@@ -173,21 +163,6 @@ fn prepare_inner(
 
     let _owner = AsOwner::of(repo.commondir());
 
-    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
-        path: path.clone(),
-        source,
-    })?;
-    outcome.tree = Some(wt.tree.to_string());
-    outcome.head = head.map(|h| h.to_string());
-    outcome.left_out = wt.left_out.clone();
-    for l in &wt.left_out {
-        tracing::warn!(repo = %path, file = %l, "file left out of the save");
-    }
-    let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
-    let dirty = match head_tree {
-        Some(t) => t != wt.tree,
-        None => wt.tree.to_string() != EMPTY_TREE,
-    };
     let unpushed = match (head, &remote) {
         (Some(h), Some(_)) => is_unpushed(&repo, h, branch.as_deref()),
         _ => false,
@@ -205,6 +180,38 @@ fn prepare_inner(
     if head.is_some() && branch.is_none() {
         add_note(outcome, "detached HEAD");
     }
+    outcome.head = head.map(|h| h.to_string());
+    if ctx.dry_run {
+        // Read-only: the status alone, no blob written.
+        let changed = pending_changes(&repo).map_err(|source| SaveError::Worktree {
+            path: path.clone(),
+            source,
+        })?;
+        outcome.result = match (changed, unpushed) {
+            (0, false) => "clean",
+            _ => "would-save",
+        }
+        .into();
+        match (changed, unpushed) {
+            (0, false) => {}
+            (0, true) => add_note(outcome, "unpushed commits"),
+            (n, true) => add_note(outcome, format!("{n} changed paths and unpushed commits")),
+            (n, false) => add_note(outcome, format!("{n} changed paths")),
+        }
+        return Ok(None);
+    }
+
+    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
+        path: path.clone(),
+        source,
+    })?;
+    outcome.tree = Some(wt.tree.to_string());
+    outcome.left_out = wt.left_out.clone();
+    let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
+    let dirty = match head_tree {
+        Some(t) => t != wt.tree,
+        None => wt.tree.to_string() != EMPTY_TREE,
+    };
     if !dirty && !unpushed {
         outcome.result = "clean".into();
         if remote.is_none() {
@@ -212,22 +219,18 @@ fn prepare_inner(
         }
         return Ok(None);
     }
-    if ctx.dry_run {
-        outcome.result = "would-save".into();
-        add_note(
-            outcome,
-            match (dirty, unpushed) {
-                (true, true) => format!("{} changed paths and unpushed commits", wt.changed),
-                (true, false) => format!("{} changed paths", wt.changed),
-                _ => "unpushed commits".into(),
-            },
-        );
-        return Ok(None);
-    }
 
     let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     outcome.remote = remote_url.as_ref().map(|u| u.1.clone());
-    let snap_ref = snapshot_ref(&ctx.ref_template, &ctx.workspace, branch.as_deref(), head);
+    let mut snap_ref = snapshot_ref(
+        &ctx.ref_template,
+        &ctx.workspace,
+        branch.as_deref().or(rebased.as_deref()),
+        head,
+    );
+    if let Some(suffix) = ctx.ref_suffix.get(&found.path) {
+        snap_ref.push_str(suffix);
+    }
 
     // Idempotence: the same worktree on the same HEAD was already saved.
     if let Some(prev) = ctx.previous.get(&outcome.repo)
@@ -235,6 +238,7 @@ fn prepare_inner(
         && prev.head == outcome.head
         && prev.mode == outcome.mode
         && prev.remote == outcome.remote
+        && prev.r#ref.as_deref() == Some(snap_ref.as_str())
         && (prev.pushed || (remote.is_none() && prev.result == "committed"))
     {
         outcome.result = "unchanged".into();
@@ -295,6 +299,9 @@ fn prepare_inner(
                 sync_repo(&repo);
                 outcome.result = "committed".into();
                 outcome.commit = Some(new_head.to_string());
+                // The repository's state is now (tree, new HEAD): what the next save
+                // compares against.
+                outcome.head = Some(new_head.to_string());
                 outcome.r#ref = Some(format!("refs/heads/{b}"));
                 let Some((remote_name, _)) = &remote else {
                     add_note(outcome, "no remote: committed locally, not pushed");
@@ -321,7 +328,19 @@ fn prepare_inner(
         }
     }
 
-    let commit = if dirty {
+    // A snapshot of this very state made before (e.g. its push failed) is reused.
+    let earlier = repo
+        .find_reference(&snap_ref)
+        .ok()
+        .and_then(|r| r.peel_to_commit().ok())
+        .filter(|c| {
+            c.tree_id() == wt.tree
+                && c.parent_ids().collect::<Vec<_>>() == head.into_iter().collect::<Vec<_>>()
+        })
+        .map(|c| c.id());
+    let commit = if let Some(c) = earlier.filter(|_| dirty) {
+        c
+    } else if dirty {
         repo.commit(None, &sig, &sig, &message, &tree, &parents)
             .map_err(commit_err)?
     } else {
@@ -345,6 +364,81 @@ fn prepare_inner(
         refspec: format!("+{snap_ref}:{snap_ref}"),
         branch: None,
     }))
+}
+
+/// The current branch (also when unborn) and the HEAD commit.
+fn head_info(repo: &Repository) -> Result<(Option<String>, Option<Oid>), git2::Error> {
+    match repo.head() {
+        Ok(r) => {
+            let head = r.peel_to_commit().ok().map(|c| c.id());
+            let branch = r
+                .is_branch()
+                .then(|| r.shorthand().ok().map(str::to_string))
+                .flatten();
+            Ok((branch, head))
+        }
+        Err(e) if e.code() == ErrorCode::UnbornBranch || e.code() == ErrorCode::NotFound => {
+            let b = repo
+                .find_reference("HEAD")
+                .ok()
+                .and_then(|h| h.symbolic_target().ok().flatten().map(str::to_string))
+                .and_then(|t| t.strip_prefix("refs/heads/").map(str::to_string));
+            Ok((b, None))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Suffixes for repositories that would push the same snapshot ref to the same remote
+/// (e.g. two clones of one project on `main`): the first by path keeps the plain ref,
+/// the others get `-<hash of their path>`, the same on every save.
+pub(crate) fn ref_suffixes(
+    found: &[Found],
+    template: &str,
+    workspace: &str,
+) -> BTreeMap<PathBuf, String> {
+    let mut groups: BTreeMap<(String, String), Vec<PathBuf>> = BTreeMap::new();
+    for f in found.iter().filter(|f| !f.bare) {
+        let Ok(repo) = Repository::open(&f.path) else {
+            continue;
+        };
+        let Ok((branch, head)) = head_info(&repo) else {
+            continue;
+        };
+        let rebased = rebase_head_name(&repo);
+        let branch = branch.or(rebased);
+        let Some((_, url)) = pick_remote(&repo, branch.as_deref()) else {
+            continue;
+        };
+        let r = snapshot_ref(template, workspace, branch.as_deref(), head);
+        let url = super::url::redact_userinfo(&url)
+            .trim_end_matches('/')
+            .trim_end_matches(".git")
+            .to_ascii_lowercase();
+        groups.entry((url, r)).or_default().push(f.path.clone());
+    }
+    let mut out = BTreeMap::new();
+    for (_, mut paths) in groups {
+        paths.sort();
+        for p in paths.into_iter().skip(1) {
+            // FNV-1a: stable across runs and builds, unlike std's hasher.
+            let mut h: u64 = 0xcbf29ce484222325;
+            for b in p.as_os_str().as_encoded_bytes() {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+            out.insert(p, format!("-{:08x}", h as u32));
+        }
+    }
+    out
+}
+
+/// The branch being rebased, from `rebase-merge/head-name` or `rebase-apply/head-name`.
+fn rebase_head_name(repo: &Repository) -> Option<String> {
+    ["rebase-merge/head-name", "rebase-apply/head-name"]
+        .iter()
+        .find_map(|f| std::fs::read_to_string(repo.path().join(f)).ok())
+        .and_then(|t| t.trim().strip_prefix("refs/heads/").map(str::to_string))
 }
 
 fn state_name(s: RepositoryState) -> &'static str {
@@ -588,7 +682,7 @@ fn push_once(
     deadline: Instant,
 ) -> Result<(), PushFail> {
     let clean = |m: &str| {
-        let m = m.replace(&plan.url, &plan.display);
+        let m = super::url::scrub_userinfo(&m.replace(&plan.url, &plan.display));
         crate::secrets::redact(&m).into_owned()
     };
     if Instant::now() >= deadline {

@@ -94,6 +94,25 @@ pub fn redact_userinfo(url: &str) -> String {
     url.to_string()
 }
 
+/// Remove the userinfo of every `scheme://user:pass@host` inside free text (error
+/// messages may quote a URL in any form).
+pub fn scrub_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +137,9 @@ mod tests {
             "http://127.0.0.1:8080/x"
         );
         assert_eq!(RemoteUrl::parse("/srv/git/r.git").unwrap().scheme, "file");
+        assert_eq!(
+            scrub_userinfo("failed: 'https://u:p@h.io/x' and http://t@h2 end"),
+            "failed: 'https://h.io/x' and http://h2 end"
+        );
     }
 }

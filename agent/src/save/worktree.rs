@@ -120,6 +120,21 @@ pub fn worktree_tree(repo: &Repository, max_file_size: u64) -> Result<WorktreeTr
     })
 }
 
+/// How many paths differ between the worktree and the index or HEAD (untracked
+/// included, ignored not): a read-only look for dry runs.
+pub fn pending_changes(repo: &Repository) -> Result<usize, git2::Error> {
+    let mut opts = StatusOptions::new();
+    opts.include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false)
+        .exclude_submodules(false);
+    let statuses = repo.statuses(Some(&mut opts))?;
+    Ok(statuses
+        .iter()
+        .filter(|s| !s.status().is_ignored() && !s.path_bytes().ends_with(b"/"))
+        .count())
+}
+
 /// The entry for one path as it is on disk: `Ok(None)` when it is gone, `Err(why)` when
 /// it cannot be saved.
 fn blob_from_disk(

@@ -28,8 +28,15 @@ fn malformed_config_exits_78_with_places_and_starts_nothing() {
     assert!(err.contains("config.toml:10:11: services.s"), "{err}");
     assert!(err.contains("config.toml:13:10: shutdown"), "{err}");
     assert!(err.contains("nothing was started"), "{err}");
-    assert!(!marker.exists(), "a child was started despite the invalid config");
-    let check = ws.cli(["config".as_ref(), "check".as_ref(), ws.config_path().as_os_str()]);
+    assert!(
+        !marker.exists(),
+        "a child was started despite the invalid config"
+    );
+    let check = ws.cli([
+        "config".as_ref(),
+        "check".as_ref(),
+        ws.config_path().as_os_str(),
+    ]);
     assert_eq!(check.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&check.stderr).contains("2 problems"));
 }
@@ -39,7 +46,10 @@ fn malformed_config_exits_78_with_places_and_starts_nothing() {
 #[test]
 fn socket_is_private_and_other_uids_are_refused() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let mode = std::fs::metadata(ws.socket()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -50,7 +60,11 @@ fn socket_is_private_and_other_uids_are_refused() {
     std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = std::process::Command::new(wsagent_bin())
-        .args(["--socket".as_ref(), ws.socket().as_os_str(), "status".as_ref()])
+        .args([
+            "--socket".as_ref(),
+            ws.socket().as_os_str(),
+            "status".as_ref(),
+        ])
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
@@ -59,7 +73,10 @@ fn socket_is_private_and_other_uids_are_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("permission denied: uid 65534"),
+        "{out:?}"
+    );
 }
 
 /// A client without a daemon says which socket it tried and exits 69.
@@ -95,27 +112,45 @@ shell = "env > {dump}; exec sleep 1000"
         )),
     );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
-    wait_until(SHORT, "the agentish line in its log", || d.service_log("agentish").contains("token is"));
-    wait_until(SHORT, "the plain env dump", || std::fs::metadata(&env_dump).is_ok_and(|m| m.len() > 0));
+    wait_until(SHORT, "the agentish line in its log", || {
+        d.service_log("agentish").contains("token is")
+    });
+    wait_until(SHORT, "the plain env dump", || {
+        std::fs::metadata(&env_dump).is_ok_and(|m| m.len() > 0)
+    });
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(SHORT).success());
     assert!(d.service_log("agentish").contains("token is [REDACTED]"));
-    assert!(!std::fs::read_to_string(&env_dump).unwrap().contains(token), "a child without secret_env got the token");
+    assert!(
+        !std::fs::read_to_string(&env_dump).unwrap().contains(token),
+        "a child without secret_env got the token"
+    );
     assert!(!d.stderr().contains(token), "token on stderr");
     let mut files = 0;
     for entry in walk(&ws.state_dir()) {
         files += 1;
         let bytes = std::fs::read(&entry).unwrap();
-        assert!(!String::from_utf8_lossy(&bytes).contains(token), "token in {}", entry.display());
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(token),
+            "token in {}",
+            entry.display()
+        );
     }
-    assert!(files >= 2, "expected the daemon log and service logs in the state dir");
+    assert!(
+        files >= 2,
+        "expected the daemon log and service logs in the state dir"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
-        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        if p.is_dir() {
+            out.extend(walk(&p))
+        } else {
+            out.push(p)
+        }
     }
     out
 }
@@ -124,15 +159,98 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn shutdown_wait_streams_phases_until_off() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let out = d.cli(["shutdown", "--wait"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    let phases: Vec<&str> = ["lifecycle: shutting_down", "shutdown pre_stop: ok", "shutdown save:", "service s: stopped", "shutdown services: ok", "lifecycle: off"]
-        .into_iter()
-        .filter(|p| !text.contains(p))
-        .collect();
+    let phases: Vec<&str> = [
+        "lifecycle: shutting_down",
+        "shutdown pre_stop: ok",
+        "shutdown save:",
+        "service s: stopped",
+        "shutdown services: ok",
+        "lifecycle: off",
+    ]
+    .into_iter()
+    .filter(|p| !text.contains(p))
+    .collect();
     assert!(phases.is_empty(), "missing {phases:?} in:\n{text}");
     assert!(d.wait_exit(SHORT).success());
+}
+
+/// `wsagent demo`: the newcomer's tour ends by itself within 20 s, exits 0, shows the
+/// timeline (ready, crash and restart, save, off) and leaves nothing behind.
+#[test]
+fn demo_tours_start_crash_save_stop_and_leaves_nothing_behind() {
+    let ws = Workspace::new();
+    let tmp = ws.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut cmd = ws.command(wsagent_bin());
+    cmd.arg("demo").env("TMPDIR", &tmp);
+    let out = integration::daemon::output_within(cmd, std::time::Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let mut at = 0;
+    for step in [
+        "lifecycle: ready",
+        "service web: backoff: exited with exit code 3",
+        "service web: running (healthy)",
+        "pushed refs/heads/wip/demo/main",
+        "lifecycle: off",
+        "daemon exited 0",
+        "the remote now holds refs/heads/wip/demo/main: README.md, notes.txt",
+    ] {
+        let found = text[at..]
+            .find(step)
+            .unwrap_or_else(|| panic!("{step:?} missing (in order):\n{text}"));
+        at += found + step.len();
+    }
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "the demo left {left:?}");
+    assert!(
+        integration::procfs::with_env(integration::daemon::TAG_VAR, ws.tag()).is_empty(),
+        "processes left behind"
+    );
+}
+
+/// `wsagent logs NAME -n N` prints the last N lines; `-f` keeps following new ones.
+#[test]
+fn logs_tail_and_follow_a_service() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let trigger = ws.path().join("more");
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[services.talker]\nshell = \"for i in 1 2 3 4 5; do echo line $i; done; while [ ! -f {t} ]; do sleep 0.05; done; echo later line; exec sleep 1000\"\n",
+            t = trigger.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "five lines logged", || {
+        d.service_log("talker").contains("line 5")
+    });
+    let out = d.cli(["logs", "talker", "-n", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "line 4\nline 5\n");
+
+    let mut follow = ws.command(wsagent_bin());
+    follow
+        .args(["logs", "talker", "-f", "-n", "1"])
+        .stdout(std::process::Stdio::piped());
+    let mut child = follow.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "line 5");
+    std::fs::write(&trigger, "").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "later line");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -145,3 +145,28 @@ fn latency_switch_delays_every_request() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
+
+#[test]
+fn trickle_switch_slows_answers_without_stalling_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = GitServer::start(tmp.path().join("srv"), TOKEN).unwrap();
+    server.create_bare("p.git").unwrap();
+    let work = tmp.path().join("w");
+    std::fs::create_dir(&work).unwrap();
+    repo_with_commit(&work);
+    ok(
+        &work,
+        &["push", "-q", &auth_url(&server, "p.git", TOKEN), "main"],
+    );
+    server.set_trickle(Duration::from_millis(2));
+    let t = Instant::now();
+    let o = git(tmp.path(), &["ls-remote", &server.url("p.git")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("refs/heads/main"));
+    // Every byte of the answers came with a pause.
+    assert!(
+        t.elapsed() >= Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+}

@@ -5,16 +5,21 @@
 //! - `pid1`: init duties (reaping, exact exit codes, signals) as PID 1 and as subreaper.
 //! - `supervision`: restart and backoff, dependencies and health checks, stop order, reload.
 //! - `cli`: config errors, the socket's protection, secrets, the client without a daemon.
+//! - `save`: save on stop through the daemon (SIGTERM, `wsagent save`, SIGUSR1, SIGKILL).
+//! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `template`: the Coder template's wiring (token, init script, stop hooks, deadlines).
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
 mod cli;
+mod control;
 mod gitserver;
 mod images;
 mod pid1;
 mod real_services;
+mod repos;
+mod save;
 mod supervision;
 mod support;
 mod template;

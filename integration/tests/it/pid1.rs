@@ -36,13 +36,20 @@ restart = "never"
     assert!(d.is_pid1());
     let st = d.wait_lifecycle(Lifecycle::Ready, LONG);
     assert!(st.pid1, "status must say PID 1");
-    let mut last_at = d.wait_service("seven", |s| s.last_exit.is_some(), SHORT).last_exit.unwrap().at;
+    let mut last_at = d
+        .wait_service("seven", |s| s.last_exit.is_some(), SHORT)
+        .last_exit
+        .unwrap()
+        .at;
     for i in 0..50 {
         let out = d.cli(["start", "seven"]);
         assert!(out.status.success(), "start #{i}: {out:?}");
         let s = d.wait_service(
             "seven",
-            |s| s.state == ServiceState::Stopped && s.last_exit.as_ref().is_some_and(|e| e.at != last_at),
+            |s| {
+                s.state == ServiceState::Stopped
+                    && s.last_exit.as_ref().is_some_and(|e| e.at != last_at)
+            },
             SHORT,
         );
         let exit = s.last_exit.unwrap();
@@ -50,7 +57,9 @@ restart = "never"
         last_at = exit.at;
     }
     wait_until(LONG, "the orphan storm to finish", || done.exists());
-    wait_until(SHORT, "no zombie left in the namespace", || d.zombies().is_empty());
+    wait_until(SHORT, "no zombie left in the namespace", || {
+        d.zombies().is_empty()
+    });
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(SHORT).success(), "{}", d.report());
 }
@@ -69,13 +78,17 @@ fn not_pid1_adopts_and_reaps_orphans_of_services_as_subreaper() {
         )),
     );
     let orphan: u32 = wait_until(SHORT, "the orphan's pid", || {
-        std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     });
     wait_until(SHORT, "the orphan to be adopted by wsagent", || {
         integration::procfs::stat(orphan).is_some_and(|p| p.ppid == d.pid())
     });
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(orphan as i32), Signal::SIGKILL).unwrap();
-    wait_until(SHORT, "the orphan to be reaped", || integration::procfs::stat(orphan).is_none());
+    wait_until(SHORT, "the orphan to be reaped", || {
+        integration::procfs::stat(orphan).is_none()
+    });
     assert!(d.zombies().is_empty());
     let _ = d.wait_lifecycle(Lifecycle::Ready, SHORT);
 }
@@ -86,26 +99,44 @@ fn second_sigterm_during_stop_is_logged_and_ignored() {
     let ws = Workspace::new();
     let mut d = Daemon::start(
         &ws,
-        &config("[services.slow]\nshell = \"trap 'sleep 0.8; exit 0' TERM; while :; do sleep 0.05; done\"\nstop_timeout = \"5s\"\n"),
+        &config(
+            "[services.slow]\nshell = \"trap 'sleep 0.8; exit 0' TERM; while :; do sleep 0.05; done\"\nstop_timeout = \"5s\"\n",
+        ),
     );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     d.signal(Signal::SIGTERM);
-    wait_until(SHORT, "the stop sequence to start", || d.stderr().contains("stop sequence started"));
+    wait_until(SHORT, "the stop sequence to start", || {
+        d.stderr().contains("stop sequence started")
+    });
     d.signal(Signal::SIGTERM);
     let st = d.wait_exit(SHORT);
     assert!(st.success(), "{}", d.report());
-    assert!(d.stderr().contains("SIGTERM received during the stop sequence: ignored"), "{}", d.stderr());
-    assert!(d.stderr().contains("service slow: stopped"), "{}", d.stderr());
+    assert!(
+        d.stderr()
+            .contains("SIGTERM received during the stop sequence: ignored"),
+        "{}",
+        d.stderr()
+    );
+    assert!(
+        d.stderr().contains("service slow: stopped"),
+        "{}",
+        d.stderr()
+    );
 }
 
 /// SIGUSR1 is handled (logged), never fatal, even as PID 1.
 #[test]
 fn sigusr1_is_handled_not_fatal() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     d.signal(Signal::SIGUSR1);
-    wait_until(SHORT, "SIGUSR1 to be logged", || d.stderr().contains("SIGUSR1 received"));
+    wait_until(SHORT, "SIGUSR1 to be logged", || {
+        d.stderr().contains("SIGUSR1 received")
+    });
     assert!(d.try_exit().is_none());
     let _ = Duration::ZERO;
 }

@@ -35,11 +35,24 @@ window = "1m"
     let took = started.elapsed();
     assert_eq!(failed.last_exit.as_ref().and_then(|e| e.code), Some(3));
     assert_eq!(failed.restarts, 5, "{failed:?}");
-    assert!(failed.message.as_deref().unwrap_or("").contains("gave up after 6 failures"), "{failed:?}");
+    assert!(
+        failed
+            .message
+            .as_deref()
+            .unwrap_or("")
+            .contains("gave up after 6 failures"),
+        "{failed:?}"
+    );
     // 100 + 200 + 400 + 800 + 800 ms of backoff (±20 %): the delays really grew.
-    assert!(took >= Duration::from_millis(1700), "restarted too fast: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1700),
+        "restarted too fast: {took:?}"
+    );
     let cpu = cpu_time(d.pid()).saturating_sub(cpu_before);
-    assert!(cpu < Duration::from_millis(500), "daemon used {cpu:?} of CPU supervising a crash loop for {took:?}");
+    assert!(
+        cpu < Duration::from_millis(500),
+        "daemon used {cpu:?} of CPU supervising a crash loop for {took:?}"
+    );
     // A failed service stays failed until started by hand; then it runs again.
     let out = d.cli(["start", "crashy"]);
     assert!(out.status.success(), "{out:?}");
@@ -75,7 +88,11 @@ shell = "python3 -c 'import urllib.request; urllib.request.urlopen(\"http://127.
     let b = st.services.iter().find(|s| s.name == "b").unwrap();
     assert_eq!(b.state, ServiceState::Running);
     wait_until(SHORT, "b to write its marker", || marker.exists());
-    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "up", "b started before a was healthy");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap().trim(),
+        "up",
+        "b started before a was healthy"
+    );
 }
 
 /// `unix-http` checks GET a path over a unix socket (as for dockerd's `/_ping`); `tcp`
@@ -133,11 +150,19 @@ interval = "200ms"
             flag = flag.display(),
         )),
     );
-    d.wait_service("uds", |s| s.health == Health::Healthy && s.state == ServiceState::Running, SHORT);
+    d.wait_service(
+        "uds",
+        |s| s.health == Health::Healthy && s.state == ServiceState::Running,
+        SHORT,
+    );
     d.wait_service("tcp", |s| s.health == Health::Healthy, SHORT);
     // Without the flag file the exec check fails: still starting, not healthy.
     let f = d.service("flagged");
-    assert_eq!((f.state, f.health), (ServiceState::Starting, Health::Unknown), "{f:?}");
+    assert_eq!(
+        (f.state, f.health),
+        (ServiceState::Starting, Health::Unknown),
+        "{f:?}"
+    );
     assert_eq!(d.status().lifecycle, Lifecycle::Starting);
     std::fs::write(&flag, "").unwrap();
     d.wait_service("flagged", |s| s.health == Health::Healthy, SHORT);
@@ -165,9 +190,15 @@ failure_threshold = 2
             flag = flag.display()
         )),
     );
-    let first = d.wait_service("s", |s| s.health == Health::Healthy, SHORT).pid;
+    let first = d
+        .wait_service("s", |s| s.health == Health::Healthy, SHORT)
+        .pid;
     std::fs::remove_file(&flag).unwrap();
-    let again = d.wait_service("s", |s| s.restarts >= 1 && s.pid.is_some() && s.pid != first, SHORT);
+    let again = d.wait_service(
+        "s",
+        |s| s.restarts >= 1 && s.pid.is_some() && s.pid != first,
+        SHORT,
+    );
     assert!(again.last_exit.is_some());
 }
 
@@ -206,19 +237,41 @@ stop_timeout = "1s"
     );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let gc: u32 = wait_until(SHORT, "the grandchild pid", || {
-        std::fs::read_to_string(&grandchild_pid).ok().and_then(|s| s.trim().parse().ok())
+        std::fs::read_to_string(&grandchild_pid)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
     });
     let t = Instant::now();
     d.signal(Signal::SIGTERM);
     let st = d.wait_exit(SHORT);
     let took = t.elapsed();
     assert!(st.success(), "exit {st}\n{}", d.report());
-    assert!(took < Duration::from_secs(6), "stop took {took:?}, budget 6s");
-    assert!(took >= Duration::from_millis(900), "stubborn was not given its stop_timeout: {took:?}");
-    assert_eq!(std::fs::read_to_string(&order).unwrap(), "top\nmiddle\nbase\n");
-    assert!(!integration::procfs::alive(gc), "grandchild {gc} survived the stop");
-    assert!(d.leftovers().is_empty(), "left running: {:?}", d.leftovers());
-    assert!(d.stderr().contains("did not stop in time"), "{}", d.stderr());
+    assert!(
+        took < Duration::from_secs(6),
+        "stop took {took:?}, budget 6s"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "stubborn was not given its stop_timeout: {took:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&order).unwrap(),
+        "top\nmiddle\nbase\n"
+    );
+    assert!(
+        !integration::procfs::alive(gc),
+        "grandchild {gc} survived the stop"
+    );
+    assert!(
+        d.leftovers().is_empty(),
+        "left running: {:?}",
+        d.leftovers()
+    );
+    assert!(
+        d.stderr().contains("did not stop in time"),
+        "{}",
+        d.stderr()
+    );
 }
 
 /// SIGHUP reloads: the changed service restarts, the unchanged one keeps its pid; an
@@ -238,16 +291,32 @@ fn reload_restarts_only_what_changed_and_rejects_invalid_edits() {
 
     ws.write_config(&base("2000"));
     d.signal(Signal::SIGHUP);
-    let new = d.wait_service("change", |s| s.pid.is_some() && s.pid != Some(change), SHORT);
+    let new = d.wait_service(
+        "change",
+        |s| s.pid.is_some() && s.pid != Some(change),
+        SHORT,
+    );
     assert_eq!(d.service("keep").pid, Some(keep));
     assert_eq!(new.state, ServiceState::Running);
 
-    ws.write_config(&format!("{}\n[services.keep]\nrestart = \"sometimes\"\n", base("3000")));
+    ws.write_config(&base("3000").replace(
+        "[services.keep]",
+        "[services.keep]\nrestart = \"sometimes\"",
+    ));
     d.signal(Signal::SIGHUP);
-    wait_until(SHORT, "the rejection in the log", || d.stderr().contains("config reload rejected"));
+    wait_until(SHORT, "the rejection in the log", || {
+        d.stderr().contains("config reload rejected")
+    });
     let err = d.stderr();
-    assert!(err.contains("config.toml:") && err.contains("services.keep"), "{err}");
-    assert_eq!(d.service("change").pid, new.pid, "an invalid config must change nothing");
+    assert!(
+        err.contains("config.toml:") && err.contains("services.keep"),
+        "{err}"
+    );
+    assert_eq!(
+        d.service("change").pid,
+        new.pid,
+        "an invalid config must change nothing"
+    );
     assert_eq!(d.service("keep").pid, Some(keep));
 }
 
@@ -255,17 +324,68 @@ fn reload_restarts_only_what_changed_and_rejects_invalid_edits() {
 #[test]
 fn services_can_be_stopped_started_and_restarted_by_hand() {
     let ws = Workspace::new();
-    let mut d = Daemon::start(&ws, &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"));
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let p1 = d.service("s").pid.unwrap();
     assert!(d.cli(["stop", "s"]).status.success());
     assert_eq!(d.service("s").state, ServiceState::Stopped);
     assert!(!integration::procfs::alive(p1));
     assert!(d.cli(["start", "s"]).status.success());
-    let p2 = d.wait_service("s", |s| s.state == ServiceState::Running, SHORT).pid.unwrap();
+    let p2 = d
+        .wait_service("s", |s| s.state == ServiceState::Running, SHORT)
+        .pid
+        .unwrap();
     assert!(d.cli(["restart", "s"]).status.success());
-    d.wait_service("s", |s| s.state == ServiceState::Running && s.pid != Some(p2), SHORT);
+    d.wait_service(
+        "s",
+        |s| s.state == ServiceState::Running && s.pid != Some(p2),
+        SHORT,
+    );
     let out = d.cli(["restart", "nope"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nope\""));
+}
+
+/// `user`/`group` drop privileges for that child only: the service runs as nobody, the
+/// daemon stays root.
+#[test]
+fn user_and_group_drop_privileges_for_that_service_only() {
+    if !integration::real::require_root("dropping privileges needs root") {
+        return;
+    }
+    let ws = Workspace::new();
+    let out = ws.path().join("ids");
+    std::fs::set_permissions(
+        ws.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[services.low]\nshell = \"echo $(id -u) $(id -g) $HOME > {out}; exec sleep 1000\"\nuser = \"nobody\"\ngroup = \"nogroup\"\ncwd = \"/\"\n",
+            out = out.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let ids = wait_until(SHORT, "the ids file", || {
+        std::fs::read_to_string(&out).ok().filter(|s| !s.is_empty())
+    });
+    let mut parts = ids.split_whitespace();
+    assert_eq!(parts.next(), Some("65534"), "{ids}");
+    assert_eq!(parts.next(), Some("65534"), "{ids}");
+    assert_eq!(
+        parts.next(),
+        Some("/nonexistent"),
+        "HOME follows the user: {ids}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    );
 }

@@ -1,0 +1,426 @@
+//! Git tokens from Coder's external auth: fetching them, the 0600 cache file each one
+//! lives in, the watcher that notices a token written there by hand, and the two CLI
+//! commands built on them (`wsagent token`, `wsagent git-askpass`).
+//!
+//! The cache file is the only place on disk a token may be. It is replaced atomically
+//! (temp file in the same 0700 directory, fsync, rename, fsync of the directory), so a
+//! reader (git, the save phase) sees the old token or the new one, never half of one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use agent_proto::coder::ExternalAuthResponse;
+use reqwest::Method;
+use tokio::time::Instant;
+
+use super::client::{ApiError, Client};
+use crate::config::Config;
+use crate::secrets::Secret;
+use crate::tokens::{GitProvider, Tokens};
+
+/// What coderd said about a provider.
+#[derive(Debug)]
+pub enum Fetched {
+    Token(Secret),
+    /// The account is not linked: the page where the user signs in.
+    SignIn(String),
+}
+
+/// `GET /me/external-auth?id=<id>&match=` (both keys sent, as the Go client does),
+/// retried until `deadline`.
+pub async fn fetch(client: &Client, id: &str, deadline: Instant) -> Result<Fetched, ApiError> {
+    let (status, r): (u16, ExternalAuthResponse) = client
+        .call_until::<(), _>(
+            Method::GET,
+            "/external-auth",
+            &[("id", id), ("match", "")],
+            None,
+            deadline,
+        )
+        .await?;
+    if !r.access_token.is_empty() {
+        return Ok(Fetched::Token(Secret::new(r.access_token)));
+    }
+    if !r.url.is_empty() {
+        return Ok(Fetched::SignIn(r.url));
+    }
+    Err(ApiError::Decode {
+        path: format!("{}/external-auth", agent_proto::coder::AGENT_ME),
+        status,
+        detail: "neither access_token nor url in the answer".into(),
+    })
+}
+
+/// Why a cache file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write token cache {path}: {source}")]
+pub struct CacheError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Who should own a file created in `dir`: when wsagent runs as root, the (non-root)
+/// owner of the nearest existing directory, so that the user's git (running
+/// `wsagent git-askpass` as that user) can read a cache under the user's HOME.
+fn inherited_owner(dir: &Path) -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if let Ok(m) = std::fs::metadata(d) {
+            return (m.uid() != 0).then_some((m.uid(), m.gid()));
+        }
+        p = d.parent();
+    }
+    None
+}
+
+/// Create `dir` (and missing parents, mode 0700, owned like their parent) and make
+/// `dir` itself mode 0700.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        p = d.parent();
+    }
+    for d in missing.into_iter().rev() {
+        let owner = d.parent().and_then(inherited_owner);
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            Ok(()) => {
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Replace `path` with `token` atomically, mode 0600, in a 0700 directory. Returns
+/// false (and writes nothing) when the file already holds that token.
+pub fn write_cache(path: &Path, token: &Secret) -> Result<bool, CacheError> {
+    let err = |source| CacheError {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(old) = std::fs::read_to_string(path)
+        && old.trim() == token.expose()
+    {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    private_dir(dir).map_err(err)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "token".into());
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        if let Some((uid, gid)) = inherited_owner(dir) {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        }
+        f.write_all(token.expose().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e)
+    })?;
+    Ok(true)
+}
+
+/// The providers in effect: the configured ones, or GitHub when none is configured.
+pub fn providers_of(cfg: &Config) -> BTreeMap<String, GitProvider> {
+    if cfg.git_providers.is_empty() {
+        crate::tokens::default_providers()
+    } else {
+        cfg.git_providers.clone()
+    }
+}
+
+/// What the CLI commands need from the process: its environment and HOME.
+#[derive(Debug, Clone)]
+pub struct CliContext {
+    pub env: HashMap<String, String>,
+    pub home: PathBuf,
+}
+
+impl CliContext {
+    pub fn from_process() -> CliContext {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        let home = env
+            .get("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/root"));
+        CliContext { env, home }
+    }
+}
+
+/// `wsagent token [PROVIDER]`: print the provider's token (no trailing newline, like
+/// `coder external-auth access-token`). With a control plane the token is fetched
+/// fresh (and cached), falling back to the cache; when the account is not linked the
+/// sign-in URL is printed instead and the exit code is 1.
+pub async fn cmd_token(cfg: &Config, provider: Option<&str>, out: &mut impl Write) -> i32 {
+    cmd_token_with(
+        cfg,
+        &CliContext::from_process(),
+        provider,
+        out,
+        &mut std::io::stderr(),
+    )
+    .await
+}
+
+/// [`cmd_token`] with an explicit environment and error stream.
+pub async fn cmd_token_with(
+    cfg: &Config,
+    ctx: &CliContext,
+    provider: Option<&str>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> i32 {
+    let providers = providers_of(cfg);
+    let id = match provider {
+        Some(p) => p.to_string(),
+        None if providers.contains_key("github") => "github".into(),
+        None => match providers.keys().next() {
+            Some(k) => k.clone(),
+            None => {
+                let _ = writeln!(err, "wsagent token: no git provider is configured");
+                return 1;
+            }
+        },
+    };
+    let Some(p) = providers.get(&id) else {
+        let known: Vec<_> = providers.keys().cloned().collect();
+        let _ = writeln!(
+            err,
+            "wsagent token: unknown provider {id:?} (configured: {})",
+            known.join(", ")
+        );
+        return 1;
+    };
+    let cache = p.cache_path(&id, &ctx.home);
+    if let Ok(client) = super::connect(&cfg.control_plane, &ctx.env) {
+        let deadline = Instant::now() + cfg.control_plane.fresh_token_timeout;
+        match fetch(&client, &id, deadline).await {
+            Ok(Fetched::Token(t)) => {
+                if let Err(e) = write_cache(&cache, &t) {
+                    let _ = writeln!(err, "wsagent token: {e}");
+                }
+                let _ = out.write_all(t.expose().as_bytes());
+                return 0;
+            }
+            Ok(Fetched::SignIn(url)) => {
+                let _ = out.write_all(url.as_bytes());
+                return 1;
+            }
+            Err(e) => {
+                let _ = writeln!(err, "wsagent token: {e}; using the cached token");
+            }
+        }
+    }
+    let tokens = Tokens::new(providers.clone(), ctx.home.clone());
+    match tokens.cached(&id) {
+        Some(t) => {
+            let _ = out.write_all(t.expose().as_bytes());
+            0
+        }
+        None => {
+            let _ = writeln!(
+                err,
+                "wsagent token: no token for {id} (cache {} is empty or missing)",
+                cache.display()
+            );
+            1
+        }
+    }
+}
+
+/// A parsed git credential prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Askpass {
+    /// `Username` or `Password`.
+    pub username_prompt: bool,
+    /// The user in the prompt's URL (`https://bob@host`), if any.
+    pub user: Option<String>,
+    pub host: String,
+}
+
+/// Parse `Username for 'https://host': ` / `Password for 'https://user@host': ` the way
+/// Coder's `ParseAskpass` does: at least 3 words, the first `Username` or `Password`, the
+/// third a quoted http(s) URL with a host.
+pub fn parse_askpass(prompt: &str) -> Option<Askpass> {
+    let words: Vec<&str> = prompt.split_whitespace().collect();
+    if words.len() < 3 {
+        return None;
+    }
+    let username_prompt = match words[0] {
+        "Username" => true,
+        "Password" => false,
+        _ => return None,
+    };
+    let raw = words[2]
+        .trim_start_matches(['\'', '"'])
+        .trim_end_matches(['\'', '"', ':']);
+    let url = reqwest::Url::parse(raw).ok()?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return None;
+    }
+    let host = url.host_str()?.to_string();
+    let user = (!url.username().is_empty()).then(|| url.username().to_string());
+    Some(Askpass {
+        username_prompt,
+        user,
+        host,
+    })
+}
+
+/// `wsagent git-askpass PROMPT`: answer git's prompt from the token cache (user name of
+/// the provider serving the host; password = its token), with a trailing newline. Exit
+/// 1 (git then falls back to its own prompting) when the prompt or host is unknown or
+/// no token is cached.
+pub fn cmd_git_askpass(cfg: &Config, prompt: &str, out: &mut impl Write) -> i32 {
+    cmd_git_askpass_with(
+        cfg,
+        &CliContext::from_process(),
+        prompt,
+        out,
+        &mut std::io::stderr(),
+    )
+}
+
+/// [`cmd_git_askpass`] with an explicit environment and error stream.
+pub fn cmd_git_askpass_with(
+    cfg: &Config,
+    ctx: &CliContext,
+    prompt: &str,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> i32 {
+    let Some(ask) = parse_askpass(prompt) else {
+        let _ = writeln!(err, "wsagent git-askpass: not a git credential prompt");
+        return 1;
+    };
+    let tokens = Tokens::new(providers_of(cfg), ctx.home.clone());
+    let Some((id, p)) = tokens.provider_for_host(&ask.host) else {
+        let _ = writeln!(
+            err,
+            "wsagent git-askpass: no git provider for {}; git's default behaviour is used",
+            ask.host
+        );
+        return 1;
+    };
+    let answer = if ask.username_prompt {
+        p.username()
+    } else {
+        match tokens.cached(id) {
+            Some(t) => t.expose().to_string(),
+            None => {
+                let _ = writeln!(
+                    err,
+                    "wsagent git-askpass: no cached token for {id}; run `wsagent token {id}`"
+                );
+                return 1;
+            }
+        }
+    };
+    let _ = writeln!(out, "{answer}");
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_root_the_cache_belongs_to_the_owner_of_home() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return; // chown needs root; the mode checks run in the test below
+        }
+        let home = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(home.path(), Some(4321), Some(4322)).unwrap();
+        let path = home.path().join(".cache/coder/github_token");
+        write_cache(&path, &Secret::new("ghp_owned_by_user_77")).unwrap();
+        for p in [
+            &path,
+            &home.path().join(".cache/coder"),
+            &home.path().join(".cache"),
+        ] {
+            let m = std::fs::metadata(p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4321, 4322), "{}", p.display());
+        }
+    }
+
+    #[test]
+    fn git_prompts_parse_like_coders_askpass() {
+        assert_eq!(
+            parse_askpass("Username for 'https://github.com': "),
+            Some(Askpass {
+                username_prompt: true,
+                user: None,
+                host: "github.com".into()
+            })
+        );
+        assert_eq!(
+            parse_askpass("Password for 'https://bob@github.com': "),
+            Some(Askpass {
+                username_prompt: false,
+                user: Some("bob".into()),
+                host: "github.com".into()
+            })
+        );
+        assert_eq!(parse_askpass("Password: "), None);
+        assert_eq!(parse_askpass("Passphrase for 'x': "), None);
+        assert_eq!(parse_askpass("Username for 'ssh://github.com': "), None);
+    }
+
+    #[test]
+    fn the_cache_is_0600_in_a_0700_dir_and_rewritten_only_on_change() {
+        let home = tempfile::tempdir().unwrap();
+        let path = home.path().join(".cache/coder/github_token");
+        let t = Secret::new("ghp_first_token_1234");
+        assert!(write_cache(&path, &t).unwrap());
+        assert!(!write_cache(&path, &t).unwrap());
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert!(write_cache(&path, &Secret::new("ghp_second_token_5678")).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "ghp_second_token_5678"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+}

@@ -1,0 +1,831 @@
+//! The control plane against a fake coderd that follows the agent API reference: what
+//! reaches the dashboard, what survives an outage, the log limit, the git token cache,
+//! app status, standalone mode, and that the agent token leaks nowhere.
+//!
+//! Every test runs on a current-thread runtime, so the tracing subscriber installed by
+//! [`Setup`] captures every line the module logs. No fixed sleeps: conditions are polled
+//! with a timeout.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent::config::Config;
+use agent::control::{self, ControlHandle, ControlPlane, logs::LIMIT_NOTICE};
+use agent::events::Events;
+use agent_proto::coder::MAX_LOGS_LENGTH;
+use agent_proto::local::Level;
+use integration::fake_coderd::{FakeCoderd, Fault};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Captured log output of the module.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+struct Setup {
+    home: tempfile::TempDir,
+    cfg: Config,
+    events: Events,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    logs: Capture,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let logs = Capture::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        let mut cfg = Config {
+            git_providers: agent::tokens::default_providers(),
+            ..Config::default()
+        };
+        cfg.control_plane.log_batch_interval = Duration::from_millis(50);
+        cfg.control_plane.request_timeout = Duration::from_secs(2);
+        Setup {
+            home: tempfile::tempdir().unwrap(),
+            cfg,
+            events: Events::new(),
+            tracker: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+            logs,
+            _guard: guard,
+        }
+    }
+
+    fn env(fake: &FakeCoderd) -> HashMap<String, String> {
+        HashMap::from([
+            ("CODER_AGENT_URL".to_string(), fake.url()),
+            ("CODER_AGENT_TOKEN".to_string(), fake.token()),
+        ])
+    }
+
+    fn start(&self, env: &HashMap<String, String>) -> ControlHandle {
+        ControlPlane::new(&self.cfg, env, self.home.path().to_path_buf()).start(
+            &self.events,
+            &self.tracker,
+            self.cancel.clone(),
+        )
+    }
+
+    fn cache(&self) -> std::path::PathBuf {
+        self.home.path().join(".cache/coder/github_token")
+    }
+
+    /// The agent token appears in no captured log line, no file under HOME, and nowhere
+    /// in what coderd received but the session header.
+    fn assert_token_kept_secret(&self, fake: &FakeCoderd) {
+        let token = fake.token();
+        assert!(!self.logs.text().contains(&token), "token in logs");
+        assert_no_file_contains(self.home.path(), &token);
+        for r in fake.requests() {
+            assert!(
+                !String::from_utf8_lossy(&r.body).contains(&token),
+                "token in a body"
+            );
+            assert!(!r.query.contains(&token), "token in a query");
+            for (k, v) in &r.headers {
+                if !k.eq_ignore_ascii_case("coder-session-token") {
+                    assert!(!v.contains(&token), "token in header {k}");
+                }
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        assert!(
+            tokio::time::timeout(WAIT, self.tracker.wait())
+                .await
+                .is_ok(),
+            "control-plane tasks did not end on cancel"
+        );
+    }
+}
+
+fn assert_no_file_contains(dir: &Path, needle: &str) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            assert_no_file_contains(&p, needle);
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains(needle),
+                "token in {}",
+                p.display()
+            );
+        }
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What the dashboard shows of wsagent's own lines (without the sign-in notes of the
+/// fake's unlinked github account, which the refresh loop adds).
+fn dashboard(fake: &FakeCoderd) -> Vec<String> {
+    fake.logs()
+        .into_iter()
+        .map(|l| l.output)
+        .filter(|o| !o.contains("is not linked"))
+        .collect()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn lines_arrive_in_order_under_wsagents_log_source() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    let levels = [
+        Level::Trace,
+        Level::Debug,
+        Level::Info,
+        Level::Warn,
+        Level::Error,
+    ];
+    for i in 0..250 {
+        s.events.note(levels[i % 5], format!("line {i}"));
+    }
+    fake.wait_for(WAIT, |f| dashboard(f).len() >= 250).await;
+    let want: Vec<_> = (0..250).map(|i| format!("line {i}")).collect();
+    assert_eq!(dashboard(&fake), want);
+    let logs: Vec<_> = fake
+        .logs()
+        .into_iter()
+        .filter(|l| l.output.starts_with("line "))
+        .collect();
+    assert!(
+        logs.iter()
+            .all(|l| l.log_source_id == control::logs::source_id())
+    );
+    let got_levels: Vec<_> = logs.iter().take(5).map(|l| l.level.as_str()).collect();
+    assert_eq!(got_levels, ["trace", "debug", "info", "warn", "error"]);
+
+    let sources = fake.log_sources();
+    assert_eq!(sources.len(), 1);
+    assert_eq!(sources[0].display_name, "wsagent");
+    assert_eq!(sources[0].id, control::logs::source_id());
+    let reqs = fake.requests();
+    let first = |suffix: &str| reqs.iter().position(|r| r.path.ends_with(suffix)).unwrap();
+    assert!(first("/me/log-source") < first("/me/logs"));
+    assert!(
+        reqs.iter()
+            .all(|r| r.header("coder-session-token") == Some(&fake.token()))
+    );
+    for r in fake.requests_to("/me/logs") {
+        let n = r.body_json().unwrap()["logs"].as_array().unwrap().len();
+        assert!((1..=100).contains(&n), "batch of {n}");
+    }
+    assert!(h.status().starts_with("connected"), "{}", h.status());
+    s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn lines_queued_while_coderd_is_down_are_delivered_once_it_is_up() {
+    let fake = FakeCoderd::start_down().await;
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    for i in 0..3 {
+        s.events.note(Level::Info, format!("early {i}"));
+    }
+    eventually("unreachable status", || {
+        h.status().starts_with("unreachable")
+    })
+    .await;
+    assert!(
+        h.status().contains("/api/v2/workspaceagents/me/"),
+        "{}",
+        h.status()
+    );
+    fake.set_down(false).await;
+    fake.wait_for(WAIT, |f| dashboard(f).len() >= 3).await;
+    assert_eq!(dashboard(&fake), ["early 0", "early 1", "early 2"]);
+    eventually("connected status", || h.status().starts_with("connected")).await;
+    s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_413_stops_sending_and_the_request_count_stays_flat() {
+    let fake = FakeCoderd::start().await;
+    // Other sources of this agent already used nearly all of its 1 MiB.
+    fake.set_logs_length(MAX_LOGS_LENGTH - 10);
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    s.events.note(Level::Info, "x".repeat(100));
+    eventually("limit status", || h.status().contains("logs limit reached")).await;
+    assert!(fake.logs_overflowed());
+    let sent = fake.requests_to("/me/logs").len();
+    assert_eq!(sent, 1);
+    for i in 0..20 {
+        s.events.note(Level::Info, format!("after {i}"));
+    }
+    h.flush(Instant::now() + Duration::from_secs(1)).await;
+    assert_eq!(fake.requests_to("/me/logs").len(), sent);
+    assert!(dashboard(&fake).is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn near_the_limit_one_last_line_points_at_wsagent_logs() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    let line = "y".repeat(16 * 1024 - 100);
+    for _ in 0..80 {
+        s.events.note(Level::Info, line.clone());
+    }
+    eventually("limit status", || h.status().contains("logs limit reached")).await;
+    let logs = fake.logs();
+    assert_eq!(logs.last().unwrap().output, LIMIT_NOTICE);
+    assert!(
+        !fake.logs_overflowed(),
+        "the local count must keep us under the limit"
+    );
+    assert!(fake.logs_length() <= MAX_LOGS_LENGTH);
+    let before = fake.requests_to("/me/logs").len();
+    s.events.note(Level::Info, "more");
+    h.flush(Instant::now() + Duration::from_millis(500)).await;
+    assert_eq!(fake.requests_to("/me/logs").len(), before);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_token_replaces_the_cache_file_0600_in_a_0700_dir() {
+    let fake = FakeCoderd::start().await;
+    fake.set_external_token("github", Some("ghp_rotation_one_111111"));
+    let mut s = Setup::new();
+    s.cfg
+        .git_providers
+        .get_mut("github")
+        .unwrap()
+        .refresh_interval = Duration::from_millis(100);
+    let h = s.start(&Setup::env(&fake));
+    let cache = s.cache();
+    eventually("first token cached", || {
+        std::fs::read_to_string(&cache).is_ok_and(|t| t == "ghp_rotation_one_111111")
+    })
+    .await;
+    fake.set_external_token("github", Some("ghp_rotation_two_222222"));
+    eventually("rotated token cached", || {
+        std::fs::read_to_string(&cache).is_ok_and(|t| t == "ghp_rotation_two_222222")
+    })
+    .await;
+    assert_eq!(mode(&cache), 0o600);
+    assert_eq!(mode(cache.parent().unwrap()), 0o700);
+    let q = fake.requests_to("/me/external-auth")[0].query.clone();
+    assert_eq!(q, "id=github&match=");
+
+    fake.set_external_token("github", Some("ghp_rotation_three_333"));
+    let fresh = (h.fresh_fetch())("github".into()).await.unwrap();
+    assert_eq!(fresh.expose(), "ghp_rotation_three_333");
+    assert_eq!(
+        agent::secrets::redact("ghp_rotation_three_333"),
+        agent::secrets::MASK
+    );
+    s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_answers_are_logged_and_nothing_panics() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    fake.set_fault(Some(Fault::Html502));
+    h.refresh_tokens_once(Duration::from_millis(500)).await;
+    eventually("unreachable status", || {
+        h.status().starts_with("unreachable")
+    })
+    .await;
+    assert!(s.logs.text().contains("http 502"), "{}", s.logs.text());
+
+    fake.set_fault(Some(Fault::MalformedJson));
+    h.refresh_tokens_once(Duration::from_millis(500)).await;
+    assert!(
+        s.logs.text().contains("malformed answer"),
+        "{}",
+        s.logs.text()
+    );
+    assert!(!s.cache().exists());
+
+    fake.set_fault(None);
+    fake.set_external_token("github", Some("ghp_after_garbage_4444"));
+    h.refresh_tokens_once(Duration::from_secs(2)).await;
+    assert_eq!(
+        std::fs::read_to_string(s.cache()).unwrap(),
+        "ghp_after_garbage_4444"
+    );
+    s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_waits_for_retry_after_and_other_4xx_are_not_retried() {
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.send_logs = false;
+    // Only the explicit refreshes below talk to coderd.
+    s.cfg
+        .git_providers
+        .get_mut("github")
+        .unwrap()
+        .refresh_interval = Duration::from_secs(3600);
+    let h = s.start(&Setup::env(&fake));
+    fake.wait_for(WAIT, |f| !f.requests().is_empty()).await;
+    let base = fake.requests().len();
+
+    fake.set_fault(Some(Fault::Status(400)));
+    h.refresh_tokens_once(Duration::from_secs(2)).await;
+    assert_eq!(fake.requests().len(), base + 1, "a 400 is not retried");
+
+    fake.set_fault(Some(Fault::RateLimited(1)));
+    let t0 = Instant::now();
+    h.refresh_tokens_once(Duration::from_millis(2500)).await;
+    let reqs = fake.requests();
+    assert!(reqs.len() >= base + 3, "a 429 is retried");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1),
+        "retry-after honoured"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_agent_token_shows_as_rejected() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let mut env = Setup::env(&fake);
+    env.insert("CODER_AGENT_TOKEN".into(), uuid::Uuid::new_v4().to_string());
+    let h = s.start(&env);
+    eventually("rejected status", || h.status().starts_with("rejected")).await;
+    assert!(h.status().contains("http 401"), "{}", h.status());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_coderd_does_not_stretch_flush_past_its_deadline() {
+    let fake = FakeCoderd::start().await;
+    fake.set_delay(Duration::from_secs(30));
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    for i in 0..10 {
+        s.events.note(Level::Info, format!("slow {i}"));
+    }
+    let t0 = Instant::now();
+    h.flush(t0 + Duration::from_millis(300)).await;
+    let took = t0.elapsed();
+    // The fake answers after 30 s; anything near the deadline shows flush was cut.
+    assert!(took < Duration::from_millis(1500), "flush took {took:?}");
+    let t0 = Instant::now();
+    h.refresh_tokens_once(Duration::from_millis(300)).await;
+    assert!(t0.elapsed() < Duration::from_millis(1500));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn flush_delivers_events_emitted_just_before_it() {
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    // A long batch window: only the flush can deliver within the test.
+    s.cfg.control_plane.log_batch_interval = Duration::from_secs(10);
+    let h = s.start(&Setup::env(&fake));
+    fake.wait_for(WAIT, |f| !f.log_sources().is_empty()).await;
+    s.events.note(Level::Info, "stopping: saving repositories");
+    s.events.note(Level::Warn, "stopping: done");
+    h.flush(Instant::now() + Duration::from_secs(5)).await;
+    assert_eq!(
+        dashboard(&fake),
+        ["stopping: saving repositories", "stopping: done"]
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_unlinked_account_shows_its_sign_in_url_and_token_exits_1() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let env = Setup::env(&fake);
+    let h = s.start(&env);
+    h.refresh_tokens_once(Duration::from_secs(2)).await;
+    let url = format!("{}external-auth/github", fake.url());
+    assert!(h.status().contains(&url), "{}", h.status());
+    assert_eq!(s.logs.text().matches("not linked").count(), 1);
+
+    let ctx = control::CliContext {
+        env: env.clone(),
+        home: s.home.path().to_path_buf(),
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = control::cmd_token_with(&s.cfg, &ctx, None, &mut out, &mut err).await;
+    assert_eq!((code, String::from_utf8(out).unwrap()), (1, url));
+
+    fake.set_external_token("github", Some("ghp_linked_now_55555"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = control::cmd_token_with(&s.cfg, &ctx, Some("github"), &mut out, &mut err).await;
+    assert_eq!(
+        (code, String::from_utf8(out).unwrap()),
+        (0, "ghp_linked_now_55555".to_string())
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.cache()).unwrap(),
+        "ghp_linked_now_55555"
+    );
+
+    // Control plane down: the cache answers.
+    fake.set_down(true).await;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = control::cmd_token_with(&s.cfg, &ctx, None, &mut out, &mut err).await;
+    assert_eq!(
+        (code, String::from_utf8(out).unwrap()),
+        (0, "ghp_linked_now_55555".to_string())
+    );
+    s.assert_token_kept_secret(&fake);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn git_askpass_answers_from_the_cache() {
+    let s = Setup::new();
+    let ctx = control::CliContext {
+        env: HashMap::new(),
+        home: s.home.path().to_path_buf(),
+    };
+    let ask = |prompt: &str| {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let code = control::cmd_git_askpass_with(&s.cfg, &ctx, prompt, &mut out, &mut err);
+        (code, String::from_utf8(out).unwrap())
+    };
+    assert_eq!(ask("Password for 'https://github.com': ").0, 1);
+    control::write_cache(
+        &s.cache(),
+        &agent::secrets::Secret::new("ghp_askpass_token_666"),
+    )
+    .unwrap();
+    assert_eq!(
+        ask("Username for 'https://github.com': "),
+        (0, "x-access-token\n".into())
+    );
+    assert_eq!(
+        ask("Password for 'https://x-access-token@github.com': "),
+        (0, "ghp_askpass_token_666\n".into())
+    );
+    assert_eq!(ask("Password for 'https://gitlab.com': ").0, 1);
+    assert_eq!(ask("Enter passphrase for key: ").0, 1);
+}
+
+#[tokio::test]
+async fn app_status_reports_in_order_and_a_404_turns_it_off() {
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.app_status_slug = Some("workspace".into());
+    let h = s.start(&Setup::env(&fake));
+    h.app_status("complete", "workspace ready").await;
+    let got: Vec<_> = fake
+        .app_statuses()
+        .into_iter()
+        .map(|a| (a.app_slug, a.state))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("workspace".to_string(), "working".to_string()),
+            ("workspace".to_string(), "complete".to_string())
+        ]
+    );
+
+    fake.set_app_status_404(true);
+    h.app_status("failure", "dockerd did not start").await;
+    h.app_status("failure", "still broken").await;
+    assert_eq!(fake.requests_to("/me/app-status").len(), 3);
+    assert!(
+        h.status().contains("app status not supported"),
+        "{}",
+        h.status()
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn without_url_or_token_it_runs_standalone() {
+    let s = Setup::new();
+    let h = s.start(&HashMap::new());
+    assert!(h.status().starts_with("standalone"), "{}", h.status());
+    s.events.note(Level::Info, "nobody hears this");
+    let t0 = Instant::now();
+    h.flush(t0 + Duration::from_secs(5)).await;
+    h.refresh_tokens_once(Duration::from_secs(5)).await;
+    h.app_status("complete", "ready").await;
+    assert!((h.fresh_fetch())("github".into()).await.is_none());
+    assert!(
+        t0.elapsed() < Duration::from_secs(1),
+        "standalone calls must not wait"
+    );
+    assert_eq!(s.logs.text().matches("standalone").count(), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_written_by_hand_is_picked_up_as_a_secret() {
+    let s = Setup::new();
+    let _h = s.start(&HashMap::new());
+    let token = format!("ghp_by_hand_{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(s.cache(), &token).unwrap();
+    eventually("hand-written token registered", || {
+        agent::secrets::redact(&token) == agent::secrets::MASK
+    })
+    .await;
+    eventually("log line", || s.logs.text().contains("changed on disk")).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_token_file_is_read_when_the_variable_is_unset() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let file = s.home.path().join("agent-token");
+    std::fs::write(&file, format!("  {}\n", fake.token())).unwrap();
+    let env = HashMap::from([
+        ("CODER_AGENT_URL".to_string(), fake.url()),
+        (
+            "CODER_AGENT_TOKEN_FILE".to_string(),
+            file.display().to_string(),
+        ),
+    ]);
+    let h = s.start(&env);
+    s.events.note(Level::Info, "via token file");
+    fake.wait_for(WAIT, |f| !dashboard(f).is_empty()).await;
+    assert_eq!(dashboard(&fake), ["via token file"]);
+    assert!(h.status().starts_with("connected"), "{}", h.status());
+    s.stop().await;
+}
+
+/// The fake itself follows the reference: auth, validation and limits.
+#[tokio::test]
+async fn the_fake_coderd_validates_like_coderd() {
+    let fake = FakeCoderd::start().await;
+    let http = reqwest::Client::new();
+    let me = format!("{}api/v2/workspaceagents/me", fake.url());
+    let call = |method: reqwest::Method, path: &str, token: &str, body: Option<&str>| {
+        let mut r = http
+            .request(method, format!("{me}{path}"))
+            .header("Coder-Session-Token", token);
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        async move {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            (status, v["message"].as_str().unwrap_or("").to_string())
+        }
+    };
+    use reqwest::Method as M;
+    let t = fake.token();
+    assert_eq!(
+        call(M::PATCH, "/logs", "not-a-uuid", Some("{}")).await,
+        (401, "Workspace agent token invalid.".into())
+    );
+    let other = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        call(M::PATCH, "/logs", &other, Some("{}")).await,
+        (401, "Workspace agent not authorized.".into())
+    );
+    assert_eq!(
+        call(M::PATCH, "/logs", &t, Some(r#"{"logs":[]}"#)).await,
+        (400, "No logs provided.".into())
+    );
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/logs",
+            &t,
+            Some(r#"{"logs":[{"created_at":"2026-01-01T00:00:00Z","output":"a","level":"loud"}]}"#)
+        )
+        .await,
+        (400, "Invalid log level provided.".into())
+    );
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/logs",
+            &t,
+            Some(r#"{"logs":[{"created_at":"2026-01-01T00:00:00Z","output":"a","level":""}]}"#)
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(fake.logs()[0].level, "info");
+    assert_eq!(
+        fake.logs()[0].log_source_id,
+        agent_proto::coder::EXTERNAL_LOG_SOURCE_ID
+    );
+    assert_eq!(
+        call(M::GET, "/external-auth?id=&match=", &t, None).await,
+        (400, "'url' or 'id' must be provided!".into())
+    );
+    assert_eq!(
+        call(
+            M::GET,
+            "/external-auth?id=github&match=https://github.com",
+            &t,
+            None
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        call(M::GET, "/external-auth?id=gitea&match=", &t, None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        call(
+            M::GET,
+            "/external-auth?id=&match=https://github.com",
+            &t,
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/app-status",
+            &t,
+            Some(r#"{"app_slug":"a","state":"done","message":"m","uri":""}"#)
+        )
+        .await,
+        (400, "Invalid state provided.".into())
+    );
+    let big = "z".repeat(MAX_LOGS_LENGTH);
+    let body = serde_json::json!({"logs":[{"created_at":"x","output":big,"level":"info"}]});
+    assert_eq!(
+        call(M::PATCH, "/logs", &t, Some(&body.to_string())).await,
+        (413, "Logs limit exceeded".into())
+    );
+    assert!(fake.logs_overflowed());
+}
+
+/// A private CA and a `localhost` certificate signed by it, made with the openssl CLI.
+fn private_ca(dir: &Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=wsagent test ca",
+            "-days",
+            "2",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        std::fs::read(dir.join("leaf.pem")).unwrap(),
+        std::fs::read(dir.join("leaf.key")).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn coderd_behind_a_private_ca_is_trusted_through_ca_file_or_ssl_cert_file() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = private_ca(pki.path());
+    let fake = FakeCoderd::start_tls(&cert, &key).await;
+    assert!(fake.url().starts_with("https://localhost:"));
+
+    // Unknown CA: not trusted.
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    s.events.note(Level::Info, "not over untrusted tls");
+    eventually("unreachable status", || {
+        h.status().starts_with("unreachable")
+    })
+    .await;
+    assert!(fake.requests().is_empty());
+    s.stop().await;
+
+    // control_plane.ca_file.
+    let mut s = Setup::new();
+    s.cfg.control_plane.ca_file = Some(ca.display().to_string());
+    let _h = s.start(&Setup::env(&fake));
+    s.events.note(Level::Info, "over tls via ca_file");
+    fake.wait_for(WAIT, |f| dashboard(f).len() == 1).await;
+    assert_eq!(dashboard(&fake), ["over tls via ca_file"]);
+    s.stop().await;
+
+    // SSL_CERT_FILE.
+    let s = Setup::new();
+    let mut env = Setup::env(&fake);
+    env.insert("SSL_CERT_FILE".into(), ca.display().to_string());
+    let _h = s.start(&env);
+    s.events.note(Level::Info, "over tls via SSL_CERT_FILE");
+    fake.wait_for(WAIT, |f| dashboard(f).len() == 2).await;
+    assert_eq!(dashboard(&fake)[1], "over tls via SSL_CERT_FILE");
+    s.stop().await;
+}

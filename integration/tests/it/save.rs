@@ -1,0 +1,275 @@
+//! Save on stop, end to end: the real daemon, real repositories, the real smart-HTTP git
+//! server with token auth.
+
+use std::time::{Duration, Instant};
+
+use agent_proto::local::Lifecycle;
+use integration::daemon::{Daemon, Signal, Workspace};
+use integration::gitserver::GitServer;
+use integration::wait_until;
+
+use crate::repos::{
+    cache_token, dirty_repo, files_containing, git, provider_for, server_files, worktree_files,
+};
+use crate::support::{LONG, SHORT, config};
+
+const TOKEN: &str = "ghs_right_4f9a8b7c6d5e";
+
+fn setup(ws: &Workspace) -> GitServer {
+    GitServer::start(ws.path().join("srv"), TOKEN).expect("git server")
+}
+
+/// SIGTERM pushes the dirty worktree as the snapshot ref: the server holds exactly the
+/// worktree's bytes, while HEAD, the index and `.git/config` stay byte-identical.
+#[test]
+fn sigterm_pushes_dirty_worktree_as_snapshot_ref() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let config_before = std::fs::read(repo.join(".git/config")).unwrap();
+    let index_before = std::fs::read(repo.join(".git/index")).unwrap();
+    let head_before = git(&repo, &["rev-parse", "HEAD"]);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    d.signal(Signal::SIGTERM);
+    let st = d.wait_exit(LONG);
+    assert!(st.success(), "{}", d.report());
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/ws1/main"),
+        worktree_files(&repo)
+    );
+    assert_eq!(
+        std::fs::read(repo.join(".git/config")).unwrap(),
+        config_before
+    );
+    assert_eq!(
+        std::fs::read(repo.join(".git/index")).unwrap(),
+        index_before
+    );
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head_before);
+    assert_eq!(
+        git(&repo, &["status", "--porcelain"]),
+        "M tracked.txt\n?? \"new file.txt\"".trim()
+    );
+    assert!(
+        d.stderr().contains("pushed refs/heads/wip/ws1/main"),
+        "{}",
+        d.stderr()
+    );
+    let hits = files_containing(
+        ws.path(),
+        TOKEN,
+        &[ws.home().join(".cache/coder/github_token")],
+    );
+    let hits: Vec<_> = hits
+        .into_iter()
+        .filter(|p| !p.starts_with(ws.path().join("srv")))
+        .collect();
+    assert!(hits.is_empty(), "token found in {hits:?}");
+    assert!(!d.stderr().contains(TOKEN));
+}
+
+/// With a wrong token nothing is pushed, the commit stays local, `wsagent save` exits 1,
+/// the journal says so, and the token appears in no log.
+#[test]
+fn wrong_token_is_not_pushed_but_committed_and_save_exits_1() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    let wrong = "ghs_wrong_0a1b2c3d4e5f";
+    cache_token(&ws.home(), wrong);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let out = d.cli(["save"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not pushed"),
+        "{out:?}"
+    );
+    assert_eq!(
+        server.ref_target("app.git", "refs/heads/wip/ws1/main"),
+        None
+    );
+    let local = git(
+        &repo,
+        &["for-each-ref", "--format=%(refname)", "refs/heads/wip"],
+    );
+    assert_eq!(
+        local, "refs/heads/wip/ws1/main",
+        "the local commit must exist"
+    );
+    let journal = std::fs::read_to_string(ws.state_dir().join("save-journal.jsonl")).unwrap();
+    let last: agent_proto::save::RepoOutcome =
+        serde_json::from_str(journal.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last.result.as_str(), last.pushed),
+        ("committed", false),
+        "{journal}"
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LONG);
+    assert!(!d.stderr().contains(wrong));
+    let hits = files_containing(&ws.state_dir(), wrong, &[]);
+    assert!(hits.is_empty(), "token found in {hits:?}");
+    assert_eq!(
+        files_containing(&repo, wrong, &[]),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+/// SIGKILL in the middle of a push to a slow server: `.git/config` is byte-identical,
+/// the token is nowhere on disk but its cache, and the next start reports the
+/// interrupted save.
+#[test]
+fn sigkill_mid_push_keeps_config_and_next_start_reports_interrupted_save() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let config_before = std::fs::read(repo.join(".git/config")).unwrap();
+    let cfg = config(&provider_for(&server));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    server.clear_requests();
+    server.set_latency(Duration::from_secs(5));
+    d.signal(Signal::SIGUSR1);
+    wait_until(SHORT, "the journal's started line", || {
+        std::fs::read_to_string(ws.state_dir().join("save-journal.jsonl"))
+            .is_ok_and(|j| j.contains("\"started\""))
+    });
+    // The local commit comes first; with 5 s of latency the push is then in flight.
+    wait_until(SHORT, "the local snapshot commit", || {
+        !git(
+            &repo,
+            &["for-each-ref", "--format=%(refname)", "refs/heads/wip"],
+        )
+        .is_empty()
+    });
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(SHORT);
+    assert_eq!(
+        std::fs::read(repo.join(".git/config")).unwrap(),
+        config_before
+    );
+    let hits = files_containing(
+        ws.path(),
+        TOKEN,
+        &[ws.home().join(".cache/coder/github_token")],
+    );
+    let hits: Vec<_> = hits
+        .into_iter()
+        .filter(|p| !p.starts_with(ws.path().join("srv")))
+        .collect();
+    assert!(hits.is_empty(), "token found in {hits:?}");
+    server.set_latency(Duration::ZERO);
+    let mut d2 = Daemon::start(&ws, &cfg);
+    d2.wait_lifecycle(Lifecycle::Ready, SHORT);
+    assert!(
+        d2.stderr().to_lowercase().contains("interrupted"),
+        "{}",
+        d2.stderr()
+    );
+}
+
+/// Twenty repositories against a server far too slow for the budget: every one is at
+/// least committed locally, and the stop still ends inside its budget.
+#[test]
+fn twenty_repos_against_a_too_slow_server_are_committed_and_the_stop_keeps_its_budget() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repos: Vec<_> = (0..20)
+        .map(|i| dirty_repo(&server, &ws.home(), &format!("r{i:02}")))
+        .collect();
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[shutdown]\nbudget = \"4s\"\n{}",
+            provider_for(&server)
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    server.set_latency(Duration::from_secs(20));
+    let t = Instant::now();
+    d.signal(Signal::SIGTERM);
+    let st = d.wait_exit(LONG);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(4500),
+        "stop took {took:?} with a 4s budget"
+    );
+    assert_eq!(
+        st.code(),
+        Some(1),
+        "a save that could not push must make the stop fail"
+    );
+    for r in &repos {
+        let local = git(
+            r,
+            &["for-each-ref", "--format=%(refname)", "refs/heads/wip"],
+        );
+        assert_eq!(
+            local,
+            "refs/heads/wip/ws1/main",
+            "{} not committed",
+            r.display()
+        );
+    }
+}
+
+/// `wsagent save` (Coder's shutdown_script) then SIGTERM: the stop pushes nothing again
+/// when nothing changed in between, and pushes what did.
+#[test]
+fn manual_save_then_sigterm_saves_only_what_changed() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let a = dirty_repo(&server, &ws.home(), "a");
+    let _b = dirty_repo(&server, &ws.home(), "b");
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let out = d.cli(["save"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("pushed").count(), 2, "{text}");
+    let last: Vec<_> = d
+        .status()
+        .last_save
+        .into_iter()
+        .map(|o| (o.repo, o.result))
+        .collect();
+    assert_eq!(
+        last,
+        vec![
+            (
+                ws.home().join("projects/a").display().to_string(),
+                "pushed".to_string()
+            ),
+            (
+                ws.home().join("projects/b").display().to_string(),
+                "pushed".to_string()
+            ),
+        ],
+        "status must show the last save"
+    );
+    let b_ref = server
+        .ref_target("b.git", "refs/heads/wip/ws1/main")
+        .unwrap();
+    std::fs::write(a.join("later.txt"), "after the manual save\n").unwrap();
+    server.clear_requests();
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    let pushes: Vec<_> = server.requests().into_iter().filter(|r| r.push).collect();
+    assert!(
+        pushes.iter().all(|r| r.path.starts_with("/a.git")),
+        "only a changed: {pushes:?}"
+    );
+    assert!(server_files(&server, "a", "refs/heads/wip/ws1/main").contains_key("later.txt"));
+    assert_eq!(
+        server
+            .ref_target("b.git", "refs/heads/wip/ws1/main")
+            .unwrap(),
+        b_ref
+    );
+}
