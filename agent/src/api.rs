@@ -47,11 +47,15 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
+/// The uid allowed besides root and the daemon's own (`daemon.api_user`).
+static API_UID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
 async fn check_peer(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
     let me = nix::unistd::geteuid().as_raw();
+    let extra = API_UID.get().copied().flatten();
     match peer.uid {
         Some(0) => next.run(req).await,
-        Some(uid) if uid == me => next.run(req).await,
+        Some(uid) if uid == me || Some(uid) == extra => next.run(req).await,
         Some(uid) => {
             tracing::warn!(uid, "local API request refused: peer uid not allowed");
             err(
@@ -84,6 +88,27 @@ pub fn serve(
     nix::sys::stat::umask(old);
     let listener = listener?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let api_user = shared
+        .config
+        .read()
+        .expect("lock")
+        .config
+        .daemon
+        .api_user
+        .clone();
+    let extra = match api_user
+        .as_deref()
+        .map(|u| crate::procs::resolve_user(u, None))
+    {
+        None => None,
+        Some(Ok(r)) => {
+            // The user owns the socket (still 0600), so it can connect; root always can.
+            std::os::unix::fs::chown(socket, Some(r.uid), Some(r.gid))?;
+            Some(r.uid)
+        }
+        Some(Err(e)) => return Err(std::io::Error::other(e)),
+    };
+    let _ = API_UID.set(extra);
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/{action}", post(service_action))

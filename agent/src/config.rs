@@ -59,6 +59,10 @@ pub struct DaemonConfig {
     pub socket: Option<String>,
     /// `trace`, `debug`, `info`, `warn`, `error`, or a tracing filter.
     pub log_level: String,
+    /// A user (name or uid) served by the local API besides root and the daemon's own
+    /// uid: the workspace user, so Coder's `shutdown_script` (`wsagent save`, run by the
+    /// Coder agent as that user) works. The socket is then owned by that user (mode 0600).
+    pub api_user: Option<String>,
 }
 
 impl Default for DaemonConfig {
@@ -68,6 +72,7 @@ impl Default for DaemonConfig {
             log_dir: None,
             socket: None,
             log_level: "info".into(),
+            api_user: None,
         }
     }
 }
@@ -647,6 +652,11 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if config.shutdown.budget.is_zero() {
         out.push(("shutdown.budget".into(), "must be greater than zero".into()));
+    }
+    if let Some(u) = &config.daemon.api_user
+        && crate::procs::resolve_user(u, None).is_err()
+    {
+        out.push(("daemon.api_user".into(), format!("unknown user {u:?}")));
     }
     if parse_level(&config.daemon.log_level).is_none() {
         out.push((

@@ -254,3 +254,47 @@ fn logs_tail_and_follow_a_service() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `daemon.api_user` lets the workspace user (who runs Coder's `shutdown_script`) use the
+/// socket, which it then owns (still 0600); any other uid is still refused.
+#[test]
+fn api_user_is_served_and_other_uids_still_refused() {
+    use std::os::unix::fs::MetadataExt;
+    if !integration::real::require_root("running clients as other users needs root") {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut d = Daemon::start(
+        &ws,
+        &config("[daemon]\napi_user = \"nobody\"\n[services.s]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let meta = std::fs::metadata(ws.socket()).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+    let as_uid = |uid: u32| {
+        std::process::Command::new(wsagent_bin())
+            .args([
+                "--socket".as_ref(),
+                ws.socket().as_os_str(),
+                "status".as_ref(),
+                "--json".as_ref(),
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .unwrap()
+    };
+    let ok = as_uid(65534);
+    assert!(ok.status.success(), "{ok:?}");
+    std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let refused = as_uid(1);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("permission denied: uid 1 "),
+        "{refused:?}"
+    );
+}
