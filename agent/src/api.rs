@@ -106,7 +106,11 @@ pub fn serve(
             std::os::unix::fs::chown(socket, Some(r.uid), Some(r.gid))?;
             Some(r.uid)
         }
-        Some(Err(e)) => return Err(std::io::Error::other(e)),
+        Some(Err(e)) => {
+            // A user of the image that does not exist here: serve root alone, loudly.
+            tracing::error!(error = %e, "daemon.api_user: serving root and the daemon's uid only");
+            None
+        }
     };
     let _ = API_UID.set(extra);
     let app = Router::new()

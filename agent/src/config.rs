@@ -653,10 +653,13 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
     if config.shutdown.budget.is_zero() {
         out.push(("shutdown.budget".into(), "must be greater than zero".into()));
     }
-    if let Some(u) = &config.daemon.api_user
-        && crate::procs::resolve_user(u, None).is_err()
+    if config
+        .daemon
+        .api_user
+        .as_deref()
+        .is_some_and(|u| u.trim().is_empty())
     {
-        out.push(("daemon.api_user".into(), format!("unknown user {u:?}")));
+        out.push(("daemon.api_user".into(), "must not be empty".into()));
     }
     if parse_level(&config.daemon.log_level).is_none() {
         out.push((
