@@ -413,3 +413,61 @@ fn default_services_without_their_program_are_absent_not_failed() {
         assert_eq!(warnings, 1, "one warning for {name}:\n{}", d.stderr());
     }
 }
+
+/// A service that never becomes healthy within `start_timeout` counts as failed to start:
+/// it is stopped, and past its failure limit it is `failed` and the lifecycle
+/// `start_error`.
+#[test]
+fn a_service_never_healthy_within_start_timeout_fails_to_start() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config(
+            r#"
+[services.mute]
+command = ["sleep", "1000"]
+start_timeout = "500ms"
+stop_timeout = "1s"
+[services.mute.backoff]
+initial = "100ms"
+max_failures = 2
+[services.mute.health]
+kind = "exec"
+command = ["false"]
+interval = "100ms"
+"#,
+        ),
+    );
+    let st = d.wait_lifecycle(Lifecycle::StartError, LONG);
+    let mute = st.services.iter().find(|s| s.name == "mute").unwrap();
+    assert_eq!(mute.state, ServiceState::Failed, "{mute:?}");
+    assert!(
+        mute.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("not healthy within start_timeout 500ms"),
+        "{mute:?}"
+    );
+    assert_eq!(mute.pid, None);
+    let step = st.startup.iter().find(|s| s.name == "services").unwrap();
+    assert_eq!(step.outcome, "failed");
+}
+
+/// Editing the config file is enough (no SIGHUP): the watcher reloads it.
+#[test]
+fn editing_the_config_file_reloads_without_a_signal() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.a]\ncommand = [\"sleep\", \"1000\"]\n"),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let old = d.service("a").pid;
+    ws.write_config(&config("[services.a]\ncommand = [\"sleep\", \"1001\"]\n[services.b]\ncommand = [\"sleep\", \"1000\"]\n"));
+    d.wait_service(
+        "a",
+        |s| s.state == ServiceState::Running && s.pid != old,
+        SHORT,
+    );
+    d.wait_service("b", |s| s.state == ServiceState::Running, SHORT);
+}
