@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent_proto::local::{Lifecycle, Status, StepStatus, TaskState, TaskStatus};
 
@@ -31,15 +31,8 @@ fn wsagent_bin() -> PathBuf {
 }
 
 /// Poll `cond` until it returns `Some`, or panic after `timeout` with `what`.
-fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for<T>(timeout: Duration, what: &str, cond: impl FnMut() -> Option<T>) -> T {
+    integration::wait_until(timeout, what, cond)
 }
 
 /// A workspace: a temp dir with HOME, a skeleton dir, a config and a socket.
@@ -899,8 +892,8 @@ fn the_task_terminal_takes_the_size_of_the_attached_terminal_and_follows_its_res
     // SIGWINCH reaches the client asynchronously: ask again until the new size shows.
     term.resize(50, 20);
     wait_for(Duration::from_secs(15), "the resized terminal", || {
+        // wait_for pauses between polls: one Enter per poll asks for the size again.
         term.type_bytes(b"\r");
-        std::thread::sleep(Duration::from_millis(50));
         term.seen().contains("size=20 50").then_some(())
     });
     term.type_bytes(&[0x1d]);
