@@ -15,8 +15,6 @@
 //! tracker.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -117,46 +115,9 @@ impl Ring {
     }
 }
 
-/// A raw-bytes log file, rotated once (`.1`) at `max_bytes`.
-struct RawLog {
-    path: PathBuf,
-    max_bytes: u64,
-    file: Option<File>,
-    size: u64,
-}
-
-impl RawLog {
-    fn write(&mut self, data: &[u8]) {
-        if self.file.is_none() {
-            match OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
-                Ok(f) => {
-                    self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    self.file = Some(f);
-                }
-                Err(_) => return,
-            }
-        }
-        if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
-            self.file = None;
-            let _ = std::fs::rename(&self.path, format!("{}.1", self.path.display()));
-            self.size = 0;
-            return self.write(data);
-        }
-        if let Some(f) = &mut self.file
-            && f.write_all(data).is_ok()
-        {
-            self.size += data.len() as u64;
-        }
-    }
-}
-
 struct Output {
     ring: Ring,
-    log: RawLog,
+    log: crate::supervisor::output::RotatingFile,
 }
 
 /// One task: its status, output and (for tty tasks) terminal.
@@ -199,12 +160,11 @@ impl Task {
             started: Mutex::new(None),
             output: Mutex::new(Output {
                 ring: Ring::new(RING_BYTES),
-                log: RawLog {
-                    path: log_path.clone(),
-                    max_bytes: max_bytes.max(64 * 1024),
-                    file: None,
-                    size: 0,
-                },
+                log: crate::supervisor::output::RotatingFile::new(
+                    log_path.clone(),
+                    max_bytes.max(64 * 1024),
+                    1,
+                ),
             }),
             live,
             master: Mutex::new(None),
@@ -230,7 +190,7 @@ impl Task {
     fn output(&self, data: &[u8]) {
         let mut o = self.output.lock().expect("lock");
         o.ring.push(data);
-        o.log.write(data);
+        o.log.write_bytes(data);
         // Sent under the lock, so `subscribe` sees each byte exactly once.
         let _ = self.live.send(Bytes::copy_from_slice(data));
     }
@@ -243,7 +203,7 @@ impl Task {
 
     fn header(&self, line: &str) {
         let mut o = self.output.lock().expect("lock");
-        o.log.write(line.as_bytes());
+        o.log.write_bytes(line.as_bytes());
     }
 
     fn master(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {

@@ -41,6 +41,18 @@ impl RotatingFile {
     }
 
     pub fn write_line(&mut self, line: &str) {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        self.write_bytes(&buf);
+    }
+
+    /// Append raw bytes (a terminal's output, say); rotates first when they would not fit.
+    /// A piece larger than the limit goes whole into a fresh file.
+    pub fn write_bytes(&mut self, data: &[u8]) {
+        if self.file.is_some() && self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
+            self.rotate();
+        }
         if self.file.is_none() {
             if let Some(dir) = self.path.parent() {
                 let _ = std::fs::create_dir_all(dir);
@@ -56,18 +68,15 @@ impl RotatingFile {
                 }
                 Err(_) => return,
             }
-        }
-        if self.size + line.len() as u64 + 1 > self.max_bytes {
-            self.rotate();
-            return self.write_line(line);
-        }
-        if let Some(f) = &mut self.file {
-            let mut buf = Vec::with_capacity(line.len() + 1);
-            buf.extend_from_slice(line.as_bytes());
-            buf.push(b'\n');
-            if f.write_all(&buf).is_ok() {
-                self.size += buf.len() as u64;
+            if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
+                self.rotate();
+                return self.write_bytes(data);
             }
+        }
+        if let Some(f) = &mut self.file
+            && f.write_all(data).is_ok()
+        {
+            self.size += data.len() as u64;
         }
     }
 
@@ -186,5 +195,18 @@ mod tests {
                 "line 0199 ........................"
             ]
         );
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_written_whole_not_looped_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("svc.log");
+        let mut f = RotatingFile::new(p.clone(), 1024, 2);
+        f.write_line("short");
+        f.write_line(&"x".repeat(5000));
+        f.write_line("after");
+        assert_eq!(tail(&p, 1), ["after"]);
+        let big = std::fs::read_to_string(format!("{}.1", p.display())).unwrap();
+        assert_eq!(big.len(), 5001);
     }
 }
