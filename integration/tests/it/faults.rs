@@ -204,7 +204,7 @@ fn sigusr1_during_a_manual_save_waits_its_turn_and_the_daemon_keeps_running() {
     // The second save finds nothing new (or saves it again): either way it ends, and the
     // daemon is still up.
     wait_until(SHORT, "the SIGUSR1 save to end", || {
-        journal(&ws.state_dir()).len() >= 1
+        !journal(&ws.state_dir()).is_empty()
             && d.try_status()
                 .is_ok_and(|s| s.lifecycle == Lifecycle::Ready)
     });
