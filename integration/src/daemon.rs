@@ -315,10 +315,25 @@ impl Daemon {
         Daemon::spawn(ws, config_toml, true)
     }
 
+    /// Like [`Daemon::start`], run through `wrapper` (a program and its arguments that ends
+    /// by exec'ing the rest of its argv, e.g. `unshare --mount sh -c '...; exec "$@"' sh`),
+    /// so the daemon's pid is the wrapper's. Used to give it a private mount namespace.
+    pub fn start_wrapped(ws: &Workspace, config_toml: &str, wrapper: &[String]) -> Daemon {
+        Daemon::spawn_with(ws, config_toml, false, wrapper)
+    }
+
     fn spawn(ws: &Workspace, config_toml: &str, pid1: bool) -> Daemon {
+        Daemon::spawn_with(ws, config_toml, pid1, &[])
+    }
+
+    fn spawn_with(ws: &Workspace, config_toml: &str, pid1: bool, wrapper: &[String]) -> Daemon {
         ws.write_config(config_toml);
         let bin = wsagent_bin();
-        let mut cmd = if pid1 {
+        let mut cmd = if let Some((prog, args)) = wrapper.split_first() {
+            let mut c = ws.command(prog);
+            c.args(args).arg(&bin);
+            c
+        } else if pid1 {
             // --kill-child: if the test process dies, unshare dies (PDEATHSIG below) and
             // takes the namespace with it.
             let mut c = ws.command("unshare");

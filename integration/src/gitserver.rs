@@ -5,7 +5,8 @@
 //! Basic auth whose password is the server's token (any user name), otherwise the answer
 //! is `401` with `WWW-Authenticate: Basic`. Switches make it misbehave on purpose:
 //! [`GitServer::set_latency`] delays every request, [`GitServer::set_reject`] makes every
-//! push fail in a `pre-receive` hook. Every request is logged ([`GitServer::requests`]).
+//! push fail in a `pre-receive` hook, [`GitServer::set_drop_push_after`] drops a push's
+//! connection after reading part of its pack. Every request is logged ([`GitServer::requests`]).
 //! The server runs on its own thread and runtime, so it serves sync and async tests alike
 //! and keeps serving while the test's runtime is busy; dropping it stops it.
 //!
@@ -65,6 +66,8 @@ struct Shared {
     latency_ms: AtomicU64,
     trickle_ms: AtomicU64,
     reject: AtomicBool,
+    /// Bytes of a push's request body read before the connection is dropped; 0: off.
+    drop_push_after: AtomicU64,
     auth_fetch: AtomicBool,
     log: Mutex<Vec<LoggedRequest>>,
 }
@@ -103,6 +106,7 @@ impl GitServer {
             latency_ms: AtomicU64::new(0),
             trickle_ms: AtomicU64::new(0),
             reject: AtomicBool::new(false),
+            drop_push_after: AtomicU64::new(0),
             auth_fetch: AtomicBool::new(false),
             log: Mutex::new(Vec::new()),
         });
@@ -227,6 +231,15 @@ impl GitServer {
         self.shared.reject.store(reject, Ordering::SeqCst);
     }
 
+    /// Drop every push's connection after reading `bytes` of its pack (the request body),
+    /// before answering anything but the status line: a reset in the middle of the upload.
+    /// `None` turns it off.
+    pub fn set_drop_push_after(&self, bytes: Option<u64>) {
+        self.shared
+            .drop_push_after
+            .store(bytes.map_or(0, |b| b.max(1)), Ordering::SeqCst);
+    }
+
     /// Require the token for fetches and clones too.
     pub fn set_auth_for_fetch(&self, on: bool) {
         self.shared.auth_fetch.store(on, Ordering::SeqCst);
@@ -285,6 +298,30 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             .status(StatusCode::UNAUTHORIZED)
             .header(header::WWW_AUTHENTICATE, "Basic realm=\"gitserver\"")
             .body(Body::from("authentication required\n"))
+            .unwrap();
+    }
+    let drop_after = sh.drop_push_after.load(Ordering::SeqCst);
+    if push && drop_after > 0 && req.method() == axum::http::Method::POST {
+        let mut body = req.into_body().into_data_stream();
+        let mut seen = 0u64;
+        while seen < drop_after {
+            match body.next().await {
+                Some(Ok(chunk)) => seen += chunk.len() as u64,
+                _ => break,
+            }
+        }
+        sh.log.lock().unwrap().push(log(200));
+        // A body that fails at once: hyper aborts the connection after the head.
+        let cut = futures::stream::once(async {
+            Err::<Bytes, io::Error>(io::Error::other("connection dropped by the test server"))
+        });
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                header::CONTENT_TYPE,
+                "application/x-git-receive-pack-result",
+            )
+            .body(Body::from_stream(cut))
             .unwrap();
     }
     let resp = match cgi(&sh, req, &path, &query, user.as_deref()).await {

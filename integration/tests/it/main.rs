@@ -5,6 +5,8 @@
 //! - `pid1`: init duties (reaping, exact exit codes, signals) as PID 1 and as subreaper.
 //! - `supervision`: restart and backoff, dependencies and health checks, stop order, reload.
 //! - `cli`: config errors, the socket's protection, secrets, the client without a daemon.
+//! - `faults`: the fault matrix (signals at bad moments, full disk, control-plane and git
+//!   server faults, misbehaving children): nothing lost, no token anywhere.
 //! - `save`: save on stop through the daemon (SIGTERM, `wsagent save`, SIGUSR1, SIGKILL).
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
@@ -15,6 +17,7 @@
 
 mod cli;
 mod control;
+mod faults;
 mod gitserver;
 mod images;
 mod pid1;
