@@ -422,7 +422,12 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     cancel.cancel();
     shared.supervisor.lock().await.detach_all();
     tracker.close();
-    let _ = tokio::time::timeout_at(join_by, tracker.wait()).await;
+    let tasks = shared.tasks.tracker().clone();
+    tasks.close();
+    let _ = tokio::time::timeout_at(join_by, async {
+        tokio::join!(tracker.wait(), tasks.wait())
+    })
+    .await;
     let _ = std::fs::remove_file(&socket);
     signal_thread.close();
     code
