@@ -13,6 +13,9 @@ pub const REQUIRE_REAL: &str = "WSAGENT_TEST_REQUIRE_REAL";
 pub const CODE_SERVER: &str = "WSAGENT_TEST_CODE_SERVER";
 /// A busybox root filesystem as a tarball, for `docker import`.
 pub const ROOTFS_TAR: &str = "WSAGENT_TEST_ROOTFS_TAR";
+/// A Debian 12 root filesystem (debootstrap, minbase) as a tarball, imported as
+/// `debian:12-slim` to build `Dockerfile.base` on.
+pub const DEBIAN_TAR: &str = "WSAGENT_TEST_DEBIAN_TAR";
 
 /// Whether the run is strict (`WSAGENT_TEST_REQUIRE_REAL=1`).
 pub fn strict() -> bool {

@@ -12,10 +12,12 @@
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
+//! - `containers`: the image of `Dockerfile.base` run by a real Docker engine.
 //! - `template`: the Coder template's wiring (token, init script, stop hooks, deadlines).
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
 mod cli;
+mod containers;
 mod control;
 mod faults;
 mod gitserver;
