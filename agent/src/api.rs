@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use agent_proto::local::{
@@ -229,12 +230,29 @@ fn is_final(ev: &Event) -> bool {
     )
 }
 
+/// Counts one open event stream in [`Shared::open_streams`] for as long as it lives.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl StreamGuard {
+    fn new(count: &Arc<AtomicUsize>) -> StreamGuard {
+        count.fetch_add(1, Ordering::SeqCst);
+        StreamGuard(count.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn event_stream(
     rx: tokio::sync::broadcast::Receiver<Event>,
     until_final: bool,
     exit: CancellationToken,
+    guard: StreamGuard,
 ) -> Body {
-    event_stream_with(Vec::new(), rx, until_final, exit)
+    event_stream_with(Vec::new(), rx, until_final, exit, guard)
 }
 
 fn event_stream_with(
@@ -242,6 +260,7 @@ fn event_stream_with(
     rx: tokio::sync::broadcast::Receiver<Event>,
     until_final: bool,
     exit: CancellationToken,
+    guard: StreamGuard,
 ) -> Body {
     let head = futures::stream::iter(history.into_iter().map(|ev| {
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
@@ -266,7 +285,14 @@ fn event_stream_with(
         }
     });
     let all = futures::StreamExt::chain(head, stream);
-    Body::from_stream(futures::StreamExt::take_until(all, exit.cancelled_owned()))
+    let counted = futures::StreamExt::map(all, move |item| {
+        let _open = &guard;
+        item
+    });
+    Body::from_stream(futures::StreamExt::take_until(
+        counted,
+        exit.cancelled_owned(),
+    ))
 }
 
 async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownRequest>>) -> Response {
@@ -275,7 +301,7 @@ async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownReques
     let already = s.stop.is_cancelled();
     s.stop.cancel();
     if req.wait {
-        event_stream(rx, true, s.exit.clone()).into_response()
+        event_stream(rx, true, s.exit.clone(), StreamGuard::new(&s.open_streams)).into_response()
     } else {
         let message = if already {
             "the stop sequence is already running"
@@ -361,9 +387,22 @@ struct EventsQuery {
 async fn events(State(s): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Response {
     if q.replay {
         let (history, rx) = s.events.subscribe_with_history();
-        event_stream_with(history, rx, false, s.exit.clone()).into_response()
+        event_stream_with(
+            history,
+            rx,
+            false,
+            s.exit.clone(),
+            StreamGuard::new(&s.open_streams),
+        )
+        .into_response()
     } else {
-        event_stream(s.events.subscribe(), false, s.exit.clone()).into_response()
+        event_stream(
+            s.events.subscribe(),
+            false,
+            s.exit.clone(),
+            StreamGuard::new(&s.open_streams),
+        )
+        .into_response()
     }
 }
 

@@ -56,6 +56,9 @@ pub struct Shared {
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
     /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
     pub tasks: crate::startup::State,
+    /// Event streams of the local API still open (`shutdown --wait`, `events`):
+    /// the exit waits a little for them to be read, and not at all when there are none.
+    pub open_streams: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -320,6 +323,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
         tasks: crate::startup::State::default(),
+        open_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
     // The reporter subscribes first, so the dashboard gets every line from here on.
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
@@ -416,8 +420,18 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     // Then end every task, bounded by what is left of the budget (a stuck HTTP call of
     // the reporter must not hold the exit).
     let join_by = deadline.max(tokio::time::Instant::now() + Duration::from_millis(100));
+    // Only while a stream is open (a client that has its final event ends its stream at
+    // once), so an exit nobody watches does not wait at all.
     if api {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let until = tokio::time::Instant::now() + Duration::from_millis(50);
+        while shared
+            .open_streams
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     cancel.cancel();
     shared.supervisor.lock().await.detach_all();
