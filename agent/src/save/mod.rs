@@ -210,6 +210,8 @@ pub async fn save_all(
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
+    // Before anything is written: libgit2 then fsyncs what it writes (see sync_repo).
+    repo::gitdir_fsync_enabled();
     // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
     // one waits, then finds the work of the first already saved.
     let lock = save_lock(&env.state_dir);

@@ -669,10 +669,31 @@ fn sanitize(s: &str) -> String {
     }
 }
 
-/// Make the new objects and refs durable: one `syncfs` of the filesystem holding the
-/// git directory (libgit2 does not fsync loose objects by default).
+/// Make the new objects and refs durable. libgit2 is asked once to fsync everything it
+/// writes in a git directory (objects, refs, their directories), so only what this save
+/// wrote is flushed; where that option is refused, one `syncfs` of the filesystem holding
+/// the git directory does it (slow on a busy disk: it flushes everyone's data).
 fn sync_repo(repo: &Repository) {
-    sync_dir(repo.commondir());
+    if !gitdir_fsync_enabled() {
+        sync_dir(repo.commondir());
+    }
+}
+
+/// Turn on libgit2's fsync of git directories (process-wide, once); true when it took.
+pub(crate) fn gitdir_fsync_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        git2::opts::strict_hash_verification(true);
+        // SAFETY: a documented libgit2 option taking one int; libgit2 is initialised by
+        // the git2 call above.
+        let rc = unsafe {
+            libgit2_sys::git_libgit2_opts(
+                libgit2_sys::GIT_OPT_ENABLE_FSYNC_GITDIR as std::ffi::c_int,
+                1 as std::ffi::c_int,
+            )
+        };
+        rc == 0
+    })
 }
 
 fn sync_dir(dir: &Path) {
