@@ -471,8 +471,12 @@ impl Task {
         };
         // Group members that outlived the leader get what is left of the timeout.
         let pgid = child.pid;
+        // Usually they are gone within a millisecond (exiting with the leader): poll
+        // quickly first, then back off.
+        let mut pause = Duration::from_millis(1);
         while group_alive(pgid) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
         kill_group(pgid, Signal::SIGKILL);
         st
