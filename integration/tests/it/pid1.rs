@@ -1,8 +1,6 @@
 //! wsagent as init: orphans reaped, supervised exit codes exact, signals handled, as PID 1
 //! of a fresh pid namespace and as a child subreaper.
 
-use std::time::Duration;
-
 use agent_proto::local::{Lifecycle, ServiceState};
 use integration::daemon::{Daemon, Signal, Workspace};
 use integration::real::require_root;
@@ -138,5 +136,4 @@ fn sigusr1_is_handled_not_fatal() {
         d.stderr().contains("SIGUSR1 received")
     });
     assert!(d.try_exit().is_none());
-    let _ = Duration::ZERO;
 }
