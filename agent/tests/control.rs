@@ -625,6 +625,13 @@ async fn the_fake_coderd_validates_like_coderd() {
     use reqwest::Method as M;
     let t = fake.token();
     assert_eq!(
+        call(M::PATCH, "/logs", "", Some("{}")).await,
+        (
+            401,
+            "Cookie \"coder_session_token\" must be provided.".into()
+        )
+    );
+    assert_eq!(
         call(M::PATCH, "/logs", "not-a-uuid", Some("{}")).await,
         (401, "Workspace agent token invalid.".into())
     );
