@@ -625,6 +625,13 @@ async fn the_fake_coderd_validates_like_coderd() {
     use reqwest::Method as M;
     let t = fake.token();
     assert_eq!(
+        call(M::PATCH, "/logs", "", Some("{}")).await,
+        (
+            401,
+            "Cookie \"coder_session_token\" must be provided.".into()
+        )
+    );
+    assert_eq!(
         call(M::PATCH, "/logs", "not-a-uuid", Some("{}")).await,
         (401, "Workspace agent token invalid.".into())
     );
@@ -828,4 +835,55 @@ async fn coderd_behind_a_private_ca_is_trusted_through_ca_file_or_ssl_cert_file(
     fake.wait_for(WAIT, |f| dashboard(f).len() == 2).await;
     assert_eq!(dashboard(&fake)[1], "over tls via SSL_CERT_FILE");
     s.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_queue_drops_the_oldest_lines_and_counts_them() {
+    let fake = FakeCoderd::start_down().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.log_queue_lines = 5;
+    let h = s.start(&Setup::env(&fake));
+    for i in 0..20 {
+        s.events.note(Level::Info, format!("queued {i}"));
+    }
+    eventually("drop count in status", || {
+        h.status().contains("15 log lines dropped")
+    })
+    .await;
+    fake.set_down(false).await;
+    h.flush(Instant::now() + WAIT).await;
+    let kept: Vec<_> = dashboard(&fake)
+        .into_iter()
+        .filter(|l| l.starts_with("queued"))
+        .collect();
+    assert_eq!(
+        kept,
+        (15..20).map(|i| format!("queued {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(h.dropped_lines(), 15);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_fake_holds_a_listen_request_until_the_token_changes() {
+    let fake = FakeCoderd::start().await;
+    let url = format!(
+        "{}api/v2/workspaceagents/me/external-auth?id=github&match=&listen=true",
+        fake.url()
+    );
+    let req = reqwest::Client::new()
+        .get(url)
+        .header("Coder-Session-Token", fake.token())
+        .send();
+    let pending = tokio::spawn(req);
+    assert!(fake.wait_for(WAIT, |f| f.in_flight() == 1).await);
+    assert!(!pending.is_finished());
+    fake.set_external_token("github", Some("ghp_listened_for_999"));
+    let resp = tokio::time::timeout(WAIT, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let body: agent_proto::coder::ExternalAuthResponse = resp.json().await.unwrap();
+    assert_eq!(body.access_token, "ghp_listened_for_999");
 }

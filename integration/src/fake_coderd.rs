@@ -13,7 +13,7 @@
 //! private CA, as clusters reaching coderd by an internal name have).
 //!
 //! Differences from coderd, on purpose: a provider's `match` is a plain substring test
-//! instead of a Go regex; `listen` long-polls are not implemented (answered at once);
+//! instead of a Go regex; `listen` long-polls only work with `id` (and poll every 20 ms);
 //! every answer carries `Connection: close`, so "down" takes effect at the next request
 //! instead of after the client's pooled connections time out.
 
@@ -120,6 +120,7 @@ struct State {
     app_status_404: bool,
     delay: Duration,
     fault: Option<Fault>,
+    in_flight: usize,
 }
 
 struct Shared {
@@ -361,6 +362,11 @@ impl FakeCoderd {
         self.shared.lock().logs_length = bytes;
     }
 
+    /// Requests received and not answered yet (held by a delay or a `listen`).
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().in_flight
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.shared.lock().requests.clone()
     }
@@ -416,6 +422,15 @@ impl FakeCoderd {
     }
 }
 
+/// Counts a request as in flight until its handler ends (answered or dropped).
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
+    }
+}
+
 type Answer = (StatusCode, Vec<(&'static str, String)>, Vec<u8>);
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Answer {
@@ -448,10 +463,16 @@ async fn handle(
         body: body.to_vec(),
         status: 0,
     };
-    let delay = shared.lock().delay;
+    let delay = {
+        let mut s = shared.lock();
+        s.in_flight += 1;
+        s.delay
+    };
+    let _in_flight = InFlight(shared.clone());
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    listen(&shared, &recorded).await;
     let (status, hdrs, bytes) = answer(&shared, &recorded, &headers);
     recorded.status = status.as_u16();
     shared.lock().requests.push(recorded);
@@ -466,6 +487,36 @@ async fn handle(
         header::HeaderValue::from_static("close"),
     );
     resp
+}
+
+/// `GET /me/external-auth?...&listen`: hold the request until the provider's token
+/// changes to a new, valid one (coderd polls once a second; the fake every 20 ms). Auth
+/// and validation happen afterwards, in [`answer`], on the state at that moment.
+async fn listen(shared: &Shared, rec: &Recorded) {
+    let is_auth = rec.path.ends_with("/me/external-auth") || rec.path.ends_with("/me/gitauth");
+    let q = rec.query_pairs();
+    if rec.method != "GET" || !is_auth || !q.iter().any(|(k, _)| k == "listen") {
+        return;
+    }
+    let id = q
+        .iter()
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let token_of = |s: &State| {
+        s.providers
+            .iter()
+            .find(|p| p.id == id)
+            .and_then(|p| p.token.clone())
+    };
+    let before = token_of(&shared.lock());
+    loop {
+        let now = token_of(&shared.lock());
+        if now.is_some() && now != before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The token as `httpmw.APITokenFromRequest` finds it: cookie, query, then header.
