@@ -25,7 +25,7 @@ impl Default for Events {
 
 impl Events {
     pub fn new() -> Events {
-        let (tx, _) = broadcast::channel(4096);
+        let (tx, _) = broadcast::channel(1024);
         Events {
             tx,
             history: Default::default(),

@@ -95,6 +95,7 @@ fn http_client() -> reqwest::Client {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     CLIENT
         .get_or_init(|| {
+            crate::tls::install_provider();
             reqwest::Client::builder()
                 .no_proxy()
                 .connect_timeout(Duration::from_secs(5))

@@ -35,6 +35,9 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMake<M> {
     }
 }
 
+/// Lines the log file writer may queue before new lines are dropped (and counted).
+const LOG_LINES_IN_FLIGHT: usize = 4096;
+
 /// Keeps the file writer alive; dropping it flushes the file.
 pub struct Guard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
 
@@ -67,7 +70,12 @@ pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
             .map_err(io::Error::other)
     }) {
         Ok(appender) => {
-            let (nb, g) = tracing_appender::non_blocking(appender);
+            // 4096 lines in flight, not the default 128 000: that default's channel
+            // is allocated whole (4 MiB) at start and would be most of the idle RSS.
+            let (nb, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+                .buffered_lines_limit(LOG_LINES_IN_FLIGHT)
+                .thread_name("wsagent-logfile")
+                .finish(appender);
             guard = Some(g);
             Some(
                 tracing_subscriber::fmt::layer()

@@ -604,6 +604,7 @@ async fn the_token_file_is_read_when_the_variable_is_unset() {
 #[tokio::test]
 async fn the_fake_coderd_validates_like_coderd() {
     let fake = FakeCoderd::start().await;
+    agent::tls::install_provider();
     let http = reqwest::Client::new();
     let me = format!("{}api/v2/workspaceagents/me", fake.url());
     let call = |method: reqwest::Method, path: &str, token: &str, body: Option<&str>| {
@@ -871,6 +872,7 @@ async fn the_fake_holds_a_listen_request_until_the_token_changes() {
         "{}api/v2/workspaceagents/me/external-auth?id=github&match=&listen=true",
         fake.url()
     );
+    agent::tls::install_provider();
     let req = reqwest::Client::new()
         .get(url)
         .header("Coder-Session-Token", fake.token())

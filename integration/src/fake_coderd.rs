@@ -204,7 +204,7 @@ impl FakeCoderd {
                 .collect::<Result<_, _>>()
                 .expect("certificate chain PEM");
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem).expect("key PEM");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("tls versions")

@@ -133,6 +133,7 @@ impl Client {
             Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
             _ => return Err(ClientError::BadUrl { url: base }),
         }
+        crate::tls::install_provider();
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("wsagent/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(timeout.min(Duration::from_secs(10)))

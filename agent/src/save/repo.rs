@@ -6,16 +6,13 @@
 //! on any push, so a slow server costs pushes, never local commits. Neither step writes
 //! `.git/config`; the snapshot path does not write HEAD, the index or the worktree.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use agent_proto::save::RepoOutcome;
-use git2::{
-    CredentialType, ErrorCode, Oid, PushOptions, RemoteCallbacks, Repository, RepositoryState,
-    Signature,
-};
+use git2::{ErrorCode, Oid, PushOptions, RemoteCallbacks, Repository, RepositoryState, Signature};
 
 use super::discover::Found;
 use super::fsids::AsOwner;
@@ -867,36 +864,16 @@ fn push_once(
     let mut remote = repo
         .remote_anonymous(&plan.url)
         .map_err(|e| PushFail::Other(clean(e.message())))?;
-    let attempts = Cell::new(0usize);
-    let auth_failed = Cell::new(false);
+    // The HTTP transport (crate::githttp) sends the first credential with the first
+    // request and the next one after each 401; the list running out is an auth failure.
+    let scope = crate::githttp::Scope::new(creds, Some(deadline));
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     let result = {
         let mut cbs = RemoteCallbacks::new();
-        cbs.credentials(|_url, _user, allowed| {
-            if Instant::now() >= deadline {
-                return Err(git2::Error::from_str("deadline passed"));
-            }
-            if !allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-                auth_failed.set(true);
-                return Err(git2::Error::from_str(
-                    "the remote asks for a credential other than a token",
-                ));
-            }
-            // libgit2 calls again after every 401: each call takes the next
-            // credential, and the list running out ends the loop.
-            let i = attempts.get();
-            attempts.set(i + 1);
-            match creds.get(i) {
-                Some(c) => git2::Cred::userpass_plaintext(&c.username, c.token.expose()),
-                None => {
-                    auth_failed.set(true);
-                    Err(git2::Error::from_str(if i == 0 {
-                        "authentication required and no token is known for this host"
-                    } else {
-                        "authentication failed: every token for this host was rejected"
-                    }))
-                }
-            }
+        cbs.credentials(|_url, _user, _allowed| {
+            Err(git2::Error::from_str(
+                "the remote asks for a credential other than a token over HTTPS",
+            ))
         });
         cbs.push_update_reference(|name, status| {
             if let Some(s) = status {
@@ -920,7 +897,7 @@ fn push_once(
         let m = clean(e.message());
         return Err(if Instant::now() >= deadline {
             PushFail::Deadline(format!("deadline passed while pushing ({m})"))
-        } else if auth_failed.get() || e.code() == ErrorCode::Auth {
+        } else if scope.auth_failed() || e.code() == ErrorCode::Auth {
             PushFail::Auth(m)
         } else if e.code() == ErrorCode::NotFastForward {
             PushFail::Rejected(m)

@@ -291,6 +291,8 @@ fn fetch_options(deadline: Instant) -> git2::FetchOptions<'static> {
 }
 
 fn clone(url: &str, dir: &Path, branch: Option<&str>, deadline: Instant) -> Result<(), String> {
+    // HTTP(S) goes through crate::githttp: anonymous, under the deadline.
+    let _net = crate::githttp::Scope::new(&[], Some(deadline));
     let mut b = git2::build::RepoBuilder::new();
     b.fetch_options(fetch_options(deadline));
     if let Some(br) = branch {
@@ -307,6 +309,7 @@ fn switch_branch(repo: &git2::Repository, branch: &str, deadline: Instant) -> Re
     let m = |e: git2::Error| e.message().to_string();
     let mut remote = repo.find_remote("origin").map_err(m)?;
     let spec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+    let _net = crate::githttp::Scope::new(&[], Some(deadline));
     remote
         .fetch(&[&spec], Some(&mut fetch_options(deadline)), None)
         .map_err(m)?;
@@ -361,6 +364,7 @@ fn pull_current(repo: &git2::Repository, deadline: Instant) -> Result<String, St
     let refname = head.name().map_err(m)?.to_string();
     let branch = head.shorthand().map_err(m)?.to_string();
     let mut remote = repo.find_remote("origin").map_err(m)?;
+    let _net = crate::githttp::Scope::new(&[], Some(deadline));
     remote
         .fetch(&[&branch], Some(&mut fetch_options(deadline)), None)
         .map_err(m)?;

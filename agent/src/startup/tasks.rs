@@ -153,7 +153,7 @@ impl Task {
             tty,
             message: None,
         });
-        let (live, _) = broadcast::channel(1024);
+        let (live, _) = broadcast::channel(256);
         Arc::new(Task {
             name: name.into(),
             status,

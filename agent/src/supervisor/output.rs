@@ -106,7 +106,8 @@ pub struct Sink {
 
 impl Sink {
     pub fn new(service: &str, file: RotatingFile) -> Sink {
-        let (follow, _) = broadcast::channel(1024);
+        // Followers (`wsagent logs -f`) that fall 256 lines behind skip ahead.
+        let (follow, _) = broadcast::channel(256);
         Sink {
             service: service.into(),
             file: Arc::new(Mutex::new(file)),

@@ -117,3 +117,30 @@ async fn an_ssh_remote_of_a_known_host_is_pushed_over_its_https_twin() {
         config_before
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_goes_with_the_first_request_so_a_push_is_two_requests_without_a_401() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    fx.server.clear_requests();
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    let log = fx.server.requests();
+    let summary: Vec<(String, String, u16, Option<String>)> = log
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone(), r.status, r.user.clone()))
+        .collect();
+    let user = Some("x-access-token".to_string());
+    assert_eq!(
+        summary,
+        vec![
+            ("GET".into(), "/app.git/info/refs".into(), 200, user.clone()),
+            ("POST".into(), "/app.git/git-receive-pack".into(), 200, user),
+        ],
+        "{log:?}"
+    );
+}
