@@ -226,8 +226,7 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
         &loaded.config.daemon.log_level,
         &loaded.config.state_dir(&home),
     );
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

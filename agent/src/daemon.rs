@@ -361,7 +361,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     };
 
-    let (_watcher, mut config_changed) = watch_config_files(&opts.sources);
+    let mut config_changed = watch_config_files(&opts.sources, &tracker, cancel.clone());
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<StopFuture> = None;
@@ -447,44 +447,27 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     code
 }
 
-/// Watch the config files (their directories, since editors replace files by rename).
+/// Watch the config files (polled: see `crate::watch`); the receiver gets `()` after
+/// each change. Files that do not exist yet are watched for their creation.
 fn watch_config_files(
     sources: &Sources,
-) -> (
-    Option<notify::RecommendedWatcher>,
-    tokio::sync::mpsc::UnboundedReceiver<()>,
-) {
-    use notify::Watcher;
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> tokio::sync::mpsc::UnboundedReceiver<()> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let files: Vec<PathBuf> = [sources.system_file.clone(), sources.explicit.clone()]
         .into_iter()
         .flatten()
         .collect();
-    let wanted = files.clone();
-    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res
-            && !ev.kind.is_access()
-            && ev.paths.iter().any(|p| wanted.iter().any(|w| p == w))
-        {
+    tracker.spawn(crate::watch::poll(
+        files,
+        crate::watch::INTERVAL,
+        cancel,
+        move |_| {
             let _ = tx.send(());
-        }
-    });
-    let mut watcher = match watcher {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the config files; reload with SIGHUP");
-            return (None, rx);
-        }
-    };
-    for f in &files {
-        if let Some(dir) = f.parent()
-            && dir.is_dir()
-            && let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive)
-        {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a config directory");
-        }
-    }
-    (Some(watcher), rx)
+        },
+    ));
+    rx
 }
 
 async fn reload(shared: &Arc<Shared>) {

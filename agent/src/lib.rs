@@ -21,3 +21,4 @@ pub mod startup;
 pub mod supervisor;
 pub mod tls;
 pub mod tokens;
+pub mod watch;

@@ -336,12 +336,8 @@ impl ControlPlane {
                 });
             }
         }
-        match handle.watcher() {
-            Ok((watcher, rx)) => {
-                tracker.spawn(handle.clone().watch_loop(watcher, rx, cancel.clone()));
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot watch the token cache files"),
-        }
+        let files = handle.cache_files();
+        tracker.spawn(handle.clone().watch_loop(files, cancel.clone()));
         handle
     }
 }
@@ -574,29 +570,14 @@ impl ControlHandle {
         }
     }
 
-    /// Watch the directories of the cache files (a rename replaces the file, so the
-    /// file itself cannot be watched); events name the provider whose file changed.
-    fn watcher(&self) -> notify::Result<(notify::RecommendedWatcher, mpsc::Receiver<String>)> {
-        use notify::Watcher;
-        let (tx, rx) = mpsc::channel(16);
+    /// The cache files to watch, one per provider, their directories made (0700).
+    fn cache_files(&self) -> Vec<(String, PathBuf)> {
         let paths: Vec<(String, PathBuf)> = self
             .inner
             .providers
             .iter()
             .map(|(id, p)| (id.clone(), p.cache_path(id, &self.inner.home)))
             .collect();
-        let watched = paths.clone();
-        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(ev) = res else { return };
-            if ev.kind.is_access() {
-                return;
-            }
-            for (id, p) in &watched {
-                if ev.paths.iter().any(|e| e == p) {
-                    let _ = tx.try_send(id.clone());
-                }
-            }
-        })?;
         let mut dirs: Vec<PathBuf> = paths
             .iter()
             .filter_map(|(_, p)| p.parent().map(PathBuf::from))
@@ -606,15 +587,13 @@ impl ControlHandle {
         for d in dirs {
             if let Err(e) = git::private_dir(&d) {
                 tracing::warn!(dir = %d.display(), error = %e, "cannot create the token cache directory");
-                continue;
             }
-            w.watch(&d, notify::RecursiveMode::NonRecursive)?;
         }
         // Tokens already cached are secrets too.
         for (id, _) in &paths {
             self.reread(id);
         }
-        Ok((w, rx))
+        paths
     }
 
     /// Read a provider's cache file and register its token as a secret; true when it
@@ -634,27 +613,23 @@ impl ControlHandle {
         self.written().get(id).map(String::as_str) != Some(t)
     }
 
-    async fn watch_loop(
+    /// Notice a cache file changed by someone else (polled: see `crate::watch`) and use
+    /// its token. The files are looked at first when this is called.
+    fn watch_loop(
         self,
-        watcher: notify::RecommendedWatcher,
-        mut rx: mpsc::Receiver<String>,
+        files: Vec<(String, PathBuf)>,
         cancel: CancellationToken,
-    ) {
-        let _watcher = watcher;
-        loop {
-            let id = tokio::select! {
-                _ = cancel.cancelled() => return,
-                id = rx.recv() => match id { Some(id) => id, None => return },
-            };
-            if self.reread(&id) {
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let paths = files.iter().map(|(_, p)| p.clone()).collect();
+        crate::watch::poll(paths, crate::watch::INTERVAL, cancel, move |i| {
+            let (id, path) = &files[i];
+            if self.reread(id) {
                 tracing::info!(provider = %id, "git token cache changed on disk; using the new token");
-                if let Ok(text) = std::fs::read_to_string(
-                    self.inner.providers[&id].cache_path(&id, &self.inner.home),
-                ) {
+                if let Ok(text) = std::fs::read_to_string(path) {
                     self.written().insert(id.clone(), text.trim().to_string());
                 }
             }
-        }
+        })
     }
 
     /// Lines dropped from the dashboard queue so far.
