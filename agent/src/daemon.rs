@@ -571,6 +571,15 @@ async fn startup_pipeline(shared: Arc<Shared>) {
             }
         }
     }
+    // Startup's code and garbage are not needed while the workspace runs.
+    let t = crate::footprint::trim();
+    tracing::info!(
+        rss_before_kib = t.before_kib,
+        rss_after_kib = t.after_kib,
+        "startup memory released: RSS {:.1} MiB -> {:.1} MiB",
+        t.before_kib as f64 / 1024.0,
+        t.after_kib as f64 / 1024.0
+    );
 }
 
 /// Startup waits briefly (bounded) for a fresh git token before services that need it.

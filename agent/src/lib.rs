@@ -10,6 +10,7 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod events;
+pub mod footprint;
 pub mod githttp;
 pub mod health;
 pub mod logging;

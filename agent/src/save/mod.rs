@@ -1,9 +1,10 @@
 //! Save on stop: commit and push every repository's unsaved work (issue 3).
 //!
 //! [`save_all`] finds the repositories ([`discover`]), makes each one's local commit on
-//! a blocking thread (submodules before their parents) and makes it durable, then
-//! pushes it; commits and pushes each have `save.parallelism` slots, so slow pushes
-//! never hold back local commits. Everything runs under the caller's deadline: at the
+//! a blocking thread (submodules before their parents), then pushes it; once every
+//! commit is made, one `syncfs` per filesystem makes them durable beside the pushes.
+//! Commits have `save.parallelism` slots and pushes four times as many (they wait on the
+//! network), so slow pushes never hold back local commits. Everything runs under the caller's deadline: at the
 //! deadline, whatever is still running is reported as `committed` (the commit is on
 //! disk) or `failed`, and `save_all` returns. Each repository gets a `started` journal
 //! line before it is touched and an outcome line after ([`journal`]), and an
@@ -202,6 +203,9 @@ fn outcome_base(path: &Path, mode: SaveMode, reason: Reason) -> RepoOutcome {
 }
 
 /// Save every repository with unsaved work; returns one outcome per repository found.
+/// Pushes in flight per unit of `save.parallelism` (commits in flight are `parallelism`).
+const PUSHES_PER_SLOT: usize = 4;
+
 /// Returns by `deadline` even when a push is stuck.
 pub async fn save_all(
     cfg: &SaveConfig,
@@ -210,8 +214,7 @@ pub async fn save_all(
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
-    // Before anything is written: libgit2 then fsyncs what it writes (see sync_repo).
-    repo::gitdir_fsync_enabled();
+    repo::init_libgit2();
     // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
     // one waits, then finds the work of the first already saved.
     let lock = save_lock(&env.state_dir);
@@ -313,7 +316,9 @@ pub async fn save_all(
     // repository pushes as soon as its commit is made. Submodules commit before their
     // parents: a level starts when every commit of the level below has ended.
     let commit_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
-    let push_slots = Arc::new(tokio::sync::Semaphore::new(parallelism));
+    // A push mostly waits on the network (two round trips and the server's work), so
+    // pushes get more slots than commits, which use the CPU.
+    let push_slots = Arc::new(tokio::sync::Semaphore::new(parallelism * PUSHES_PER_SLOT));
     let now = tokio::time::Instant::now();
     let fresh_by = now + (deadline.saturating_duration_since(now) / 3).min(FRESH_TOKEN_WAIT);
     let creds = Arc::new(CredCache {
@@ -345,7 +350,23 @@ pub async fn save_all(
         }
         below = futures::future::join_all(done).map(|_| ()).boxed().shared();
     }
-    let outcomes: Vec<RepoOutcome> = futures::future::join_all(tasks).await;
+    // Durability: once every local commit is made, one `syncfs` per filesystem flushes
+    // the new objects and refs of all of them, while the pushes go on.
+    let durable = {
+        let all_committed = below.clone();
+        let dirs: Vec<PathBuf> = found.iter().map(|f| f.path.clone()).collect();
+        let dry_run = req.dry_run;
+        async move {
+            all_committed.await;
+            if !dry_run {
+                let _ = tokio::task::spawn_blocking(move || repo::sync_filesystems(&dirs)).await;
+            }
+        }
+    };
+    let (outcomes, _) = tokio::join!(
+        futures::future::join_all(tasks),
+        tokio::time::timeout_at(deadline, durable)
+    );
 
     let mut outcomes = outcomes;
     tracing::info!(

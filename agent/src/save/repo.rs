@@ -345,7 +345,6 @@ fn prepare_inner(
                 } else {
                     head.expect("unpushed implies a HEAD")
                 };
-                sync_repo(&repo);
                 outcome.result = "committed".into();
                 outcome.commit = Some(new_head.to_string());
                 // The repository's state is now (tree, new HEAD): what the next save
@@ -398,7 +397,6 @@ fn prepare_inner(
     };
     repo.reference(&snap_ref, commit, true, "wsagent: save snapshot")
         .map_err(commit_err)?;
-    sync_repo(&repo);
     outcome.result = "committed".into();
     outcome.commit = Some(commit.to_string());
     outcome.r#ref = Some(snap_ref.clone());
@@ -666,31 +664,32 @@ fn sanitize(s: &str) -> String {
     }
 }
 
-/// Make the new objects and refs durable. libgit2 is asked once to fsync everything it
-/// writes in a git directory (objects, refs, their directories), so only what this save
-/// wrote is flushed; where that option is refused, one `syncfs` of the filesystem holding
-/// the git directory does it (slow on a busy disk: it flushes everyone's data).
+/// Make a repository's new objects and refs durable now: one `syncfs` of the filesystem
+/// holding its git directory. Only for the rare write made after the save-wide sync (the
+/// snapshot ref of a branch push that fell back); see [`sync_filesystems`].
 fn sync_repo(repo: &Repository) {
-    if !gitdir_fsync_enabled() {
-        sync_dir(repo.commondir());
-    }
+    sync_dir(repo.commondir());
 }
 
-/// Turn on libgit2's fsync of git directories (process-wide, once); true when it took.
-pub(crate) fn gitdir_fsync_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        git2::opts::strict_hash_verification(true);
-        // SAFETY: a documented libgit2 option taking one int; libgit2 is initialised by
-        // the git2 call above.
-        let rc = unsafe {
-            libgit2_sys::git_libgit2_opts(
-                libgit2_sys::GIT_OPT_ENABLE_FSYNC_GITDIR as std::ffi::c_int,
-                1 as std::ffi::c_int,
-            )
-        };
-        rc == 0
-    })
+/// Once per process, before libgit2 writes anything: verify object hashes as they are
+/// read (a corrupt object fails its repository's save, it is not pushed).
+pub(crate) fn init_libgit2() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| git2::opts::strict_hash_verification(true));
+}
+
+/// Flush every filesystem holding one of `dirs`, once each (`syncfs`). The save calls it
+/// once all local commits are made, beside the pushes: one flush per filesystem instead
+/// of an fsync per object written (libgit2's option cost ~100 fsyncs per repository).
+pub(crate) fn sync_filesystems(dirs: &[PathBuf]) {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::BTreeSet::new();
+    for d in dirs {
+        let dev = std::fs::metadata(d).map(|m| m.dev()).ok();
+        if seen.insert(dev) {
+            sync_dir(d);
+        }
+    }
 }
 
 fn sync_dir(dir: &Path) {
