@@ -100,6 +100,9 @@ pub fn register() {
     });
 }
 
+/// The client of every git HTTP request: rustls with the system's trust roots, where
+/// the platform verifier honours `SSL_CERT_FILE` and `SSL_CERT_DIR` as git does (tested
+/// with a private CA).
 fn client() -> &'static reqwest::blocking::Client {
     static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
@@ -109,7 +112,10 @@ fn client() -> &'static reqwest::blocking::Client {
             .connect_timeout(Duration::from_secs(30))
             .timeout(None)
             .build()
-            .unwrap_or_else(|_| reqwest::blocking::Client::new())
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "git HTTP client: falling back to the defaults");
+                reqwest::blocking::Client::new()
+            })
     })
 }
 

@@ -722,88 +722,10 @@ async fn the_fake_coderd_validates_like_coderd() {
     assert!(fake.logs_overflowed());
 }
 
-/// A private CA and a `localhost` certificate signed by it, made with the openssl CLI.
-fn private_ca(dir: &Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=wsagent test ca",
-            "-days",
-            "2",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-    ]);
-    (
-        dir.join("ca.pem"),
-        std::fs::read(dir.join("leaf.pem")).unwrap(),
-        std::fs::read(dir.join("leaf.key")).unwrap(),
-    )
-}
-
 #[tokio::test]
 async fn coderd_behind_a_private_ca_is_trusted_through_ca_file_or_ssl_cert_file() {
     let pki = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = private_ca(pki.path());
+    let (ca, cert, key) = integration::pki::private_ca(pki.path());
     let fake = FakeCoderd::start_tls(&cert, &key).await;
     assert!(fake.url().starts_with("https://localhost:"));
 

@@ -143,10 +143,29 @@ pub struct FakeCoderd {
     tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
-/// A TCP listener that completes the TLS handshake before handing a connection to axum.
-struct TlsListener {
-    tcp: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+/// A TCP listener that completes the TLS handshake before handing a connection to axum
+/// (also serves the git server's HTTPS mode).
+pub(crate) struct TlsListener {
+    pub(crate) tcp: TcpListener,
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+}
+
+/// A TLS acceptor for this certificate chain and private key (PEM), with ring.
+pub(crate) fn tls_acceptor(cert_chain_pem: &[u8], key_pem: &[u8]) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        rustls::pki_types::CertificateDer::pem_slice_iter(cert_chain_pem)
+            .collect::<Result<_, _>>()
+            .expect("certificate chain PEM");
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem).expect("key PEM");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 impl axum::serve::Listener for TlsListener {
@@ -198,20 +217,7 @@ impl FakeCoderd {
     /// Serve HTTPS with this certificate chain and private key (PEM); the URL names the
     /// host `localhost`, so the certificate must be valid for it.
     pub async fn start_tls(cert_chain_pem: &[u8], key_pem: &[u8]) -> FakeCoderd {
-        use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
-        let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
-            rustls::pki_types::CertificateDer::pem_slice_iter(cert_chain_pem)
-                .collect::<Result<_, _>>()
-                .expect("certificate chain PEM");
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem).expect("key PEM");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("tls versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server certificate");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(cert_chain_pem, key_pem);
         let fake = FakeCoderd::reserve(Some(acceptor)).await;
         fake.set_down(false).await;
         fake

@@ -75,6 +75,7 @@ struct Shared {
 /// A running server; stops when dropped.
 pub struct GitServer {
     addr: SocketAddr,
+    scheme: &'static str,
     shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -83,7 +84,27 @@ pub struct GitServer {
 impl GitServer {
     /// Serve the repositories under `root` (created if missing); pushes need `token`.
     pub fn start(root: impl Into<PathBuf>, token: &str) -> io::Result<GitServer> {
-        let root = root.into();
+        GitServer::start_with(root.into(), token, None)
+    }
+
+    /// Like [`GitServer::start`], over HTTPS with this certificate chain and key (PEM;
+    /// e.g. from [`crate::pki::private_ca`], valid for `127.0.0.1`).
+    pub fn start_tls(
+        root: impl Into<PathBuf>,
+        token: &str,
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> io::Result<GitServer> {
+        let acceptor = crate::fake_coderd::tls_acceptor(cert_chain_pem, key_pem);
+        GitServer::start_with(root.into(), token, Some(acceptor))
+    }
+
+    fn start_with(
+        root: PathBuf,
+        token: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<GitServer> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         std::fs::create_dir_all(&root)?;
         let exec = std::process::Command::new("git")
             .arg("--exec-path")
@@ -126,8 +147,20 @@ impl GitServer {
                     let listener =
                         tokio::net::TcpListener::from_std(listener).expect("gitserver listener");
                     let app = axum::Router::new().fallback(handle).with_state(state);
+                    let serve = async move {
+                        match tls {
+                            Some(acceptor) => {
+                                let l = crate::fake_coderd::TlsListener {
+                                    tcp: listener,
+                                    acceptor,
+                                };
+                                axum::serve(l, app).await
+                            }
+                            None => axum::serve(listener, app).await,
+                        }
+                    };
                     tokio::select! {
-                        r = axum::serve(listener, app) => {
+                        r = serve => {
                             if let Err(e) = r { eprintln!("gitserver: {e}"); }
                         }
                         _ = stopped => {}
@@ -139,6 +172,7 @@ impl GitServer {
             })?;
         Ok(GitServer {
             addr,
+            scheme,
             shared,
             stop: Some(stop),
             thread: Some(thread),
@@ -157,12 +191,17 @@ impl GitServer {
 
     /// `http://127.0.0.1:PORT`.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// The URL of the repository at `name` (relative to the root), e.g. `alice/proj.git`.
     pub fn url(&self, name: &str) -> String {
-        format!("http://{}/{}", self.addr, name.trim_start_matches('/'))
+        format!(
+            "{}://{}/{}",
+            self.scheme,
+            self.addr,
+            name.trim_start_matches('/')
+        )
     }
 
     /// The path of the repository `name` on disk.

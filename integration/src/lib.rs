@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod fake_coderd;
 pub mod gitserver;
 pub mod net;
+pub mod pki;
 pub mod procfs;
 pub mod real;
 pub mod wait;

@@ -105,7 +105,10 @@ pub fn worktree_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 pub fn provider_for(server: &GitServer) -> String {
     format!(
         "[git_providers.github]\nhost = \"{}\"\nusername = \"x-access-token\"\ncache_file = \"~/.cache/coder/github_token\"\n",
-        server.base_url().trim_start_matches("http://")
+        server
+            .base_url()
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
     )
 }
 

@@ -273,3 +273,80 @@ fn manual_save_then_sigterm_saves_only_what_changed() {
         b_ref
     );
 }
+
+/// Over HTTPS (rustls in wsagent's own git transport): a server whose certificate comes
+/// from a private CA is trusted through `SSL_CERT_FILE`, and the push lands byte-exact;
+/// without the CA the push is refused on the certificate, the work stays committed, and
+/// neither case puts the token anywhere.
+#[test]
+fn an_https_push_trusts_a_private_ca_through_ssl_cert_file_and_refuses_an_unknown_one() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = integration::pki::private_ca(pki.path());
+    for trusted in [true, false] {
+        let mut ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+        if trusted {
+            ws = ws.with_env("SSL_CERT_FILE", ca.to_str().unwrap());
+        }
+        let server =
+            GitServer::start_tls(ws.path().join("srv"), TOKEN, &cert, &key).expect("git server");
+        assert!(server.url("app.git").starts_with("https://127.0.0.1:"));
+        // The base commit goes to the bare repository on disk; origin is the HTTPS URL.
+        server.create_bare("app.git").unwrap();
+        let repo = ws.home().join("projects/app");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        std::fs::write(repo.join("tracked.txt"), "v1\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", "first"]);
+        let bare = server.path("app.git");
+        git(&repo, &["push", "-q", bare.to_str().unwrap(), "main"]);
+        git(&repo, &["remote", "add", "origin", &server.url("app.git")]);
+        std::fs::write(repo.join("tracked.txt"), "v2 over tls\n").unwrap();
+        cache_token(&ws.home(), TOKEN);
+        let config_before = std::fs::read(repo.join(".git/config")).unwrap();
+
+        let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+        d.wait_lifecycle(Lifecycle::Ready, SHORT);
+        d.signal(Signal::SIGTERM);
+        let st = d.wait_exit(LONG);
+        // A stop that could not push everything ends `shutdown_error`, exit 1.
+        assert_eq!(
+            st.code(),
+            Some(if trusted { 0 } else { 1 }),
+            "{}",
+            d.report()
+        );
+        assert_eq!(
+            std::fs::read(repo.join(".git/config")).unwrap(),
+            config_before
+        );
+        let landed = server.ref_target("app.git", "refs/heads/wip/ws1/main");
+        if trusted {
+            assert_eq!(
+                server_files(&server, "app", "refs/heads/wip/ws1/main"),
+                worktree_files(&repo),
+                "{}",
+                d.stderr()
+            );
+        } else {
+            assert_eq!(landed, None, "{}", d.stderr());
+            let err = d.stderr();
+            assert!(
+                err.contains("committed") && err.to_lowercase().contains("certificate"),
+                "the outcome names the certificate problem: {err}"
+            );
+            let requests = server.requests();
+            assert!(requests.is_empty(), "no request got past TLS: {requests:?}");
+        }
+        assert!(!d.stderr().contains(TOKEN));
+        let hits: Vec<_> = files_containing(
+            ws.path(),
+            TOKEN,
+            &[ws.home().join(".cache/coder/github_token")],
+        )
+        .into_iter()
+        .filter(|p| !p.starts_with(ws.path().join("srv")))
+        .collect();
+        assert!(hits.is_empty(), "token found in {hits:?}");
+    }
+}
