@@ -351,7 +351,8 @@ pub async fn save_all(
         below = futures::future::join_all(done).map(|_| ()).boxed().shared();
     }
     // Durability: once every local commit is made, one `syncfs` per filesystem flushes
-    // the new objects and refs of all of them, while the pushes go on.
+    // the new objects and refs of all of them, while the pushes go on. The save waits for
+    // it only when some work is not on a remote (a pushed commit is safe there).
     let durable = {
         let all_committed = below.clone();
         let dirs: Vec<PathBuf> = found.iter().map(|f| f.path.clone()).collect();
@@ -363,10 +364,14 @@ pub async fn save_all(
             }
         }
     };
-    let (outcomes, _) = tokio::join!(
-        futures::future::join_all(tasks),
-        tokio::time::timeout_at(deadline, durable)
-    );
+    let durable = tokio::spawn(durable);
+    let outcomes = futures::future::join_all(tasks).await;
+    if outcomes
+        .iter()
+        .any(|o| o.commit.is_some() && o.result != "pushed")
+    {
+        let _ = tokio::time::timeout_at(deadline, durable).await;
+    }
 
     let mut outcomes = outcomes;
     tracing::info!(

@@ -415,8 +415,12 @@ impl SaveFixture {
         let cfg = format!("{NO_DEFAULTS}\n{}", provider_for(&self.server));
         let mut d = Daemon::start(&self.ws, &cfg);
         d.wait_lifecycle(Lifecycle::Ready, T_LONG);
+        // A blocking wait, like the baselines' (the harness's `cli` polls the child at
+        // up to 100 ms intervals, which would round this figure up).
+        let mut cmd = self.ws.command(integration::wsagent_bin());
+        cmd.arg("save");
         let t = Instant::now();
-        let out = d.cli(["save"]);
+        let out = cmd.output().expect("wsagent save");
         let took = t.elapsed().as_secs_f64();
         assert!(
             out.status.success(),
@@ -1218,6 +1222,14 @@ fn run_all(out: &Path, svg: &Path) {
             std::env::set_var("WSAGENT_BIN", repo_root().join("target/release/wsagent"));
         }
     }
+    // The daemons measured log at `info`, wsagent's default (the test harness's default
+    // is `debug`).
+    if std::env::var_os("WSAGENT_TEST_LOG_LEVEL").is_none() {
+        // SAFETY: single-threaded at this point.
+        unsafe {
+            std::env::set_var("WSAGENT_TEST_LOG_LEVEL", "info");
+        }
+    }
     let started = Instant::now();
     let mut rows = Vec::new();
     // BENCH_ONLY=latency,reaping runs only those sections (for work on the driver).
@@ -1274,7 +1286,7 @@ fn run_all(out: &Path, svg: &Path) {
 
 const NOTES: &str = "## How each figure is measured\n\n\
 - **stop-save**: N repositories under `~/projects`, each with 50 modified and 50 new files, restored from a template before every run, pushed to the harness's smart-HTTP git server (token auth; the latency switch delays every HTTP request). wsagent: a fresh release daemon, then the wall time of `wsagent save` (what Coder's shutdown_script runs; the snapshot refs are checked on the server). Shell loop: `bench/shutdown-loop.sh` (serial `git add -A; git commit; set-url with token; git push; set-url back`). Bare push: `git push` of the same work already committed (N = 1).\n\
-- **idle RSS**: `VmRSS` of the supervisor process itself, 1 s after its three `sleep infinity` services are up (tini: `tini -g -- sh -c 'sleep infinity & … wait'`; supervisord: three `[program:]`s). wsagent's figure is after it released its startup pages once ready (`agent/src/footprint.rs`: `madvise(MADV_DONTNEED)` of its never-written read-only file mappings, `malloc_trim`); the RSS at `ready`, before that, is printed beside it.\n\
+- **idle RSS**: `VmRSS` of the supervisor process itself (log level `info`, the default), 1 s after its three `sleep infinity` services are up (tini: `tini -g -- sh -c 'sleep infinity & … wait'`; supervisord: three `[program:]`s). wsagent's figure is after it released its startup pages once ready (`agent/src/footprint.rs`: `madvise(MADV_DONTNEED)` of its never-written read-only file mappings, `malloc_trim`); the RSS at `ready`, before that, is printed beside it.\n\
 - **binary size**: the binary measured everywhere in this table: what `scripts/build-static` builds (the one the images ship), stripped.\n\
 - **exec → ready**: from spawning `wsagent run` to its `lifecycle ready` log line, three `sleep infinity` services without health checks (healthy once running). tini: from spawn to the `ready` line of the shell that started the same three sleeps; the target is wsagent's time minus tini's.\n\
 - **SIGTERM → exit**: from `kill -TERM` to `waitpid` returning, no repository to save.\n\
