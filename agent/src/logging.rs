@@ -71,7 +71,7 @@ pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
     }) {
         Ok(appender) => {
             // 4096 lines in flight, not the default 128 000: that default's channel
-            // is allocated whole (4 MiB) at start and would be most of the idle RSS.
+            // is allocated whole at start and would be much of the idle RSS.
             let (nb, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
                 .buffered_lines_limit(LOG_LINES_IN_FLIGHT)
                 .thread_name("wsagent-logfile")

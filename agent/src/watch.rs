@@ -1,8 +1,8 @@
 //! Noticing that a few files changed, by polling their metadata.
 //!
 //! Not inotify: closing an inotify instance makes the kernel wait for an RCU grace
-//! period, and the exit of the process waited for it (5 to 25 ms added to a 5 ms
-//! SIGTERM → exit, measured). A `stat` of two or three files a second costs nothing,
+//! period, and the exit of the process waited for it (see SIGTERM → exit in
+//! `scripts/bench`). A `stat` of two or three files a second costs little,
 //! needs no thread, and sees a file replaced by a rename (what editors and wsagent's own
 //! atomic writes do) as well as one written in place, and one that appears later.
 

@@ -680,7 +680,7 @@ pub(crate) fn init_libgit2() {
 
 /// Flush every filesystem holding one of `dirs`, once each (`syncfs`). The save calls it
 /// once all local commits are made, beside the pushes: one flush per filesystem instead
-/// of an fsync per object written (libgit2's option cost ~100 fsyncs per repository).
+/// of an fsync per object written (libgit2's option: one per loose object).
 pub(crate) fn sync_filesystems(dirs: &[PathBuf]) {
     use std::os::unix::fs::MetadataExt;
     let mut seen = std::collections::BTreeSet::new();
