@@ -20,6 +20,7 @@
 pub mod discover;
 pub mod fsids;
 pub mod journal;
+mod objects;
 mod repo;
 pub mod url;
 pub mod worktree;

@@ -16,6 +16,7 @@ use git2::{ErrorCode, Oid, PushOptions, RemoteCallbacks, Repository, RepositoryS
 
 use super::discover::Found;
 use super::fsids::AsOwner;
+use super::objects::Staged;
 use super::url::RemoteUrl;
 use super::worktree::{pending_changes, worktree_tree};
 use super::{Reason, SaveMode};
@@ -235,10 +236,15 @@ fn prepare_inner(
         return Ok(None);
     }
 
-    let wt = worktree_tree(&repo, ctx.max_file_size).map_err(|source| SaveError::Worktree {
+    // New objects are written to memory and reach the disk as one pack (objects.rs),
+    // before anything refers to them.
+    let worktree_err = |source| SaveError::Worktree {
         path: path.clone(),
         source,
-    })?;
+    };
+    let odb = repo.odb().map_err(worktree_err)?;
+    let mut staged = Staged::attach(&repo, &odb).map_err(worktree_err)?;
+    let wt = worktree_tree(&repo, &mut staged, ctx.max_file_size).map_err(worktree_err)?;
     outcome.tree = Some(wt.tree.to_string());
     outcome.left_out = wt.left_out.clone();
     let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));
@@ -337,11 +343,34 @@ fn prepare_inner(
             None => {
                 let b = branch.clone().unwrap_or_default();
                 let new_head = if dirty {
+                    let c = repo
+                        .commit(None, &sig, &sig, &message, &tree, &parents)
+                        .map_err(commit_err)?;
+                    staged.flush().map_err(commit_err)?;
                     let mut index = repo.index().map_err(commit_err)?;
                     index.read_tree(&tree).map_err(commit_err)?;
                     index.write().map_err(commit_err)?;
-                    repo.commit(Some("HEAD"), &sig, &sig, &message, &tree, &parents)
-                        .map_err(commit_err)?
+                    // What `commit(Some("HEAD"))` does: move the branch only from the
+                    // parent it was made on, with git's reflog message.
+                    let subject = message.lines().next().unwrap_or_default();
+                    let branch_ref = format!("refs/heads/{b}");
+                    match head {
+                        Some(h) => repo.reference_matching(
+                            &branch_ref,
+                            c,
+                            true,
+                            h,
+                            &format!("commit: {subject}"),
+                        ),
+                        None => repo.reference(
+                            &branch_ref,
+                            c,
+                            false,
+                            &format!("commit (initial): {subject}"),
+                        ),
+                    }
+                    .map_err(commit_err)?;
+                    c
                 } else {
                     head.expect("unpushed implies a HEAD")
                 };
@@ -395,6 +424,7 @@ fn prepare_inner(
     } else {
         head.expect("unpushed implies a HEAD")
     };
+    staged.flush().map_err(commit_err)?;
     repo.reference(&snap_ref, commit, true, "wsagent: save snapshot")
         .map_err(commit_err)?;
     outcome.result = "committed".into();

@@ -16,6 +16,8 @@ use std::path::Path;
 
 use git2::{IndexEntry, IndexTime, Oid, Repository, Status, StatusOptions};
 
+use super::objects::Staged;
+
 const MODE_FILE: u32 = 0o100644;
 const MODE_EXEC: u32 = 0o100755;
 const MODE_LINK: u32 = 0o120000;
@@ -29,8 +31,13 @@ pub struct WorktreeTree {
     pub changed: usize,
 }
 
-/// Build the tree of `repo`'s worktree; blobs are written to the object database.
-pub fn worktree_tree(repo: &Repository, max_file_size: u64) -> Result<WorktreeTree, git2::Error> {
+/// Build the tree of `repo`'s worktree; blobs and trees are written through `staged`
+/// (`repo`'s staged writes).
+pub(crate) fn worktree_tree(
+    repo: &Repository,
+    staged: &mut Staged<'_, '_>,
+    max_file_size: u64,
+) -> Result<WorktreeTree, git2::Error> {
     let workdir = repo
         .workdir()
         .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?
@@ -72,7 +79,7 @@ pub fn worktree_tree(repo: &Repository, max_file_size: u64) -> Result<WorktreeTr
             changed += 1;
             let full = workdir.join(OsStr::from_bytes(&path));
             let tracked = entries.get(&path).copied();
-            match blob_from_disk(repo, &full, tracked, max_file_size) {
+            match blob_from_disk(repo, staged, &full, tracked, max_file_size) {
                 Ok(Some(entry)) => {
                     entries.insert(path, entry);
                 }
@@ -88,6 +95,8 @@ pub fn worktree_tree(repo: &Repository, max_file_size: u64) -> Result<WorktreeTr
                     }
                 }
             }
+            // Bounded memory: big batches of new content reach the disk as they grow.
+            staged.flush_if_full()?;
         } else if st.contains(Status::WT_DELETED) {
             changed += 1;
             entries.remove(&path);
@@ -139,6 +148,7 @@ pub fn pending_changes(repo: &Repository) -> Result<usize, git2::Error> {
 /// it cannot be saved.
 fn blob_from_disk(
     repo: &Repository,
+    staged: &mut Staged<'_, '_>,
     full: &Path,
     tracked: Option<(u32, Oid)>,
     max_file_size: u64,
@@ -178,8 +188,8 @@ fn blob_from_disk(
             md.len()
         ));
     }
-    let id = repo
-        .blob_path(full)
+    let id = staged
+        .blob_from_file(full, md.len())
         .map_err(|e| format!("unreadable: {}", e.message()))?;
     let mode = if md.permissions().mode() & 0o111 != 0 {
         MODE_EXEC

@@ -52,6 +52,17 @@ async fn branch_mode_commits_everything_on_the_branch_and_pushes_it_upstream() {
         config_before
     );
 
+    // The branch moved like `git commit` moves it: reflogs of the branch and of HEAD,
+    // and the index and the ref point at objects that are on disk.
+    for r in ["main", "HEAD"] {
+        let log = git(&dir, &["reflog", "-1", "--format=%gs", r]);
+        assert!(
+            log.starts_with("commit: wsagent: save of workspace"),
+            "{r}: {log}"
+        );
+    }
+    assert_fsck(&dir);
+
     let again = fx.save(&branch_mode(&fx), Duration::from_secs(30)).await;
     assert_eq!(one(&again, &dir).result, "clean");
 }

@@ -31,6 +31,7 @@ async fn snapshot_pushes_the_whole_worktree_and_leaves_head_index_worktree_and_c
     std::fs::write(dir.join(odd_name), b"latin-1 name\n").unwrap();
     let head = git(&dir, &["rev-parse", "HEAD"]);
     let before = untouchables(&dir);
+    let (loose_before, packs_before) = object_files(&dir);
     let mut events = fx.events.subscribe();
 
     let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
@@ -70,6 +71,20 @@ async fn snapshot_pushes_the_whole_worktree_and_leaves_head_index_worktree_and_c
         "HEAD, index, config and worktree unchanged"
     );
     assert_eq!(git(&dir, &["rev-parse", "HEAD"]), head);
+    // The new objects (blobs, trees, the commit) were written as one pack, not as
+    // loose files, and git reads them.
+    let (loose, packs) = object_files(&dir);
+    assert_eq!(loose, loose_before, "no loose object written");
+    assert_eq!(
+        packs.len(),
+        packs_before.len() + 2,
+        "one .pack + .idx: {packs:?}"
+    );
+    assert_fsck(&dir);
+    assert_eq!(
+        git(&dir, &["cat-file", "-p", &format!("{wip}:src/deep/new.rs")]),
+        "fn main() {}"
+    );
 
     // The journal has a started line, then the outcome; the event carries it too.
     let last = agent::save::last_outcomes(&fx.state);

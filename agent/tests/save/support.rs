@@ -278,3 +278,34 @@ pub fn one<'a>(outcomes: &'a [RepoOutcome], dir: &Path) -> &'a RepoOutcome {
         .find(|o| Path::new(&o.repo) == canon)
         .unwrap_or_else(|| panic!("no outcome for {}: {outcomes:#?}", dir.display()))
 }
+
+/// Loose objects in `dir`'s repository, and the names of its pack files.
+pub fn object_files(dir: &Path) -> (usize, Vec<String>) {
+    let objects = dir.join(".git/objects");
+    let loose = std::fs::read_dir(&objects)
+        .unwrap()
+        .flatten()
+        .filter(|d| d.file_name().len() == 2)
+        .map(|d| std::fs::read_dir(d.path()).unwrap().count())
+        .sum();
+    let mut packs: Vec<String> = std::fs::read_dir(objects.join("pack"))
+        .unwrap()
+        .flatten()
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .collect();
+    packs.sort();
+    (loose, packs)
+}
+
+/// `git fsck --strict` of `dir`'s repository passes (every object readable and valid,
+/// every ref and the index pointing at objects that exist).
+pub fn assert_fsck(dir: &Path) {
+    let out = git_output(dir, &["fsck", "--strict", "--no-dangling"]);
+    assert!(
+        out.status.success(),
+        "git fsck in {}: {}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
