@@ -2,13 +2,20 @@
 //!
 //! Starting a workspace runs much code once (config parsing, the startup steps, TLS
 //! setup); the pages of that code and of its constants stay mapped in the process (and
-//! counted in its RSS) although an idle supervisor never uses them again. After startup,
-//! [`trim`] unmaps the process's read-only file pages (`madvise(MADV_DONTNEED)` on its
+//! counted in its RSS) although an idle supervisor never uses them again. Once startup has
+//! settled ([`SETTLE`] after it ends, its last log line written), [`trim`] unmaps the process's read-only file pages (`madvise(MADV_DONTNEED)` on its
 //! `r-xp` and `r--p` file mappings: the pages stay in the page cache, and whatever runs
 //! later maps its pages back with a minor fault) and returns freed heap to the kernel
 //! (`malloc_trim`). Only mappings no one wrote to are touched: a page copied on write
 //! (relocated data made read-only afterwards, a debugger's breakpoint) would be lost, so
 //! a mapping with any anonymous page is left alone.
+
+/// How long after startup the daemon waits before [`trim`]: what follows `ready` runs
+/// once first (status reports, the first polls of watched files, log lines).
+pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the daemon lets its log writer thread write the line announcing the trim.
+pub const WRITER_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What [`trim`] released, in KiB of resident memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
