@@ -71,9 +71,121 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// Masks registered secrets in a byte stream that arrives in arbitrary pieces (a task's
+/// terminal output): a secret cut across two pieces is still masked whole.
+///
+/// [`push`](StreamRedactor::push) returns what is safe to pass on now and holds back
+/// only a tail that is the beginning of some secret (nothing, in ordinary output);
+/// [`release`](StreamRedactor::release) gives that tail up when no more bytes come soon
+/// (a prompt must not wait), [`finish`](StreamRedactor::finish) at the end of the stream.
+#[derive(Debug, Default)]
+pub struct StreamRedactor {
+    held: Vec<u8>,
+}
+
+impl StreamRedactor {
+    /// Redact `chunk` (after what was held back) and return the bytes to pass on.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let v = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(chunk);
+        if v.is_empty() {
+            return buf;
+        }
+        for s in v.iter() {
+            buf = replace_bytes(&buf, s.as_bytes(), MASK.as_bytes());
+        }
+        // The longest tail of `buf` that a secret starts with.
+        let hold = v
+            .iter()
+            .filter_map(|s| {
+                let s = s.as_bytes();
+                (1..s.len().min(buf.len() + 1))
+                    .rev()
+                    .find(|&k| buf.ends_with(&s[..k]))
+            })
+            .max()
+            .unwrap_or(0);
+        self.held = buf.split_off(buf.len() - hold);
+        buf
+    }
+
+    /// Whether a tail is held back, waiting for the bytes after it.
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Give up the held tail (it is not a whole secret).
+    pub fn release(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// The end of the stream: whatever is held.
+    pub fn finish(&mut self) -> Vec<u8> {
+        self.release()
+    }
+}
+
+fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    if needle.is_empty() || hay.len() < needle.len() {
+        return hay.to_vec();
+    }
+    let mut out = Vec::with_capacity(hay.len());
+    let mut i = 0;
+    while i < hay.len() {
+        if hay[i..].starts_with(needle) {
+            out.extend_from_slice(with);
+            i += needle.len();
+        } else {
+            out.push(hay[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_cut_anywhere_in_a_stream_is_masked_whole() {
+        let secret = "ghs_streamsecret0123";
+        register(secret);
+        let text = format!("token: {secret}\r\nagain {secret} done\r\n$ ");
+        let bytes = text.as_bytes();
+        let want = format!("token: {MASK}\r\nagain {MASK} done\r\n$ ");
+        // Every way of cutting the stream in two, and byte by byte.
+        for cut in 0..=bytes.len() {
+            let mut r = StreamRedactor::default();
+            let mut out = r.push(&bytes[..cut]);
+            out.extend(r.push(&bytes[cut..]));
+            out.extend(r.finish());
+            assert_eq!(String::from_utf8_lossy(&out), want, "cut at {cut}");
+        }
+        let mut r = StreamRedactor::default();
+        let mut out = Vec::new();
+        for b in bytes {
+            out.extend(r.push(std::slice::from_ref(b)));
+        }
+        out.extend(r.finish());
+        assert_eq!(String::from_utf8_lossy(&out), want);
+    }
+
+    #[test]
+    fn ordinary_output_is_passed_on_at_once_and_a_held_prefix_can_be_released() {
+        register("ghs_heldback98765");
+        let mut r = StreamRedactor::default();
+        assert_eq!(r.push(b"Password: "), b"Password: ");
+        assert!(!r.holding());
+        // A tail that begins a secret waits for what follows...
+        assert_eq!(r.push(b"value ghs_he"), b"value ");
+        assert!(r.holding());
+        // ...and is given up when nothing follows soon; it was not the secret.
+        assert_eq!(r.release(), b"ghs_he");
+        assert_eq!(r.push(b"ld\n"), b"ld\n");
+        assert!(r.finish().is_empty());
+    }
 
     #[test]
     fn registered_secrets_are_masked_everywhere_in_a_line() {

@@ -5,9 +5,9 @@
 //! close-on-exec; the child is spawned by [`crate::procs::spawn`] as a session leader
 //! with the pty slave as its controlling terminal), so programs that check for a TTY
 //! behave as in a terminal. A one-time task runs with its output on a pipe and no
-//! input. Either way every byte of output goes to a 256 KiB ring buffer (replayed on
-//! attach), a log file under the daemon's log dir (`task-<name>.log`,
-//! `once-<name>.log`), and a broadcast channel (live attach clients).
+//! input. Either way every byte of output, registered secrets masked, goes to a 256 KiB
+//! ring buffer (replayed on attach), a log file under the daemon's log dir
+//! (`task-<name>.log`, `once-<name>.log`), and a broadcast channel (live attach clients).
 //!
 //! Tasks end with the daemon: when the stop sequence starts each task's process group
 //! gets SIGHUP (what a terminal hang-up sends), then SIGKILL after [`STOP_GRACE`]; if the
@@ -307,23 +307,47 @@ enum Ended {
     SpawnFailed(String),
 }
 
-/// Read `fd` (a pty master or a pipe) into the task until EOF/EIO.
+/// How long a tail that could begin a secret waits for the bytes after it before it is
+/// shown anyway (see [`crate::secrets::StreamRedactor`]).
+const REDACT_HOLD: Duration = Duration::from_millis(50);
+
+/// Read `fd` (a pty master or a pipe) into the task until EOF/EIO, masking registered
+/// secrets (also when one is cut across two reads) before any byte reaches the ring, the
+/// log file or an attached terminal.
 async fn read_output(task: Arc<Task>, fd: Arc<AsyncFd<OwnedFd>>) {
     let mut buf = vec![0u8; 16 * 1024];
+    let mut redactor = crate::secrets::StreamRedactor::default();
+    let emit = |bytes: Vec<u8>| {
+        if !bytes.is_empty() {
+            task.output(&bytes);
+        }
+    };
     loop {
-        let Ok(mut guard) = fd.readable().await else {
-            return;
+        let readable = if redactor.holding() {
+            tokio::select! {
+                r = fd.readable() => r,
+                _ = tokio::time::sleep(REDACT_HOLD) => {
+                    emit(redactor.release());
+                    continue;
+                }
+            }
+        } else {
+            fd.readable().await
+        };
+        let Ok(mut guard) = readable else {
+            break;
         };
         match guard.try_io(|fd| {
             nix::unistd::read(fd.get_ref().as_fd(), &mut buf).map_err(std::io::Error::from)
         }) {
-            Ok(Ok(0)) => return,
-            Ok(Ok(n)) => task.output(&buf[..n]),
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => emit(redactor.push(&buf[..n])),
             // EIO: every slave fd is closed (the task and its children are gone).
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => break,
             Err(_would_block) => continue,
         }
     }
+    emit(redactor.finish());
 }
 
 async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::CancellationToken) -> Ended {

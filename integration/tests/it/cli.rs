@@ -142,6 +142,51 @@ shell = "env > {dump}; exec sleep 1000"
     );
 }
 
+/// A startup task (in a terminal) and a one-time task (on a pipe) that print the agent
+/// token: the ring replayed by `wsagent attach`, the task logs and every other file show
+/// it masked.
+#[test]
+fn a_task_that_prints_a_secret_shows_it_masked_in_its_log_and_on_attach() {
+    let token = "7c1e9a4b-2d3f-4a5b-8c6d-e7f8a9b0c1d2";
+    let ws = Workspace::new().with_env("CODER_AGENT_TOKEN", token);
+    let leak = ws.path().join("leak");
+    std::fs::write(&leak, format!("the token is {token} (oops)\n")).unwrap();
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            "[[once]]\nname = \"once-leak\"\nshell = 'cat {leak}'\n\n[[task]]\nname = \"tty-leak\"\nblocks_ready = true\nshell = 'cat {leak}; echo done'\n",
+            leak = leak.display()
+        )),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let attach = d.cli(["attach", "tty-leak"]);
+    let replay = String::from_utf8_lossy(&attach.stdout);
+    assert!(
+        replay.contains("the token is [REDACTED] (oops)") && replay.contains("done"),
+        "{attach:?}"
+    );
+    assert!(!replay.contains(token));
+    for name in ["task-tty-leak.log", "once-once-leak.log"] {
+        let log = std::fs::read_to_string(ws.state_dir().join("logs").join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            log.contains("the token is [REDACTED] (oops)"),
+            "{name}: {log:?}"
+        );
+    }
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success());
+    for entry in walk(&ws.state_dir()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(token),
+            "token in {}",
+            entry.display()
+        );
+    }
+    assert!(!d.stderr().contains(token) && !d.stdout().contains(token));
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
