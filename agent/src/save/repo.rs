@@ -242,6 +242,20 @@ fn prepare_inner(
         path: path.clone(),
         source,
     };
+    // libgit2 finds a pack directory only when it opens the repository; `git init` always
+    // makes one, a repository assembled by hand may not.
+    let pack_dir = repo.commondir().join("objects/pack");
+    let repo = if pack_dir.is_dir() {
+        repo
+    } else {
+        std::fs::create_dir_all(&pack_dir).map_err(|e| {
+            worktree_err(git2::Error::from_str(&format!(
+                "{}: {e}",
+                pack_dir.display()
+            )))
+        })?;
+        Repository::open(&found.path).map_err(worktree_err)?
+    };
     let odb = repo.odb().map_err(worktree_err)?;
     let mut staged = Staged::attach(&repo, &odb).map_err(worktree_err)?;
     let wt = worktree_tree(&repo, &mut staged, ctx.max_file_size).map_err(worktree_err)?;

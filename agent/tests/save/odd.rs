@@ -243,3 +243,21 @@ async fn a_repo_mid_rebase_is_saved_on_the_rebased_branchs_ref() {
     assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&dir, &[]));
     assert_eq!(untouchables(&dir), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repo_without_a_pack_directory_gets_one_and_its_save_is_packed() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::remove_dir(dir.join(".git/objects/pack")).expect("an empty pack dir");
+    std::fs::write(dir.join("new.txt"), "new\n").unwrap();
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    let (_, packs) = object_files(&dir);
+    assert_eq!(packs.len(), 2, "{packs:?}");
+    assert_fsck(&dir);
+    let c = o.commit.clone().unwrap();
+    assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&dir, &[]));
+}
