@@ -39,6 +39,7 @@ const USER_AGENT: &str = concat!("git/2.0 (wsagent ", env!("CARGO_PKG_VERSION"),
 struct Context {
     creds: Vec<Credential>,
     deadline: Option<Instant>,
+    http: HttpConfig,
     /// The credential the next request sends (the index into `creds`).
     next: Cell<usize>,
     auth_failed: Cell<bool>,
@@ -61,11 +62,22 @@ impl Scope {
             *c.borrow_mut() = Some(Context {
                 creds: creds.to_vec(),
                 deadline,
+                http: HttpConfig::default(),
                 next: Cell::new(0),
                 auth_failed: Cell::new(false),
             })
         });
         Scope(())
+    }
+
+    /// Use the repository's HTTP settings (its git config's `http.*`) for this scope.
+    pub fn with_http(self, http: HttpConfig) -> Scope {
+        CONTEXT.with(|c| {
+            if let Some(c) = c.borrow_mut().as_mut() {
+                c.http = http;
+            }
+        });
+        self
     }
 
     /// Whether the server refused every credential (or asked for one and none was known).
@@ -100,23 +112,196 @@ pub fn register() {
     });
 }
 
-/// The client of every git HTTP request: rustls with the system's trust roots, where
-/// the platform verifier honours `SSL_CERT_FILE` and `SSL_CERT_DIR` as git does (tested
-/// with a private CA).
+/// What a repository's git config says about HTTP, as git reads it: `http.<url>.<key>`
+/// whose URL is a prefix of the remote's (the longest wins) before `http.<key>`.
+/// Honoured: `sslVerify`, `sslCAInfo` (the only CAs trusted, as with git), `proxy` (an
+/// empty value: no proxy, not even from the environment) and `extraHeader` (every value,
+/// an empty one clears those before it; an `Authorization` among them replaces the token).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpConfig {
+    pub ssl_verify: bool,
+    pub ssl_ca_info: Option<std::path::PathBuf>,
+    pub proxy: Option<String>,
+    pub extra_headers: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            ssl_verify: true,
+            ssl_ca_info: None,
+            proxy: None,
+            extra_headers: Vec::new(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The settings for `url` (no userinfo) in `config`; `home` expands `~/` in paths.
+    pub fn from_git(config: &git2::Config, url: &str, home: &std::path::Path) -> HttpConfig {
+        // (specificity, key, value) in the order git reads them.
+        let mut found: Vec<(usize, String, String)> = Vec::new();
+        if let Ok(mut entries) = config.entries(Some(r"^http\.")) {
+            while let Some(Ok(e)) = entries.next() {
+                let (Ok(name), Ok(value)) = (e.name(), e.value()) else {
+                    continue;
+                };
+                let rest = &name["http.".len()..];
+                let (spec, key) = match rest.rsplit_once('.') {
+                    Some((sub, key)) => match url_match(sub, url) {
+                        Some(n) => (n, key),
+                        None => continue,
+                    },
+                    None => (0, rest),
+                };
+                found.push((spec, key.to_ascii_lowercase(), value.to_string()));
+            }
+        }
+        let pick = |key: &str| -> Option<String> {
+            let mut best: Option<(usize, &str)> = None;
+            for (spec, k, v) in &found {
+                if k == key && best.is_none_or(|(b, _)| *spec >= b) {
+                    best = Some((*spec, v));
+                }
+            }
+            best.map(|(_, v)| v.to_string())
+        };
+        let mut out = HttpConfig::default();
+        if let Some(v) = pick("sslverify") {
+            out.ssl_verify = !matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "false" | "no" | "off" | "0"
+            );
+        }
+        out.ssl_ca_info =
+            pick("sslcainfo")
+                .filter(|v| !v.is_empty())
+                .map(|v| match v.strip_prefix("~/") {
+                    Some(rest) => home.join(rest),
+                    None => std::path::PathBuf::from(v),
+                });
+        out.proxy = pick("proxy");
+        for (_, k, v) in &found {
+            if k == "extraheader" {
+                if v.is_empty() {
+                    out.extra_headers.clear();
+                } else {
+                    out.extra_headers.push(v.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// How specific the config URL `pattern` is for `url` (its length), or `None` when it
+/// does not apply: `pattern` must be `url` or a prefix of it ending at a path boundary.
+fn url_match(pattern: &str, url: &str) -> Option<usize> {
+    if !pattern.contains("://") {
+        return None;
+    }
+    let p = pattern.trim_end_matches('/');
+    let rest = url.strip_prefix(p)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(p.len() + 1)
+}
+
+fn client_builder() -> reqwest::blocking::ClientBuilder {
+    crate::tls::install_provider();
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(None)
+}
+
+/// The client of git HTTP requests with default settings: rustls with the system's trust
+/// roots, where the platform verifier honours `SSL_CERT_FILE` and `SSL_CERT_DIR` as git
+/// does (tested with a private CA).
 fn client() -> &'static reqwest::blocking::Client {
     static CLIENT: OnceLock<reqwest::blocking::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
-        crate::tls::install_provider();
-        reqwest::blocking::Client::builder()
-            .user_agent(USER_AGENT)
-            .connect_timeout(Duration::from_secs(30))
-            .timeout(None)
-            .build()
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "git HTTP client: falling back to the defaults");
-                reqwest::blocking::Client::new()
-            })
+        client_builder().build().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "git HTTP client: falling back to the defaults");
+            reqwest::blocking::Client::new()
+        })
     })
+}
+
+/// The client for a repository's HTTP settings: the default one, or one built for
+/// those settings (kept for the next push with the same ones). Errors name the setting.
+fn client_for(http: &HttpConfig) -> io::Result<reqwest::blocking::Client> {
+    type Key = (bool, Option<std::path::PathBuf>, Option<String>);
+    static CLIENTS: OnceLock<Mutex<std::collections::HashMap<Key, reqwest::blocking::Client>>> =
+        OnceLock::new();
+    let key: Key = (
+        http.ssl_verify,
+        http.ssl_ca_info.clone(),
+        http.proxy.clone(),
+    );
+    if key == (true, None, None) {
+        return Ok(client().clone());
+    }
+    let clients = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = clients.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
+    let mut b = client_builder();
+    if !http.ssl_verify {
+        b = b.tls_danger_accept_invalid_certs(true);
+    }
+    if let Some(path) = &http.ssl_ca_info {
+        let pem = std::fs::read(path)
+            .map_err(|e| other(format!("http.sslCAInfo {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            other(format!(
+                "http.sslCAInfo {}: not PEM certificates: {e}",
+                path.display()
+            ))
+        })?;
+        if certs.is_empty() {
+            return Err(other(format!(
+                "http.sslCAInfo {}: no certificate in the file",
+                path.display()
+            )));
+        }
+        b = b.tls_certs_only(certs);
+    }
+    match http.proxy.as_deref() {
+        Some("") => b = b.no_proxy(),
+        Some(p) => {
+            let url = if p.contains("://") {
+                p.to_string()
+            } else {
+                format!("http://{p}")
+            };
+            let proxy = reqwest::Proxy::all(&url)
+                .map_err(|e| other(format!("http.proxy: not a proxy URL: {e}")))?;
+            b = b.proxy(proxy);
+        }
+        None => {}
+    }
+    let c = b
+        .build()
+        .map_err(|e| other(format!("git HTTP client: {}", describe(&e))))?;
+    clients
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, c.clone());
+    Ok(c)
+}
+
+/// `Name: value` lines as headers, marked sensitive (they often carry credentials).
+fn extra_headers(lines: &[String]) -> io::Result<reqwest::header::HeaderMap> {
+    let mut map = reqwest::header::HeaderMap::new();
+    for line in lines {
+        let bad = || other("http.extraHeader: not a `Name: value` header (value not shown)");
+        let (name, value) = line.split_once(':').ok_or_else(bad)?;
+        let name =
+            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| bad())?;
+        let mut value = reqwest::header::HeaderValue::from_str(value.trim()).map_err(|_| bad())?;
+        value.set_sensitive(true);
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 /// One remote's transport: libgit2 asks it for a stream per action.
@@ -231,24 +416,30 @@ impl Stream {
     fn send(&mut self) -> io::Result<reqwest::blocking::Response> {
         let url = self.url();
         loop {
-            let (cred, timeout) = CONTEXT.with(|c| {
+            let (mut cred, timeout, http) = CONTEXT.with(|c| {
                 let c = c.borrow();
                 let Some(c) = c.as_ref() else {
-                    return (None, NO_DEADLINE_TIMEOUT);
+                    return (None, NO_DEADLINE_TIMEOUT, HttpConfig::default());
                 };
                 let timeout = match c.deadline {
                     Some(d) => d.saturating_duration_since(Instant::now()),
                     None => NO_DEADLINE_TIMEOUT,
                 };
-                (c.creds.get(c.next.get()).cloned(), timeout)
+                (c.creds.get(c.next.get()).cloned(), timeout, c.http.clone())
             });
             if timeout.is_zero() {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
             }
+            let client = client_for(&http)?;
+            let headers = extra_headers(&http.extra_headers)?;
+            if headers.contains_key(reqwest::header::AUTHORIZATION) {
+                // The repository says how to authenticate.
+                cred = None;
+            }
             let mut req = if self.ls {
-                client().get(&url).header("Accept", "*/*")
+                client.get(&url).header("Accept", "*/*")
             } else {
-                client()
+                client
                     .post(&url)
                     .header(
                         "Content-Type",
@@ -260,7 +451,7 @@ impl Stream {
                     )
                     .body(self.body.request_body()?)
             };
-            req = req.timeout(timeout);
+            req = req.timeout(timeout).headers(headers);
             let sent_cred = cred.is_some();
             if let Some(c) = &cred {
                 req = req.basic_auth(&c.username, Some(c.token.expose()));
@@ -410,6 +601,74 @@ mod tests {
         assert_eq!(
             strip_userinfo("https://example.com/o/r.git"),
             "https://example.com/o/r.git"
+        );
+    }
+
+    fn config_of(text: &str) -> (tempfile::TempDir, git2::Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(&path, text).unwrap();
+        let c = git2::Config::open(&path).unwrap();
+        (dir, c)
+    }
+
+    #[test]
+    fn http_settings_are_read_as_git_reads_them_the_most_specific_url_first() {
+        let (_d, c) = config_of(
+            "[http]\n\tsslVerify = false\n\tproxy = http://proxy.corp:3128\n\textraHeader = X-A: 1\n\
+             [http \"https://git.corp/\"]\n\tsslVerify = true\n\tsslCAInfo = ~/corp-ca.pem\n\textraHeader =\n\textraHeader = X-B: 2\n\
+             [http \"https://git.corp/team\"]\n\tproxy =\n\
+             [http \"https://git.corporate\"]\n\tsslCAInfo = /wrong\n",
+        );
+        let home = std::path::Path::new("/home/dev");
+        let team = HttpConfig::from_git(&c, "https://git.corp/team/app.git", home);
+        assert_eq!(
+            team,
+            HttpConfig {
+                ssl_verify: true,
+                ssl_ca_info: Some("/home/dev/corp-ca.pem".into()),
+                proxy: Some(String::new()),
+                extra_headers: vec!["X-B: 2".into()],
+            }
+        );
+        let other = HttpConfig::from_git(&c, "https://example.com/o/r.git", home);
+        assert_eq!(
+            other,
+            HttpConfig {
+                ssl_verify: false,
+                ssl_ca_info: None,
+                proxy: Some("http://proxy.corp:3128".into()),
+                extra_headers: vec!["X-A: 1".into()],
+            }
+        );
+        // A prefix that is not a path boundary does not apply.
+        assert_eq!(
+            url_match("https://git.corp", "https://git.corporate/x"),
+            None
+        );
+        let (_d, empty) = config_of("");
+        assert_eq!(
+            HttpConfig::from_git(&empty, "https://x/y", home),
+            HttpConfig::default()
+        );
+    }
+
+    #[test]
+    fn bad_http_settings_are_errors_naming_the_setting_and_no_header_value() {
+        let e = extra_headers(&["Authorization Bearer s3cr3t-value".into()]).unwrap_err();
+        assert!(e.to_string().contains("http.extraHeader"), "{e}");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        let h = extra_headers(&["Authorization: Bearer abc".into(), "X-Two: 2".into()]).unwrap();
+        assert!(h[reqwest::header::AUTHORIZATION].is_sensitive());
+        let missing = HttpConfig {
+            ssl_ca_info: Some("/nonexistent/ca.pem".into()),
+            ..HttpConfig::default()
+        };
+        let e = client_for(&missing).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("http.sslCAInfo /nonexistent/ca.pem:"),
+            "{e}"
         );
     }
 

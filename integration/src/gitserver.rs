@@ -6,7 +6,8 @@
 //! is `401` with `WWW-Authenticate: Basic`. Switches make it misbehave on purpose:
 //! [`GitServer::set_latency`] delays every request, [`GitServer::set_reject`] makes every
 //! push fail in a `pre-receive` hook, [`GitServer::set_drop_push_after`] drops a push's
-//! connection after reading part of its pack. Every request is logged ([`GitServer::requests`]).
+//! connection after reading part of its pack, [`GitServer::set_moved`] redirects a renamed
+//! repository. Every request is logged ([`GitServer::requests`]).
 //! The server runs on its own thread and runtime, so it serves sync and async tests alike
 //! and keeps serving while the test's runtime is busy; dropping it stops it.
 //!
@@ -57,6 +58,8 @@ pub struct LoggedRequest {
     /// True for the receive-pack (push) service.
     pub push: bool,
     pub status: u16,
+    /// Every request header but `Authorization`, names lowercase, in order.
+    pub headers: Vec<(String, String)>,
 }
 
 struct Shared {
@@ -69,6 +72,8 @@ struct Shared {
     /// Bytes of a push's request body read before the connection is dropped; 0: off.
     drop_push_after: AtomicU64,
     auth_fetch: AtomicBool,
+    /// Moved repositories: old path prefix (`/old.git`) -> new one.
+    moved: Mutex<BTreeMap<String, String>>,
     log: Mutex<Vec<LoggedRequest>>,
 }
 
@@ -129,6 +134,7 @@ impl GitServer {
             reject: AtomicBool::new(false),
             drop_push_after: AtomicU64::new(0),
             auth_fetch: AtomicBool::new(false),
+            moved: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -284,6 +290,18 @@ impl GitServer {
         self.shared.auth_fetch.store(on, Ordering::SeqCst);
     }
 
+    /// The repository `from` (e.g. `old.git`) now lives at `to`: a `GET` under `from`
+    /// is answered `301 Moved Permanently` to the same place under `to` (what GitHub does
+    /// for a renamed repository); any other method there gets `404`, so a client must
+    /// send its pack where the ref advertisement landed.
+    pub fn set_moved(&self, from: &str, to: &str) {
+        self.shared
+            .moved
+            .lock()
+            .unwrap()
+            .insert(format!("/{from}"), format!("/{to}"));
+    }
+
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.shared.log.lock().unwrap().clone()
@@ -321,6 +339,49 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let user = auth.as_deref().and_then(|a| basic_user(a, &sh.token));
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter(|(k, _)| *k != header::AUTHORIZATION)
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let moved_to = sh.moved.lock().unwrap().iter().find_map(|(from, to)| {
+        path.strip_prefix(from.as_str())
+            .filter(|rest| rest.starts_with('/'))
+            .map(|rest| format!("{to}{rest}"))
+    });
+    if let Some(new_path) = moved_to {
+        let status = if req.method() == axum::http::Method::GET {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::NOT_FOUND
+        };
+        sh.log.lock().unwrap().push(LoggedRequest {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            user: user.clone(),
+            sent_credentials: auth.is_some(),
+            push,
+            status: status.as_u16(),
+            headers: headers.clone(),
+        });
+        let location = if query.is_empty() {
+            new_path
+        } else {
+            format!("{new_path}?{query}")
+        };
+        return Response::builder()
+            .status(status)
+            .header(header::LOCATION, location)
+            .body(Body::from("moved\n"))
+            .unwrap();
+    }
     let needs_auth = push || sh.auth_fetch.load(Ordering::SeqCst);
     let log = |status: u16| LoggedRequest {
         method: method.clone(),
@@ -330,6 +391,7 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         sent_credentials: auth.is_some(),
         push,
         status,
+        headers: headers.clone(),
     };
     if needs_auth && user.is_none() {
         sh.log.lock().unwrap().push(log(401));

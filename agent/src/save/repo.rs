@@ -909,7 +909,13 @@ fn push_once(
         .map_err(|e| PushFail::Other(clean(e.message())))?;
     // The HTTP transport (crate::githttp) sends the first credential with the first
     // request and the next one after each 401; the list running out is an auth failure.
-    let scope = crate::githttp::Scope::new(creds, Some(deadline));
+    let http = repo
+        .config()
+        .map(|c| {
+            crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::daemon::home_dir())
+        })
+        .unwrap_or_default();
+    let scope = crate::githttp::Scope::new(creds, Some(deadline)).with_http(http);
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     let result = {
         let mut cbs = RemoteCallbacks::new();

@@ -144,3 +144,46 @@ async fn the_token_goes_with_the_first_request_so_a_push_is_two_requests_without
         "{log:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_moved_repository_follows_the_redirect_of_its_ref_advertisement() {
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    // The repository is renamed on the server, which now redirects its old name.
+    std::fs::rename(fx.server.path("app.git"), fx.server.path("renamed.git")).unwrap();
+    fx.server.set_moved("app.git", "renamed.git");
+    std::fs::write(dir.join("wip.txt"), "wip\n").unwrap();
+    let config_before = std::fs::read(dir.join(".git/config")).unwrap();
+    fx.server.clear_requests();
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    let wip = format!("refs/heads/wip/{WORKSPACE}/main");
+    assert_eq!(
+        fx.server.ref_target("renamed.git", &wip).as_deref(),
+        o.commit.as_deref()
+    );
+    let log: Vec<(String, String, u16, bool)> = fx
+        .server
+        .requests()
+        .into_iter()
+        .map(|r| (r.method, r.path, r.status, r.user.is_some()))
+        .collect();
+    let req = |m: &str, p: &str, s: u16| (m.to_string(), p.to_string(), s, true);
+    assert_eq!(
+        log,
+        [
+            req("GET", "/app.git/info/refs", 301),
+            req("GET", "/renamed.git/info/refs", 200),
+            req("POST", "/renamed.git/git-receive-pack", 200),
+        ],
+        "the token goes along (same host) and the pack follows the advertisement"
+    );
+    assert_eq!(
+        std::fs::read(dir.join(".git/config")).unwrap(),
+        config_before,
+        "the repository's remote is not rewritten"
+    );
+}

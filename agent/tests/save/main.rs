@@ -5,6 +5,7 @@
 mod branch;
 mod credentials;
 mod deadline;
+mod httpconfig;
 mod odd;
 mod scope;
 mod snapshot;

@@ -24,6 +24,8 @@ pub struct Fixture {
     pub state: PathBuf,
     pub server: GitServer,
     pub events: agent::events::Events,
+    /// The private CA of an HTTPS server ([`Fixture::tls`]); not trusted by the process.
+    pub ca: Option<PathBuf>,
 }
 
 impl Fixture {
@@ -46,7 +48,21 @@ impl Fixture {
             state,
             server,
             events: agent::events::Events::new(),
+            ca: None,
         }
+    }
+
+    /// A fixture whose server speaks HTTPS with a certificate of a private CA (in
+    /// [`Fixture::ca`]) that nothing trusts unless told.
+    pub fn tls() -> Fixture {
+        let mut fx = Fixture::new();
+        let pki = fx.tmp.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let (ca, cert, key) = integration::pki::private_ca(&pki);
+        fx.server =
+            GitServer::start_tls(fx.tmp.path().join("srv-tls"), TOKEN, &cert, &key).unwrap();
+        fx.ca = Some(ca);
+        fx
     }
 
     pub fn env(&self) -> SaveEnv {
@@ -58,6 +74,8 @@ impl Fixture {
                     .server
                     .base_url()
                     .trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
                     .to_string(),
                 username: Some("x-access-token".into()),
                 cache_file: Some("~/.cache/coder/test_token".into()),
@@ -134,6 +152,15 @@ impl Fixture {
         let bare = format!("{name}.git");
         self.server.create_bare(&bare).unwrap();
         git(&dir, &["remote", "add", "origin", &self.server.url(&bare)]);
+        if self.ca.is_some() {
+            // HTTPS: the base goes to the bare repository on disk (git would not trust
+            // the server), and the remote-tracking ref is set by hand.
+            let path = self.server.path(&bare);
+            git(&dir, &["push", "-q", path.to_str().unwrap(), "main"]);
+            git(&dir, &["update-ref", "refs/remotes/origin/main", "HEAD"]);
+            git(&dir, &["branch", "-q", "-u", "origin/main"]);
+            return dir;
+        }
         // The token goes on the command line of this one push only, never into config.
         let auth = self
             .server
