@@ -350,6 +350,16 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             )
         })
         .collect();
+    let log = |status: u16| LoggedRequest {
+        method: method.clone(),
+        path: path.clone(),
+        query: query.clone(),
+        user: user.clone(),
+        sent_credentials: auth.is_some(),
+        push,
+        status,
+        headers: headers.clone(),
+    };
     let moved_to = sh.moved.lock().unwrap().iter().find_map(|(from, to)| {
         path.strip_prefix(from.as_str())
             .filter(|rest| rest.starts_with('/'))
@@ -361,16 +371,7 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         } else {
             StatusCode::NOT_FOUND
         };
-        sh.log.lock().unwrap().push(LoggedRequest {
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            user: user.clone(),
-            sent_credentials: auth.is_some(),
-            push,
-            status: status.as_u16(),
-            headers: headers.clone(),
-        });
+        sh.log.lock().unwrap().push(log(status.as_u16()));
         let location = if query.is_empty() {
             new_path
         } else {
@@ -383,16 +384,6 @@ async fn handle(State(sh): State<Arc<Shared>>, req: Request) -> Response {
             .unwrap();
     }
     let needs_auth = push || sh.auth_fetch.load(Ordering::SeqCst);
-    let log = |status: u16| LoggedRequest {
-        method: method.clone(),
-        path: path.clone(),
-        query: query.clone(),
-        user: user.clone(),
-        sent_credentials: auth.is_some(),
-        push,
-        status,
-        headers: headers.clone(),
-    };
     if needs_auth && user.is_none() {
         sh.log.lock().unwrap().push(log(401));
         return Response::builder()

@@ -9,6 +9,17 @@ fn wip() -> String {
     format!("refs/heads/wip/{WORKSPACE}/main")
 }
 
+/// A save pushes `dir`'s snapshot: the server's wip ref is the commit made.
+async fn assert_saved_on_the_server(fx: &Fixture, dir: &std::path::Path) {
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+    let o = one(&outcomes, dir);
+    assert_eq!(o.result, "pushed", "{o:#?}");
+    assert_eq!(
+        fx.server.ref_target("app.git", &wip()).as_deref(),
+        o.commit.as_deref()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_ca_named_by_http_sslcainfo_is_trusted_and_sslverify_false_skips_the_check() {
     let fx = Fixture::tls();
@@ -28,13 +39,7 @@ async fn a_private_ca_named_by_http_sslcainfo_is_trusted_and_sslverify_false_ski
     // The repository names the CA, as it would for git.
     git(&dir, &["config", "http.sslCAInfo", ca.to_str().unwrap()]);
     let config_before = std::fs::read(dir.join(".git/config")).unwrap();
-    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
-    let o = one(&outcomes, &dir);
-    assert_eq!(o.result, "pushed", "{o:#?}");
-    assert_eq!(
-        fx.server.ref_target("app.git", &wip()).as_deref(),
-        o.commit.as_deref()
-    );
+    assert_saved_on_the_server(&fx, &dir).await;
     assert_eq!(
         std::fs::read(dir.join(".git/config")).unwrap(),
         config_before
@@ -45,13 +50,7 @@ async fn a_private_ca_named_by_http_sslcainfo_is_trusted_and_sslverify_false_ski
     let key = format!("http.{}/.sslVerify", fx.server.base_url());
     git(&dir, &["config", &key, "false"]);
     std::fs::write(dir.join("wip.txt"), "over tls, unverified\n").unwrap();
-    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
-    let o = one(&outcomes, &dir);
-    assert_eq!(o.result, "pushed", "{o:#?}");
-    assert_eq!(
-        fx.server.ref_target("app.git", &wip()).as_deref(),
-        o.commit.as_deref()
-    );
+    assert_saved_on_the_server(&fx, &dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
