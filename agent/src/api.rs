@@ -49,11 +49,46 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// The uid allowed besides root and the daemon's own (`daemon.api_user`).
-static API_UID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+static API_UID: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+/// The socket being served, for [`set_api_user`] after a config reload.
+static SERVED: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Serve `api_user` (a user name or uid; `None`: root and the daemon's uid only) from
+/// now on: the socket is handed to that user (still 0600) or back to the daemon's own
+/// ids. A user that does not exist here leaves root and the daemon's uid only, loudly.
+pub fn set_api_user(api_user: Option<&str>) -> std::io::Result<()> {
+    let socket = SERVED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let extra = match api_user.map(|u| crate::procs::resolve_user(u, None)) {
+        None => {
+            if let Some(socket) = &socket {
+                std::os::unix::fs::chown(
+                    socket,
+                    Some(nix::unistd::geteuid().as_raw()),
+                    Some(nix::unistd::getegid().as_raw()),
+                )?;
+            }
+            None
+        }
+        Some(Ok(r)) => {
+            // The user owns the socket (still 0600), so it can connect; root always can.
+            if let Some(socket) = &socket {
+                std::os::unix::fs::chown(socket, Some(r.uid), Some(r.gid))?;
+            }
+            Some(r.uid)
+        }
+        Some(Err(e)) => {
+            // A user of the image that does not exist here: serve root alone, loudly.
+            tracing::error!(error = %e, "daemon.api_user: serving root and the daemon's uid only");
+            None
+        }
+    };
+    *API_UID.lock().unwrap_or_else(|e| e.into_inner()) = extra;
+    Ok(())
+}
 
 async fn check_peer(ConnectInfo(peer): ConnectInfo<Peer>, req: Request, next: Next) -> Response {
     let me = nix::unistd::geteuid().as_raw();
-    let extra = API_UID.get().copied().flatten();
+    let extra = *API_UID.lock().unwrap_or_else(|e| e.into_inner());
     match peer.uid {
         Some(0) => next.run(req).await,
         Some(uid) if uid == me || Some(uid) == extra => next.run(req).await,
@@ -97,23 +132,8 @@ pub fn serve(
         .daemon
         .api_user
         .clone();
-    let extra = match api_user
-        .as_deref()
-        .map(|u| crate::procs::resolve_user(u, None))
-    {
-        None => None,
-        Some(Ok(r)) => {
-            // The user owns the socket (still 0600), so it can connect; root always can.
-            std::os::unix::fs::chown(socket, Some(r.uid), Some(r.gid))?;
-            Some(r.uid)
-        }
-        Some(Err(e)) => {
-            // A user of the image that does not exist here: serve root alone, loudly.
-            tracing::error!(error = %e, "daemon.api_user: serving root and the daemon's uid only");
-            None
-        }
-    };
-    let _ = API_UID.set(extra);
+    *SERVED.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.to_path_buf());
+    set_api_user(api_user.as_deref())?;
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/{action}", post(service_action))

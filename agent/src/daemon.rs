@@ -484,9 +484,11 @@ async fn reload(shared: &Arc<Shared>) {
         }
         Ok(new) => {
             let mut sup = shared.supervisor.lock().await;
-            let changes = sup.reload(&new.config).await;
+            let mut changes = sup.reload(&new.config).await;
             shared.refresh_watches(&sup);
             drop(sup);
+            let old = shared.config.read().expect("lock").config.daemon.clone();
+            changes.extend(daemon_changes(&old, &new.config.daemon));
             *shared.config.write().expect("lock") = new;
             let msg = if changes.is_empty() {
                 "no service changed".to_string()
@@ -588,6 +590,43 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     // Nothing is logged after it: even a filtered-out event runs the subscriber's code
     // the first time its call site is reached.
     crate::footprint::trim();
+}
+
+/// What a reload changes in `[daemon]`: `api_user` is applied at once (the socket's
+/// owner and the uid served); the rest is read at start only, and said so.
+fn daemon_changes(
+    old: &crate::config::DaemonConfig,
+    new: &crate::config::DaemonConfig,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.api_user != new.api_user {
+        match crate::api::set_api_user(new.api_user.as_deref()) {
+            Ok(()) => out.push(format!(
+                "daemon.api_user now {}",
+                new.api_user
+                    .as_deref()
+                    .unwrap_or("unset (root and the daemon's uid)")
+            )),
+            Err(e) => {
+                tracing::error!(error = %e, "daemon.api_user: cannot hand the socket over");
+                out.push(format!("daemon.api_user not applied: {e}"));
+            }
+        }
+    }
+    let at_start = [
+        ("state_dir", old.state_dir != new.state_dir),
+        ("log_dir", old.log_dir != new.log_dir),
+        ("socket", old.socket != new.socket),
+        ("log_level", old.log_level != new.log_level),
+    ];
+    for (key, changed) in at_start {
+        if changed {
+            out.push(format!(
+                "daemon.{key} changed: takes effect at the next start"
+            ));
+        }
+    }
+    out
 }
 
 /// Startup waits briefly (bounded) for a fresh git token before services that need it.

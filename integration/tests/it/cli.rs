@@ -300,6 +300,68 @@ fn logs_tail_and_follow_a_service() {
     let _ = child.wait();
 }
 
+/// `daemon.api_user` added by a config reload takes effect at once (the socket is handed
+/// over, the uid served), and removed gives the socket back; `[daemon]` keys read only
+/// at start are named as such.
+#[test]
+fn api_user_follows_a_config_reload_and_start_only_keys_say_so() {
+    use std::os::unix::fs::MetadataExt;
+    if !integration::real::require_root("running clients as other users needs root") {
+        return;
+    }
+    let ws = Workspace::new();
+    std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let services = "[services.s]\ncommand = [\"sleep\", \"1000\"]\n";
+    let mut d = Daemon::start(&ws, &config(services));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let as_nobody = || {
+        std::process::Command::new(wsagent_bin())
+            .args([
+                "--socket".as_ref(),
+                ws.socket().as_os_str(),
+                "status".as_ref(),
+                "--json".as_ref(),
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    assert!(!as_nobody().status.success(), "nobody is not served yet");
+
+    // (The harness sets the log level and the state dir through the environment, which
+    // wins over the file; the log dir is the file's.)
+    let other_logs = ws.path().join("other-logs");
+    ws.write_config(&config(&format!(
+        "[daemon]\napi_user = \"nobody\"\nlog_dir = {:?}\n{services}",
+        other_logs.display().to_string()
+    )));
+    wait_until(SHORT, "the reload to hand the socket to nobody", || {
+        d.stderr().contains("configuration reloaded")
+    });
+    let meta = std::fs::metadata(ws.socket()).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+    let ok = as_nobody();
+    assert!(ok.status.success(), "{ok:?}");
+    let err = d.stderr();
+    assert!(err.contains("daemon.api_user now nobody"), "{err}");
+    assert!(
+        err.contains("daemon.log_dir changed: takes effect at the next start"),
+        "{err}"
+    );
+
+    ws.write_config(&config(services));
+    wait_until(SHORT, "the socket to be the daemon's again", || {
+        std::fs::metadata(ws.socket()).is_ok_and(|m| m.uid() == 0)
+    });
+    assert!(!as_nobody().status.success(), "nobody is refused again");
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success());
+}
+
 /// `daemon.api_user` lets the workspace user (who runs Coder's `shutdown_script`) use the
 /// socket, which it then owns (still 0600); any other uid is still refused.
 #[test]
