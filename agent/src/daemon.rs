@@ -487,8 +487,8 @@ async fn reload(shared: &Arc<Shared>) {
             let mut changes = sup.reload(&new.config).await;
             shared.refresh_watches(&sup);
             drop(sup);
-            let old = shared.config.read().expect("lock").config.daemon.clone();
-            changes.extend(daemon_changes(&old, &new.config.daemon));
+            let old = shared.config.read().expect("lock").config.clone();
+            changes.extend(start_only_changes(&old, &new.config));
             *shared.config.write().expect("lock") = new;
             let msg = if changes.is_empty() {
                 "no service changed".to_string()
@@ -592,18 +592,18 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     crate::footprint::trim();
 }
 
-/// What a reload changes in `[daemon]`: `api_user` is applied at once (the socket's
-/// owner and the uid served); the rest is read at start only, and said so.
-fn daemon_changes(
-    old: &crate::config::DaemonConfig,
-    new: &crate::config::DaemonConfig,
-) -> Vec<String> {
+/// What a reload changes outside the services: `daemon.api_user` is applied at once
+/// (the socket's owner and the uid served); the rest named here is read at start only,
+/// and the reload says so. (`[save]` and `[shutdown]` are read when used, so they
+/// apply at once without a word.)
+fn start_only_changes(old: &crate::config::Config, new: &crate::config::Config) -> Vec<String> {
     let mut out = Vec::new();
-    if old.api_user != new.api_user {
-        match crate::api::set_api_user(new.api_user.as_deref()) {
+    let (od, nd) = (&old.daemon, &new.daemon);
+    if od.api_user != nd.api_user {
+        match crate::api::set_api_user(nd.api_user.as_deref()) {
             Ok(()) => out.push(format!(
                 "daemon.api_user now {}",
-                new.api_user
+                nd.api_user
                     .as_deref()
                     .unwrap_or("unset (root and the daemon's uid)")
             )),
@@ -614,17 +614,25 @@ fn daemon_changes(
         }
     }
     let at_start = [
-        ("state_dir", old.state_dir != new.state_dir),
-        ("log_dir", old.log_dir != new.log_dir),
-        ("socket", old.socket != new.socket),
-        ("log_level", old.log_level != new.log_level),
+        ("daemon.state_dir", od.state_dir != nd.state_dir),
+        ("daemon.log_dir", od.log_dir != nd.log_dir),
+        ("daemon.socket", od.socket != nd.socket),
+        ("daemon.log_level", od.log_level != nd.log_level),
+        ("control_plane", old.control_plane != new.control_plane),
+        ("startup", old.startup != new.startup),
+        ("dotfiles", old.dotfiles != new.dotfiles),
+        ("once", old.once != new.once),
+        ("task", old.task != new.task),
     ];
     for (key, changed) in at_start {
         if changed {
-            out.push(format!(
-                "daemon.{key} changed: takes effect at the next start"
-            ));
+            out.push(format!("{key} changed: takes effect at the next start"));
         }
+    }
+    if old.git_providers != new.git_providers {
+        out.push(
+            "git_providers changed: saves use it now, the token refresh from the next start".into(),
+        );
     }
     out
 }
