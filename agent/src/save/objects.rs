@@ -74,7 +74,8 @@ impl<'o, 'r> Staged<'o, 'r> {
     pub fn blob_from_file(&mut self, path: &Path, len: u64) -> Result<Oid, git2::Error> {
         if len >= LARGE_BLOB {
             if self.direct.is_none() {
-                self.direct = Some(Repository::open(self.repo.path())?);
+                // The common dir holds the objects (also for a linked worktree).
+                self.direct = Some(Repository::open(self.repo.commondir())?);
             }
             return self.direct.as_ref().expect("opened").blob_path(path);
         }

@@ -92,6 +92,9 @@ async fn a_linked_worktree_is_saved_on_its_own_branch_ref() {
         ],
     );
     std::fs::write(wt.join("feature.txt"), "feature work\n").unwrap();
+    // Large enough to be streamed as a loose object, into the main repository's store.
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(wt.join("big.bin"), &big).unwrap();
     let dotgit = std::fs::read(wt.join(".git")).unwrap();
 
     let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
@@ -104,6 +107,7 @@ async fn a_linked_worktree_is_saved_on_its_own_branch_ref() {
     assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&wt, &[]));
     assert_eq!(std::fs::read(wt.join(".git")).unwrap(), dotgit);
     assert_eq!(git(&wt, &["rev-parse", "--abbrev-ref", "HEAD"]), "feature");
+    assert_fsck(&main);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
