@@ -300,6 +300,24 @@ fn logs_tail_and_follow_a_service() {
     let _ = child.wait();
 }
 
+/// `wsagent status --json` against `ws`'s socket, run as `uid` (gid the same).
+fn status_as(ws: &Workspace, uid: u32) -> std::process::Output {
+    std::process::Command::new(wsagent_bin())
+        .args([
+            "--socket".as_ref(),
+            ws.socket().as_os_str(),
+            "status".as_ref(),
+            "--json".as_ref(),
+        ])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap()
+}
+
 /// `daemon.api_user` added by a config reload takes effect at once (the socket is handed
 /// over, the uid served), and removed gives the socket back; `[daemon]` keys read only
 /// at start are named as such.
@@ -314,22 +332,7 @@ fn api_user_follows_a_config_reload_and_start_only_keys_say_so() {
     let services = "[services.s]\ncommand = [\"sleep\", \"1000\"]\n";
     let mut d = Daemon::start(&ws, &config(services));
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
-    let as_nobody = || {
-        std::process::Command::new(wsagent_bin())
-            .args([
-                "--socket".as_ref(),
-                ws.socket().as_os_str(),
-                "status".as_ref(),
-                "--json".as_ref(),
-            ])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap()
-    };
+    let as_nobody = || status_as(&ws, 65534);
     assert!(!as_nobody().status.success(), "nobody is not served yet");
 
     // (The harness sets the log level and the state dir through the environment, which
@@ -379,22 +382,7 @@ fn api_user_is_served_and_other_uids_still_refused() {
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
     let meta = std::fs::metadata(ws.socket()).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
-    let as_uid = |uid: u32| {
-        std::process::Command::new(wsagent_bin())
-            .args([
-                "--socket".as_ref(),
-                ws.socket().as_os_str(),
-                "status".as_ref(),
-                "--json".as_ref(),
-            ])
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("WSAGENT_SYSTEM_CONFIG", "/nonexistent")
-            .uid(uid)
-            .gid(uid)
-            .output()
-            .unwrap()
-    };
+    let as_uid = |uid: u32| status_as(&ws, uid);
     let ok = as_uid(65534);
     assert!(ok.status.success(), "{ok:?}");
     std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
