@@ -2,11 +2,11 @@
 //!
 //! Starting a workspace runs much code once (config parsing, the startup steps, TLS
 //! setup); the pages of that code and of its constants stay mapped in the process (and
-//! counted in its RSS) although an idle supervisor never uses them again. Once startup has
-//! settled ([`SETTLE`] after it ends, its last log line written), [`trim`] unmaps the process's read-only file pages (`madvise(MADV_DONTNEED)` on its
-//! `r-xp` and `r--p` file mappings: the pages stay in the page cache, and whatever runs
-//! later maps its pages back with a minor fault) and returns freed heap to the kernel
-//! (`malloc_trim`). Only mappings no one wrote to are touched: a page copied on write
+//! counted in its RSS) although an idle supervisor never uses them again. Once startup
+//! has settled ([`SETTLE`] after it ends, its last log line written), [`trim`] unmaps the
+//! process's read-only file pages (`madvise(MADV_DONTNEED)` on its `r-xp` and `r--p` file
+//! mappings: the pages stay in the page cache, and whatever runs later maps its pages
+//! back with a minor fault) and returns freed heap to the kernel (`malloc_trim`). Only mappings no one wrote to are touched: a page copied on write
 //! (relocated data made read-only afterwards, a debugger's breakpoint) would be lost, so
 //! a mapping with any anonymous page is left alone.
 
@@ -16,13 +16,6 @@ pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long the daemon lets its log writer thread write the line announcing the trim.
 pub const WRITER_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// What [`trim`] released, in KiB of resident memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Trimmed {
-    pub before_kib: u64,
-    pub after_kib: u64,
-}
 
 /// Resident set size of this process in KiB (from `/proc/self/statm`).
 pub fn rss_kib() -> Option<u64> {
@@ -34,8 +27,8 @@ pub fn rss_kib() -> Option<u64> {
 }
 
 /// Unmap clean read-only file pages and return freed heap; see the module documentation.
-pub fn trim() -> Trimmed {
-    let before_kib = rss_kib().unwrap_or(0);
+/// It measures nothing itself: whatever runs after the unmapping maps its pages back.
+pub fn trim() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free memory of the allocator to the kernel.
     unsafe {
@@ -50,10 +43,6 @@ pub fn trim() -> Trimmed {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
             }
         }
-    }
-    Trimmed {
-        before_kib,
-        after_kib: rss_kib().unwrap_or(0),
     }
 }
 
@@ -131,8 +120,9 @@ Anonymous:             0 kB
     #[test]
     fn trimming_this_process_keeps_it_running_and_does_not_grow_it() {
         let before = rss_kib().unwrap();
-        let t = trim();
-        assert!(t.after_kib <= t.before_kib + 64, "{t:?}");
+        trim();
+        let after = rss_kib().unwrap();
+        assert!(after <= before + 64, "RSS {before} KiB -> {after} KiB");
         // Code still runs after its pages were dropped: format, allocate, hash.
         let s: String = (0..1000).map(|i| format!("{i:x}")).collect();
         assert!(s.len() > 1000);

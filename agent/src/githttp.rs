@@ -117,7 +117,7 @@ pub fn register() {
 /// Honoured: `sslVerify`, `sslCAInfo` (the only CAs trusted, as with git), `proxy` (an
 /// empty value: no proxy, not even from the environment) and `extraHeader` (every value,
 /// an empty one clears those before it; an `Authorization` among them replaces the token).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpConfig {
     pub ssl_verify: bool,
     pub ssl_ca_info: Option<std::path::PathBuf>,

@@ -305,8 +305,12 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
+/// CPU time (user + system) of this process's reaped children so far (the git server's
+/// CGI processes, the shell loop's git commands).
 fn children_cpu() -> Duration {
+    // SAFETY: rusage is plain data (all zeroes is valid); getrusage fills it in.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     let tv =
         |t: libc::timeval| Duration::from_micros(t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64);
@@ -692,7 +696,7 @@ const THREE_SLEEPS: &str = "[services.s1]\ncommand = [\"sleep\", \"infinity\"]\n
 
 fn footprint(s: &Settings, rows: &mut Vec<Row>) {
     let (mut w, mut t, mut sv) = (Stats::default(), Stats::default(), Stats::default());
-    // wsagent's RSS at ready, before it released its startup pages (its own log line).
+    // wsagent's RSS just before it released its startup pages (its own log line).
     let mut at_ready = Stats::default();
     // Every supervisor is sampled this long after its services are up: idle, not
     // starting. wsagent releases its startup pages `footprint::SETTLE` after `ready`.
