@@ -6,7 +6,7 @@
 //! access checks ([`AsOwner`]) without affecting any other thread of the daemon.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// While alive, this thread's filesystem uid/gid are the owner's; restored on drop.
 #[must_use]
@@ -38,6 +38,87 @@ impl AsOwner {
 
     pub fn active(&self) -> bool {
         self.prev.is_some()
+    }
+
+    /// Whether the owner can reach `path` at all: with the owner's ids, a directory on
+    /// the way that the owner may not search (say an image whose `/` is mode 0700)
+    /// makes every access fail with "Permission denied", which would otherwise surface
+    /// as a baffling error about some file deep inside `.git`. Names the directory.
+    pub fn check_reachable(&self, path: &Path) -> Result<(), Unreachable> {
+        if !self.active() {
+            return Ok(());
+        }
+        let path: PathBuf = path.components().collect();
+        let path = path.as_path();
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {}
+            _ => return Ok(()),
+        }
+        // The first directory, from `/` down, whose entries the owner may not look up.
+        let mut blocker = PathBuf::from("/");
+        for p in path.ancestors().collect::<Vec<_>>().into_iter().rev() {
+            match std::fs::symlink_metadata(p) {
+                Ok(_) => blocker = p.to_path_buf(),
+                Err(_) => break,
+            }
+        }
+        // The ids are the owner's for this thread: read the blocker's mode with root's.
+        let md = {
+            let _root = AsRoot::new();
+            std::fs::symlink_metadata(&blocker).ok()
+        };
+        // SAFETY: setfsuid(-1) changes nothing and returns the current fsuid.
+        let uid = unsafe { libc::setfsuid(u32::MAX) } as u32;
+        Err(Unreachable {
+            path: path.to_path_buf(),
+            blocker,
+            uid,
+            mode: md.as_ref().map(|m| m.mode() & 0o7777),
+            owner: md.as_ref().map(|m| m.uid()),
+        })
+    }
+}
+
+/// The repository's owner cannot reach it: see [`AsOwner::check_reachable`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "uid {uid}, the owner of {path}, cannot reach it: {blocker} is not searchable by that user{}; \
+     wsagent works on a repository with its owner's permissions, so the owner must be able to \
+     reach it (check the modes of the image's or the volume's directories)",
+    match (mode, owner) { (Some(m), Some(o)) => format!(" (mode {m:04o}, owner uid {o})"), _ => String::new() }
+)]
+pub struct Unreachable {
+    pub path: PathBuf,
+    pub blocker: PathBuf,
+    pub uid: u32,
+    pub mode: Option<u32>,
+    pub owner: Option<u32>,
+}
+
+/// Root's filesystem ids for this thread while alive (inside an [`AsOwner`]).
+struct AsRoot {
+    prev: (libc::uid_t, libc::gid_t),
+}
+
+impl AsRoot {
+    fn new() -> AsRoot {
+        // SAFETY: as in AsOwner::of; restored in Drop.
+        let prev = unsafe {
+            let u = libc::setfsuid(0) as libc::uid_t;
+            let g = libc::setfsgid(0) as libc::gid_t;
+            (u, g)
+        };
+        AsRoot { prev }
+    }
+}
+
+impl Drop for AsRoot {
+    fn drop(&mut self) {
+        // SAFETY: see AsOwner::of.
+        unsafe {
+            libc::setfsgid(self.prev.1);
+            libc::setfsuid(self.prev.0);
+        }
     }
 }
 

@@ -192,6 +192,13 @@ pub struct SaveRequest {
     pub dry_run: bool,
 }
 
+/// Told of a save's progress as it happens: how many repositories it found, then each
+/// repository's outcome the moment it is known (already redacted, as journaled).
+pub trait Observer: Send + Sync {
+    fn found(&self, repos: usize);
+    fn saved(&self, outcome: &RepoOutcome);
+}
+
 fn outcome_base(path: &Path, mode: SaveMode, reason: Reason) -> RepoOutcome {
     RepoOutcome {
         at: crate::events::now_rfc3339(),
@@ -214,6 +221,17 @@ pub async fn save_all(
     req: &SaveRequest,
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
+    save_all_observed(cfg, env, req, deadline, None).await
+}
+
+/// [`save_all`], telling `observer` of each repository's outcome as it lands.
+pub async fn save_all_observed(
+    cfg: &SaveConfig,
+    env: &SaveEnv,
+    req: &SaveRequest,
+    deadline: tokio::time::Instant,
+    observer: Option<Arc<dyn Observer>>,
+) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
     repo::init_libgit2();
     // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
@@ -221,6 +239,9 @@ pub async fn save_all(
     let lock = save_lock(&env.state_dir);
     let Ok(_running) = tokio::time::timeout_at(deadline, lock.lock()).await else {
         tracing::error!("deadline passed while another save was running");
+        if let Some(o) = &observer {
+            o.found(0);
+        }
         return Vec::new();
     };
     let journal = Arc::new(Journal::new(&env.state_dir));
@@ -265,13 +286,22 @@ pub async fn save_all(
         Ok(Ok(f)) => f,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "repository discovery failed");
+            if let Some(o) = &observer {
+                o.found(0);
+            }
             return Vec::new();
         }
         Err(_) => {
             tracing::error!("deadline passed while looking for repositories");
+            if let Some(o) = &observer {
+                o.found(0);
+            }
             return Vec::new();
         }
     };
+    if let Some(o) = &observer {
+        o.found(found.len());
+    }
     tracing::info!(
         repos = found.len(),
         mode = cfg.mode.as_str(),
@@ -342,11 +372,18 @@ pub async fn save_all(
                 push_slots.clone(),
                 creds.clone(),
             );
+            let (env, observer) = (env.clone(), observer.clone());
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
                 let prepared = commit_one(ctx, f, &commit_slots, deadline).await;
                 let _ = tx.send(());
-                push_one(prepared, &push_slots, &creds, deadline).await
+                let mut o = push_one(prepared, &push_slots, &creds, deadline).await;
+                scrub(&mut o);
+                report(&env, &o);
+                if let Some(obs) = &observer {
+                    obs.saved(&o);
+                }
+                o
             });
         }
         below = futures::future::join_all(done).map(|_| ()).boxed().shared();
@@ -380,25 +417,23 @@ pub async fn save_all(
         took_ms = started.elapsed().as_millis() as u64,
         "git work saved"
     );
-    for o in &mut outcomes {
-        // Last line of defence: no token, no URL userinfo in what is kept or shown.
-        if let Some(e) = &o.error {
-            o.error = Some(crate::secrets::redact(&url::scrub_userinfo(e)).into_owned());
-        }
-        if let Some(n) = &o.note {
-            o.note = Some(crate::secrets::redact(&url::scrub_userinfo(n)).into_owned());
-        }
-    }
     if !req.dry_run
         && let Err(e) = journal.append_all(&outcomes)
     {
         tracing::warn!(error = %e, "save journal");
     }
-    for o in &outcomes {
-        report(env, o);
-    }
     outcomes.sort_by(|a, b| a.repo.cmp(&b.repo));
     outcomes
+}
+
+/// Last line of defence: no token, no URL userinfo in what is kept or shown.
+fn scrub(o: &mut RepoOutcome) {
+    if let Some(e) = &o.error {
+        o.error = Some(crate::secrets::redact(&url::scrub_userinfo(e)).into_owned());
+    }
+    if let Some(n) = &o.note {
+        o.note = Some(crate::secrets::redact(&url::scrub_userinfo(n)).into_owned());
+    }
 }
 
 fn save_lock(state_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {

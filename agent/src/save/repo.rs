@@ -59,6 +59,8 @@ pub enum SaveError {
         #[source]
         source: git2::Error,
     },
+    #[error(transparent)]
+    Unreachable(#[from] super::fsids::Unreachable),
     #[error("cannot commit in {path}: {source}")]
     Commit {
         path: String,
@@ -175,6 +177,7 @@ fn prepare_inner(
     drop(config);
 
     let _owner = AsOwner::of(repo.commondir());
+    _owner.check_reachable(repo.commondir())?;
 
     let unpushed = match (head, &remote) {
         (Some(h), Some(_)) => is_unpushed(&repo, h, branch.as_deref()),
@@ -245,16 +248,19 @@ fn prepare_inner(
     // libgit2 finds a pack directory only when it opens the repository; `git init` always
     // makes one, a repository assembled by hand may not.
     let pack_dir = repo.commondir().join("objects/pack");
-    let repo = if pack_dir.is_dir() {
-        repo
-    } else {
-        std::fs::create_dir_all(&pack_dir).map_err(|e| {
-            worktree_err(git2::Error::from_str(&format!(
-                "{}: {e}",
-                pack_dir.display()
-            )))
-        })?;
-        Repository::open(&found.path).map_err(worktree_err)?
+    let io_err = |p: &Path, e: std::io::Error| {
+        worktree_err(git2::Error::from_str(&format!("{}: {e}", p.display())))
+    };
+    let repo = match std::fs::metadata(&pack_dir) {
+        Ok(m) if m.is_dir() => repo,
+        Ok(_) => {
+            return Err(io_err(&pack_dir, std::io::Error::other("not a directory")));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&pack_dir).map_err(|e| io_err(&pack_dir, e))?;
+            Repository::open(&found.path).map_err(worktree_err)?
+        }
+        Err(e) => return Err(io_err(&pack_dir, e)),
     };
     let odb = repo.odb().map_err(worktree_err)?;
     let mut staged = Staged::attach(&repo, &odb).map_err(worktree_err)?;

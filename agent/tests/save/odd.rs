@@ -219,6 +219,57 @@ async fn root_saving_a_users_repo_leaves_no_root_owned_file_in_its_git_dir() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_saving_a_users_repo_the_user_cannot_reach_names_the_directory_in_the_way() {
+    // The root daemon works on a user's repository with the user's filesystem ids, so a
+    // directory above it that the user may not search (a container whose `/` is 0700, as
+    // a tarball of a `mktemp -d` gives) refuses every access: the save fails naming that
+    // directory and its mode, not some file inside `.git`, and writes nothing there.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the filesystem-id check needs root");
+        return;
+    }
+    let fx = Fixture::new();
+    let blocker = fx.tmp.path().to_path_buf();
+    std::fs::set_permissions(
+        &blocker,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let dir = fx.repo("users");
+    std::fs::write(dir.join("work.txt"), "user's work\n").unwrap();
+    let st = std::process::Command::new("chown")
+        .args(["-R", "1000:1000"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = object_files(&dir);
+
+    let outcomes = fx.save(&fx.config(), Duration::from_secs(30)).await;
+
+    let o = one(&outcomes, &dir);
+    assert_eq!(o.result, "failed", "{o:#?}");
+    let err = o.error.as_deref().unwrap_or_default();
+    assert!(
+        err.contains(&format!(
+            "uid 1000, the owner of {}",
+            dir.join(".git").display()
+        )) && err.contains(&format!(
+            "{} is not searchable by that user (mode 0700, owner uid 0)",
+            blocker.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(object_files(&dir), before, "something was written");
+    assert!(
+        fx.server
+            .ref_target("users.git", &format!("refs/heads/wip/{WORKSPACE}/main"))
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repo_mid_rebase_is_saved_on_the_rebased_branchs_ref() {
     let fx = Fixture::new();
     let dir = fx.repo("app");
