@@ -273,11 +273,27 @@ pub struct SaveRequest {
     pub dry_run: bool,
 }
 
-/// One line of the `POST /v1/save` stream: progress events, then the outcomes.
+/// One line of the `POST /v1/save` stream: `started` once the repositories are found,
+/// a `repo` line as each one's outcome lands, then `done` with all of them (or a
+/// `progress` line saying why the save could not run). A client ignores types it does
+/// not know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[allow(clippy::large_enum_variant)]
 pub enum SaveLine {
+    Started {
+        /// Repositories this save covers (for a request about one repository that
+        /// joined a save of all of them: 1).
+        repos: usize,
+        /// The save was already running (or, during a stop, already ended) and this
+        /// request follows it rather than starting another.
+        joined: bool,
+        /// Why the followed save runs: `stop`, `manual`, `signal`.
+        reason: String,
+    },
+    Repo {
+        outcome: crate::save::RepoOutcome,
+    },
     Progress {
         event: Event,
     },

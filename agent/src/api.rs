@@ -282,12 +282,14 @@ fn event_stream_with(
     exit: CancellationToken,
     guard: StreamGuard,
 ) -> Body {
+    // A history that already holds the end ends the stream after it.
+    let ended = until_final && history.iter().any(is_final);
     let head = futures::stream::iter(history.into_iter().map(|ev| {
         let mut line = serde_json::to_vec(&ev).unwrap_or_default();
         line.push(b'\n');
         Ok::<Bytes, Infallible>(Bytes::from(line))
     }));
-    let stream = futures::stream::unfold((rx, false), move |(mut rx, done)| async move {
+    let stream = futures::stream::unfold((rx, ended), move |(mut rx, done)| async move {
         if done {
             return None;
         }
@@ -317,11 +319,32 @@ fn event_stream_with(
 
 async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownRequest>>) -> Response {
     let req = body.map(|Json(b)| b).unwrap_or_default();
-    let rx = s.events.subscribe();
+    let (history, rx) = s.events.subscribe_with_history();
     let already = s.stop.is_cancelled();
     s.stop.cancel();
     if req.wait {
-        event_stream(rx, true, s.exit.clone(), StreamGuard::new(&s.open_streams)).into_response()
+        // Joining a stop already under way: what it has done so far comes first (from
+        // its `shutting_down`), so the save it made is reported, not lost.
+        let from = history
+            .iter()
+            .rposition(|e| {
+                matches!(
+                    e.kind,
+                    EventKind::Lifecycle {
+                        state: Lifecycle::ShuttingDown
+                    }
+                )
+            })
+            .filter(|_| already)
+            .unwrap_or(history.len());
+        event_stream_with(
+            history[from..].to_vec(),
+            rx,
+            true,
+            s.exit.clone(),
+            StreamGuard::new(&s.open_streams),
+        )
+        .into_response()
     } else {
         let message = if already {
             "the stop sequence is already running"
@@ -336,61 +359,131 @@ async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownReques
     }
 }
 
-/// Save now: stream each repository's outcome as it lands, then all of them.
+/// Save now, or join the save already running: stream `started`, each repository's
+/// outcome as it lands, then all of them. During the stop sequence the request follows
+/// the stop's own save (waiting for it to begin, or reporting it when it has ended):
+/// this is what the Coder agent's `shutdown_script` runs, after wsagent saved.
 async fn save(
     State(s): State<Arc<Shared>>,
     body: Option<Json<agent_proto::local::SaveRequest>>,
 ) -> Response {
     use agent_proto::local::SaveLine;
     let req = body.map(|Json(b)| b).unwrap_or_default();
-    if s.stop.is_cancelled() {
-        return err(
-            StatusCode::CONFLICT,
-            "the stop sequence is running; it saves the work itself",
-        );
-    }
-    let rx = s.events.subscribe();
+    let only = req.repo.map(PathBuf::from);
     let budget = s.config.read().expect("lock").config.shutdown.budget;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let s2 = s.clone();
-    s.tracker.spawn(async move {
-        let deadline = tokio::time::Instant::now() + budget;
-        let only = req.repo.map(PathBuf::from);
-        let r = s2
-            .save(crate::save::Reason::Manual, only, req.dry_run, deadline)
-            .await;
-        let _ = done_tx.send(r);
-    });
+    let (run, joined) = if s.stop.is_cancelled() {
+        if req.dry_run {
+            return err(
+                StatusCode::CONFLICT,
+                "the stop sequence is running: it saves the work itself (no dry run now)",
+            );
+        }
+        // The stop sequence's save begins after its pre_stop phase.
+        let mut rx = s.stop_save.subscribe();
+        let begun = tokio::time::timeout(budget, rx.wait_for(|r| r.is_some())).await;
+        match begun {
+            Ok(Ok(r)) => (r.clone().expect("checked"), true),
+            _ => {
+                return err(
+                    StatusCode::CONFLICT,
+                    "the stop sequence is running and has not saved: see `wsagent status`",
+                );
+            }
+        }
+    } else {
+        s.start_save(
+            crate::save::Reason::Manual,
+            only.clone(),
+            req.dry_run,
+            tokio::time::Instant::now() + budget,
+        )
+    };
+    let reason = run.reason.as_str().to_string();
     let line = |l: &SaveLine| {
         let mut v = serde_json::to_vec(l).unwrap_or_default();
         v.push(b'\n');
         Ok::<Bytes, Infallible>(Bytes::from(v))
     };
-    let stream = futures::stream::unfold((rx, Some(done_rx)), move |(mut rx, done)| async move {
-        let mut done = done?;
-        loop {
-            // Events first: when the save ends, its last events are already queued.
-            tokio::select! {
-                biased;
-                ev = rx.recv() => match ev {
-                    Ok(ev) if matches!(ev.kind, EventKind::Save { .. }) => {
-                        return Some((line(&SaveLine::Progress { event: ev }), (rx, Some(done))));
+    let one = only.is_some();
+    let mine = move |o: &agent_proto::save::RepoOutcome| {
+        only.as_deref().is_none_or(|p| crate::saverun::is_of(o, p))
+    };
+    struct Cursor {
+        rx: tokio::sync::watch::Receiver<crate::saverun::Progress>,
+        started: bool,
+        sent: usize,
+        ended: bool,
+    }
+    let cursor = Cursor {
+        rx: run.subscribe(),
+        started: false,
+        sent: 0,
+        ended: false,
+    };
+    // Keep the run alive as long as the stream.
+    let stream = futures::stream::unfold((cursor, run), move |(mut c, run)| {
+        let (reason, mine) = (reason.clone(), mine.clone());
+        async move {
+            if c.ended {
+                return None;
+            }
+            loop {
+                let (item, ended) = {
+                    let p = c.rx.borrow_and_update();
+                    let (total, n) = (p.total, p.outcomes.len());
+                    if !c.started && total.is_some() {
+                        c.started = true;
+                        let repos = if one && run.only.is_none() {
+                            // One repository asked for, out of a save of all.
+                            1
+                        } else {
+                            total.unwrap_or(0)
+                        };
+                        (
+                            Some(SaveLine::Started {
+                                repos,
+                                joined,
+                                reason: reason.clone(),
+                            }),
+                            false,
+                        )
+                    } else if c.started && c.sent < n {
+                        let o = p.outcomes[c.sent].clone();
+                        c.sent += 1;
+                        if !mine(&o) {
+                            continue;
+                        }
+                        (Some(SaveLine::Repo { outcome: o }), false)
+                    } else if let Some(done) = &p.done {
+                        match done {
+                            Ok(all) => (
+                                Some(SaveLine::Done {
+                                    outcomes: all.iter().filter(|o| mine(o)).cloned().collect(),
+                                }),
+                                true,
+                            ),
+                            Err(e) => (
+                                Some(SaveLine::Progress {
+                                    event: agent_proto::local::Event {
+                                        at: crate::events::now_rfc3339(),
+                                        level: agent_proto::local::Level::Error,
+                                        message: format!("save failed: {e}"),
+                                        kind: EventKind::Note,
+                                    },
+                                }),
+                                true,
+                            ),
+                        }
+                    } else {
+                        (None, false)
                     }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                },
-                r = &mut done => {
-                    let item = match r {
-                        Ok(Ok(outcomes)) => line(&SaveLine::Done { outcomes }),
-                        Ok(Err(e)) => line(&SaveLine::Progress { event: agent_proto::local::Event {
-                            at: crate::events::now_rfc3339(),
-                            level: agent_proto::local::Level::Error,
-                            message: format!("save failed: {e}"),
-                            kind: EventKind::Note,
-                        }}),
-                        Err(_) => return None,
-                    };
-                    return Some((item, (rx, None)));
+                };
+                if let Some(l) = item {
+                    c.ended = ended;
+                    return Some((line(&l), (c, run)));
+                }
+                if c.rx.changed().await.is_err() {
+                    return None;
                 }
             }
         }

@@ -82,8 +82,11 @@ enum Cmd {
         #[arg(long)]
         wait: bool,
     },
-    /// Save git work now: commit and push every repository with unsaved work (Coder's
-    /// `shutdown_script`). Exits 1 when anything was not pushed.
+    /// Save git work now: commit and push every repository with unsaved work. A save
+    /// already running (the stop sequence's, a checkpoint, another `wsagent save`) is
+    /// joined and reported, not repeated: Coder's `shutdown_script` runs it after
+    /// wsagent's own stop save. Prints each repository's outcome as it lands. Exits 0
+    /// when every repository was pushed or had nothing to save, 1 otherwise.
     Save {
         /// Only the repository containing this path.
         #[arg(long)]
@@ -91,7 +94,7 @@ enum Cmd {
         /// Show what would be saved; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print the outcomes as JSON.
+        /// Print the stream as JSON lines (`started`, one `repo` per repository, `done`).
         #[arg(long)]
         json: bool,
     },
@@ -409,9 +412,13 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
 
 async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool) -> ExitCode {
     use agent_proto::local::SaveLine;
+    let t0 = std::time::Instant::now();
     let repo = repo.map(|p| std::path::absolute(&p).unwrap_or(p).display().to_string());
-    let body =
-        serde_json::to_vec(&agent_proto::local::SaveRequest { repo, dry_run }).unwrap_or_default();
+    let body = serde_json::to_vec(&agent_proto::local::SaveRequest {
+        repo: repo.clone(),
+        dry_run,
+    })
+    .unwrap_or_default();
     let mut reply = match client.request("POST", "/v1/save", Some(body)).await {
         Ok(r) => r,
         Err(e) => return fail(e),
@@ -423,43 +430,154 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
         };
     }
     let mut outcomes = None;
+    let mut failed_to_run = None;
     while let Some(line) = reply.next_line().await {
-        match serde_json::from_str::<SaveLine>(&line) {
-            Ok(SaveLine::Progress { event }) => {
-                if !json {
-                    println!("{}", event.message);
+        let Ok(parsed) = serde_json::from_str::<SaveLine>(&line) else {
+            continue;
+        };
+        if json {
+            println!("{line}");
+        }
+        match parsed {
+            SaveLine::Started {
+                repos,
+                joined,
+                reason,
+            } if !json => {
+                let what = if repos == 1 {
+                    "repository"
+                } else {
+                    "repositories"
+                };
+                if joined {
+                    println!("following the {reason} save already running: {repos} {what}");
+                } else if dry_run {
+                    println!("checking {repos} {what}...");
+                } else {
+                    println!("saving {repos} {what}...");
                 }
             }
-            Ok(SaveLine::Done { outcomes: o }) => outcomes = Some(o),
-            Err(_) => {}
+            SaveLine::Repo { outcome } if !json => println!("{}", outcome_line(&outcome)),
+            SaveLine::Progress { event } => {
+                if !json {
+                    eprintln!("{}", event.message);
+                }
+                if event.level == agent_proto::local::Level::Error {
+                    failed_to_run = Some(event.message);
+                }
+            }
+            SaveLine::Done { outcomes: o } => outcomes = Some(o),
+            _ => {}
         }
     }
     let Some(outcomes) = outcomes else {
-        eprintln!("wsagent: the daemon did not report the end of the save");
+        if failed_to_run.is_none() {
+            eprintln!("wsagent: the daemon did not report the end of the save");
+        }
         return ExitCode::from(EX_FAILED);
     };
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&outcomes).unwrap_or_default()
-        );
-    } else if outcomes.is_empty() {
-        println!("no repository found");
+    if outcomes.is_empty() {
+        if let Some(r) = &repo {
+            eprintln!("wsagent: no git repository at {r}");
+            return ExitCode::from(EX_FAILED);
+        }
+        if !json {
+            println!("no repository found");
+        }
+        return ExitCode::SUCCESS;
     }
-    let unsafe_: Vec<_> = outcomes
+    let bad: Vec<_> = outcomes
         .iter()
         .filter(|o| !dry_run && !crate::daemon::save_ok(o))
         .collect();
-    if unsafe_.is_empty() {
+    if !json {
+        println!(
+            "{} in {:.1} s",
+            save_summary(&outcomes),
+            t0.elapsed().as_secs_f64()
+        );
+        if !bad.is_empty() {
+            eprintln!("not saved to a remote:");
+            for o in &bad {
+                eprintln!("  {}", outcome_line(o));
+            }
+        }
+    }
+    if bad.is_empty() {
         ExitCode::SUCCESS
     } else {
         eprintln!(
             "wsagent: {} of {} repositories not pushed",
-            unsafe_.len(),
+            bad.len(),
             outcomes.len()
         );
         ExitCode::from(EX_FAILED)
     }
+}
+
+/// One repository's outcome, as a user reads it.
+fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
+    let why = |fallback: &str| {
+        o.error
+            .as_deref()
+            .map(|e| e.strip_prefix("not pushed: ").unwrap_or(e))
+            .or(o.note.as_deref())
+            .unwrap_or(fallback)
+            .to_string()
+    };
+    let mut line = match o.result.as_str() {
+        "pushed" => format!(
+            "pushed      {} -> {} on {}",
+            o.repo,
+            o.r#ref.as_deref().unwrap_or("?"),
+            o.remote.as_deref().unwrap_or("?")
+        ),
+        "committed" => format!(
+            "not pushed  {}: committed locally on {}: {}",
+            o.repo,
+            o.r#ref.as_deref().unwrap_or("?"),
+            why("no remote to push to")
+        ),
+        "failed" => format!("failed      {}: {}", o.repo, why("unknown error")),
+        "clean" => format!("clean       {} (nothing to save)", o.repo),
+        "unchanged" => format!("unchanged   {} (already saved)", o.repo),
+        "would-save" => format!("would save  {}", o.repo),
+        other => format!("{other:<11} {}", o.repo),
+    };
+    if o.result != "committed"
+        && o.result != "failed"
+        && let Some(n) = &o.note
+    {
+        line.push_str(&format!(" [{n}]"));
+    }
+    line
+}
+
+/// "2 pushed, 1 unchanged, 1 failed".
+fn save_summary(outcomes: &[agent_proto::save::RepoOutcome]) -> String {
+    let order = [
+        ("pushed", "pushed"),
+        ("unchanged", "unchanged"),
+        ("clean", "clean"),
+        ("would-save", "would save"),
+        ("committed", "not pushed"),
+        ("failed", "failed"),
+    ];
+    let mut parts = Vec::new();
+    for (result, word) in order {
+        let n = outcomes.iter().filter(|o| o.result == result).count();
+        if n > 0 {
+            parts.push(format!("{n} {word}"));
+        }
+    }
+    let other = outcomes
+        .iter()
+        .filter(|o| !order.iter().any(|(r, _)| *r == o.result))
+        .count();
+    if other > 0 {
+        parts.push(format!("{other} other"));
+    }
+    parts.join(", ")
 }
 
 async fn action(client: &Client, name: &str, action: &str) -> ExitCode {

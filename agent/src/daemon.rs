@@ -49,6 +49,11 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// One save at a time (stop, `wsagent save`, SIGUSR1).
     pub save_lock: tokio::sync::Mutex<()>,
+    /// The save running now, or the last one: a request it covers joins it.
+    pub current_save: Mutex<Option<Arc<crate::saverun::SaveRun>>>,
+    /// The stop sequence's save, once it has begun: a save asked for during the stop
+    /// joins it, or gets its result when it has ended.
+    pub stop_save: watch::Sender<Option<Arc<crate::saverun::SaveRun>>>,
     /// The latest save outcome of each repository (read from the journal at start, then
     /// kept current by each save), so `status` never re-reads the journal.
     pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
@@ -116,25 +121,79 @@ impl Shared {
         }
     }
 
-    /// Save git work, one save at a time, returning by `deadline`.
+    /// Save git work, returning by `deadline`: joins the save already running when it
+    /// covers the same repositories, else starts one (which waits for the running one).
     pub async fn save(
-        &self,
+        self: &Arc<Self>,
         reason: crate::save::Reason,
         only: Option<PathBuf>,
         dry_run: bool,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
+        let (run, _joined) = self.start_save(reason, only, dry_run, deadline);
+        match tokio::time::timeout_at(deadline, run.wait()).await {
+            Ok(r) => r,
+            Err(_) => Err("the deadline passed before the save ended".into()),
+        }
+    }
+
+    /// The save for this request: the running one when it covers it (`true`: joined),
+    /// else a new one, started on the daemon's tracker. A stop's save is recorded as the
+    /// stop sequence's.
+    pub fn start_save(
+        self: &Arc<Self>,
+        reason: crate::save::Reason,
+        only: Option<PathBuf>,
+        dry_run: bool,
+        deadline: tokio::time::Instant,
+    ) -> (Arc<crate::saverun::SaveRun>, bool) {
+        let mut current = self.current_save.lock().expect("lock");
+        let running = current
+            .as_ref()
+            .filter(|r| !dry_run && !r.is_done() && r.covers(only.as_deref()))
+            .cloned();
+        let (run, joined) = match running {
+            Some(r) => (r, true),
+            None => {
+                let run = crate::saverun::SaveRun::new(reason, only, dry_run);
+                if !dry_run {
+                    *current = Some(run.clone());
+                }
+                let (s, r) = (self.clone(), run.clone());
+                self.tracker.spawn(async move {
+                    let result = s.run_save(&r, deadline).await;
+                    r.finish(result);
+                });
+                (run, false)
+            }
+        };
+        drop(current);
+        if reason == crate::save::Reason::Stop {
+            self.stop_save.send_replace(Some(run.clone()));
+        }
+        (run, joined)
+    }
+
+    /// One save, after the one before it.
+    async fn run_save(
+        &self,
+        run: &Arc<crate::saverun::SaveRun>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
         let Ok(_guard) = tokio::time::timeout_at(deadline, self.save_lock.lock()).await else {
-            return Err("another save is still running".into());
+            return Err("another save was still running at the deadline".into());
         };
         let cfg = self.config.read().expect("lock").config.save.clone();
         let req = crate::save::SaveRequest {
-            reason,
-            only,
-            dry_run,
+            reason: run.reason,
+            only: run.only.clone(),
+            dry_run: run.dry_run,
         };
-        let outcomes = crate::save::save_all(&cfg, &self.save_env(), &req, deadline).await;
-        if !dry_run {
+        let observer: Arc<dyn crate::save::Observer> = run.clone();
+        let outcomes =
+            crate::save::save_all_observed(&cfg, &self.save_env(), &req, deadline, Some(observer))
+                .await;
+        if !run.dry_run {
             let mut last = self.last_save.lock().expect("lock");
             for o in &outcomes {
                 last.retain(|l| l.repo != o.repo);
@@ -320,6 +379,8 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         control: Mutex::new(None),
         tracker: tracker.clone(),
         save_lock: tokio::sync::Mutex::new(()),
+        current_save: Mutex::new(None),
+        stop_save: watch::Sender::new(None),
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
         tasks: crate::startup::State::default(),

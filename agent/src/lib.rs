@@ -16,6 +16,7 @@ pub mod health;
 pub mod logging;
 pub mod procs;
 pub mod save;
+pub mod saverun;
 pub mod secrets;
 pub mod signals;
 pub mod startup;

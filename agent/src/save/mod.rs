@@ -650,6 +650,7 @@ fn report(env: &SaveEnv, o: &RepoOutcome) {
                 o.r#ref.as_deref().unwrap_or("?"),
                 o.error
                     .as_deref()
+                    .map(|e| e.strip_prefix("not pushed: ").unwrap_or(e))
                     .or(o.note.as_deref())
                     .map(|e| format!(": {e}"))
                     .unwrap_or_default()

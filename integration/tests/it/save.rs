@@ -232,7 +232,12 @@ fn manual_save_then_sigterm_saves_only_what_changed() {
     let out = d.cli(["save"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("pushed").count(), 2, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("pushed ")).count(),
+        2,
+        "{text}"
+    );
+    assert!(text.contains("2 pushed in"), "{text}");
     let last: Vec<_> = d
         .status()
         .last_save
@@ -349,4 +354,202 @@ fn an_https_push_trusts_a_private_ca_through_ssl_cert_file_and_refuses_an_unknow
         .collect();
         assert!(hits.is_empty(), "token found in {hits:?}");
     }
+}
+
+/// Successful pushes (receive-pack POSTs answered 200).
+fn pushes(server: &GitServer) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.push && r.method == "POST" && r.status == 200)
+        .count()
+}
+
+/// As Coder stops a workspace: the Coder agent runs its `shutdown_script`
+/// (`wsagent save`) only when wsagent SIGTERMs it, last in the stop sequence, after
+/// wsagent's own save. That `wsagent save` reports the save already made, names the
+/// pushed repository and exits 0; nothing is pushed twice.
+#[test]
+fn wsagent_save_in_a_shutdown_script_run_on_sigterm_reports_the_stop_save_and_exits_0() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let out = ws.path().join("shutdown-script.out");
+    let code = ws.path().join("shutdown-script.code");
+    server.clear_requests();
+    // The stand-in for the Coder agent: on SIGTERM it runs its shutdown script, then exits.
+    let agent = format!(
+        r#"
+[services.agent]
+command = ["/bin/sh", "-c", "trap '\"$0\" --socket \"$1\" save >\"$2\" 2>&1; echo $? >\"$3\"; exit 0' TERM; echo up; while :; do sleep 0.05 & wait $!; done", "{bin}", "{socket}", "{out}", "{code}"]
+stop_timeout = "20s"
+"#,
+        bin = integration::daemon::wsagent_bin().display(),
+        socket = ws.socket().display(),
+        out = out.display(),
+        code = code.display(),
+    );
+    let mut d = Daemon::start(&ws, &config(&format!("{}{agent}", provider_for(&server))));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the agent stand-in to start", || {
+        d.service_log("agent").contains("up")
+    });
+
+    d.signal(Signal::SIGTERM);
+    let st = d.wait_exit(LONG);
+
+    assert!(st.success(), "{}", d.report());
+    let code = std::fs::read_to_string(&code).unwrap_or_default();
+    let out = std::fs::read_to_string(&out).unwrap_or_default();
+    assert_eq!(
+        code.trim(),
+        "0",
+        "shutdown script output:\n{out}\n{}",
+        d.report()
+    );
+    let app = std::fs::canonicalize(&repo).unwrap();
+    assert!(
+        out.contains("following the stop save already running: 1 repository")
+            && out.contains(&format!(
+                "pushed      {} -> refs/heads/wip/ws1/main",
+                app.display()
+            ))
+            && out.contains("1 pushed in"),
+        "{out}"
+    );
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/ws1/main"),
+        worktree_files(&repo)
+    );
+    assert_eq!(pushes(&server), 1, "pushed more than once");
+}
+
+/// A second `wsagent save` while a first one is pushing follows the first: both print the
+/// same outcome as it lands and exit 0, and the work is pushed once.
+#[test]
+fn a_second_wsagent_save_during_a_running_one_joins_it() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    server.clear_requests();
+    // Slow enough that the second request arrives while the first is pushing.
+    server.set_latency(Duration::from_millis(700));
+
+    let (first, second) = std::thread::scope(|s| {
+        let first = s.spawn(|| ws.cli(["save"]));
+        wait_until(SHORT, "the first save to begin pushing", || {
+            !server.requests().is_empty()
+        });
+        let second = ws.cli(["save"]);
+        (first.join().unwrap(), second)
+    });
+
+    let app = std::fs::canonicalize(&repo).unwrap();
+    let pushed = format!("pushed      {} -> refs/heads/wip/ws1/main", app.display());
+    let (t1, t2) = (
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&second.stdout),
+    );
+    assert!(first.status.success(), "{first:?}");
+    assert!(second.status.success(), "{second:?}");
+    assert!(
+        t1.starts_with("saving 1 repository...") && t1.contains(&pushed),
+        "{t1}"
+    );
+    assert!(
+        t2.starts_with("following the manual save already running: 1 repository")
+            && t2.contains(&pushed),
+        "{t2}"
+    );
+    server.set_latency(Duration::ZERO);
+    assert_eq!(pushes(&server), 1, "pushed more than once");
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/ws1/main"),
+        worktree_files(&repo)
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+}
+
+/// `wsagent save --repo` on a path with no repository fails and says so.
+#[test]
+fn wsagent_save_of_a_path_without_a_repository_exits_1() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(&ws, &config(""));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let nowhere = ws.path().join("nowhere");
+    let out = d.cli(["save", "--repo", nowhere.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("no git repository at {}", nowhere.display())),
+        "{out:?}"
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LONG);
+}
+
+/// `wsagent shutdown --wait` after the stop sequence has already saved (its services are
+/// still stopping) reports that save, then the end of the stop, and exits 0.
+#[test]
+fn shutdown_wait_joining_a_stop_that_already_saved_reports_the_save() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let release = ws.path().join("release");
+    // A service that takes its time to stop: until the test lets it go.
+    let slow = format!(
+        r#"
+[services.slow]
+command = ["/bin/sh", "-c", "trap 'while [ ! -e \"$0\" ]; do sleep 0.05; done; exit 0' TERM; echo up; while :; do sleep 0.05 & wait $!; done", "{release}"]
+stop_timeout = "20s"
+"#,
+        release = release.display()
+    );
+    let mut d = Daemon::start(&ws, &config(&format!("{}{slow}", provider_for(&server))));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the slow service to start", || {
+        d.service_log("slow").contains("up")
+    });
+    d.signal(Signal::SIGTERM);
+    wait_until(SHORT, "the stop's save to end", || {
+        d.try_status().is_ok_and(|s| {
+            s.shutdown
+                .iter()
+                .any(|st| st.name == "save" && st.outcome == "ok")
+        })
+    });
+
+    // The client's first line (what the stop has done so far) shows it is following
+    // the stop: only then may the stop go on to its end.
+    let mut client = ws
+        .command(integration::daemon::wsagent_bin())
+        .args(["shutdown", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(client.stdout.take().unwrap()));
+    let mut text = lines.next().expect("a first line").unwrap();
+    std::fs::write(&release, "").unwrap();
+    for l in lines {
+        text.push('\n');
+        text.push_str(&l.unwrap());
+    }
+    let st = client.wait().unwrap();
+
+    let app = std::fs::canonicalize(&repo).unwrap();
+    assert!(st.success(), "{st:?}\n{text}");
+    assert!(
+        text.contains(&format!(
+            "saved {}: pushed refs/heads/wip/ws1/main",
+            app.display()
+        )),
+        "{text}"
+    );
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
 }
