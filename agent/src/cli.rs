@@ -17,6 +17,8 @@ use crate::api::{Client, ClientError};
 use crate::config::{self, Sources};
 
 pub const EX_FAILED: u8 = 1;
+/// `status`: something is not as configured (systemctl's "not running" code).
+pub const EX_NOT_AS_CONFIGURED: u8 = 3;
 pub const EX_UNAVAILABLE: u8 = 69;
 pub const EX_CONFIG: u8 = 78;
 
@@ -44,12 +46,20 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Show the lifecycle and every service.
+    /// The daemon's state. Exits 0 when everything is as configured, 3 when it is not (a
+    /// service failed, unhealthy or restarting, or the start failed), as `systemctl
+    /// status` does; `--json` exits 0 whenever the daemon answered.
     Status {
+        /// The whole status as JSON (exit 0 whenever the daemon answered).
         #[arg(long)]
         json: bool,
-        /// Print nothing; exit 0 only when the lifecycle is `ready` (for HEALTHCHECK).
+        /// Print nothing; exit 0 only when the lifecycle is `ready` (for HEALTHCHECK and
+        /// Kubernetes probes).
         #[arg(long)]
         ready: bool,
+        /// One line for dashboards and prompts: `3/3 up · saved 12:04 · 1 repo unsaved`.
+        #[arg(long, conflicts_with_all = ["json", "ready"])]
+        short: bool,
     },
     /// Start a service (also one that has `failed`).
     Start { name: String },
@@ -301,7 +311,7 @@ fn fail(e: ClientError) -> ExitCode {
 async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
     let client = Client::new(socket);
     match cmd {
-        Cmd::Status { json, ready } => match client.status().await {
+        Cmd::Status { json, ready, short } => match client.status().await {
             Ok(s) if ready => {
                 if s.lifecycle == Lifecycle::Ready {
                     ExitCode::SUCCESS
@@ -314,8 +324,16 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Ok(s) => {
-                print!("{}", render_status(&s));
-                ExitCode::SUCCESS
+                if short {
+                    println!("{}", status_line(&s));
+                } else {
+                    print!("{}", render_status(&s));
+                }
+                if as_configured(&s) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(EX_NOT_AS_CONFIGURED)
+                }
             }
             Err(_) if ready => ExitCode::from(EX_UNAVAILABLE),
             Err(e) => fail(e),
@@ -513,6 +531,67 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
         );
         ExitCode::from(EX_FAILED)
     }
+}
+
+/// Whether everything is as configured: no service failed, unhealthy or restarting, and
+/// the start did not fail.
+fn as_configured(s: &Status) -> bool {
+    !matches!(s.lifecycle, Lifecycle::StartError | Lifecycle::StartTimeout)
+        && s.services.iter().all(|v| {
+            !matches!(
+                v.state,
+                ServiceState::Failed | ServiceState::Unhealthy | ServiceState::Backoff
+            )
+        })
+}
+
+/// `status --short`: services up out of those that should run, the lifecycle when it is
+/// not `ready`, the last save's time (UTC) and the repositories it left unsaved.
+fn status_line(s: &Status) -> String {
+    let counted: Vec<_> = s
+        .services
+        .iter()
+        .filter(|v| !matches!(v.state, ServiceState::Absent | ServiceState::Stopped))
+        .collect();
+    let up = counted
+        .iter()
+        .filter(|v| v.state == ServiceState::Running)
+        .count();
+    let mut parts = vec![format!("{up}/{} up", counted.len())];
+    let bad: Vec<&str> = counted
+        .iter()
+        .filter(|v| {
+            matches!(
+                v.state,
+                ServiceState::Failed | ServiceState::Unhealthy | ServiceState::Backoff
+            )
+        })
+        .map(|v| v.name.as_str())
+        .collect();
+    if !bad.is_empty() {
+        parts.push(format!("down: {}", bad.join(", ")));
+    }
+    if s.lifecycle != Lifecycle::Ready {
+        parts.push(s.lifecycle.to_string());
+    }
+    if let Some(last) = s.last_save.iter().map(|o| o.at.as_str()).max() {
+        // RFC 3339 UTC: "2026-12-03T12:04:05Z" -> "12:04".
+        parts.push(format!("saved {}", last.get(11..16).unwrap_or(last)));
+        let unsaved = s
+            .last_save
+            .iter()
+            .filter(|o| !crate::daemon::save_ok(o))
+            .count();
+        if unsaved > 0 {
+            parts.push(format!(
+                "{unsaved} repo{} unsaved",
+                if unsaved == 1 { "" } else { "s" }
+            ));
+        }
+    } else {
+        parts.push("not saved yet".into());
+    }
+    parts.join(" · ")
 }
 
 /// One repository's outcome, as a user reads it.

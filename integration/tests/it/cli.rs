@@ -393,3 +393,63 @@ fn api_user_is_served_and_other_uids_still_refused() {
         "{refused:?}"
     );
 }
+
+/// `wsagent status` exits 0 when every service is as configured and 3 (systemctl's code)
+/// when one has failed; `--short` is one line that says how many are up and which are
+/// down; `--json` still exits 0 (the daemon answered).
+#[test]
+fn status_exits_3_when_a_service_failed_and_short_is_one_line() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(&ws, &config("[services.ok]\nshell = \"exec sleep 1000\"\n"));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let out = d.cli(["status"]);
+    let short = d.cli(["status", "--short"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(short.status.code(), Some(0), "{short:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&short.stdout),
+        "1/1 up · not saved yet\n"
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config(
+            r#"
+[services.ok]
+shell = "exec sleep 1000"
+[services.crashy]
+shell = "exit 3"
+[services.crashy.backoff]
+initial = "50ms"
+max = "100ms"
+max_failures = 2
+window = "1m"
+"#,
+        ),
+    );
+    wait_until(SHORT, "crashy to fail", || {
+        d.try_status().is_ok_and(|s| {
+            s.services
+                .iter()
+                .any(|v| v.name == "crashy" && v.state == agent_proto::local::ServiceState::Failed)
+        })
+    });
+
+    let out = d.cli(["status"]);
+    let short = d.cli(["status", "--short"]);
+    let json = d.cli(["status", "--json"]);
+
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(short.status.code(), Some(3), "{short:?}");
+    let line = String::from_utf8_lossy(&short.stdout);
+    assert!(
+        line.starts_with("1/2 up · down: crashy · ") && line.ends_with("not saved yet\n"),
+        "{line}"
+    );
+    assert_eq!(json.status.code(), Some(0), "{json:?}");
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+}

@@ -222,8 +222,14 @@ impl Engine {
     /// Build `Dockerfile.base` as [`IMAGE`] with the `wsagent` under test, FROM the
     /// Debian rootfs imported as [`BASE`].
     fn build_image(&self, debian_tar: &Path) {
+        // The tarball's name carries its recipe's hash (scripts/rootfs): an image imported
+        // from another recipe's tarball is never reused.
         let meta = std::fs::metadata(debian_tar).expect("stat the Debian tarball");
-        let key = format!("{}-{}", meta.len(), meta.mtime());
+        let name = debian_tar
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let key = format!("{name}-{}-{}", meta.len(), meta.mtime());
         let have = self.run(&[
             "image",
             "inspect",
