@@ -368,9 +368,12 @@ resource "kubernetes_deployment" "main" {
           image_pull_policy = "Always"
           # No command/args: envbuilder's ENTRYPOINT builds, then execs wsagent (PID 1).
 
-          # envbuilder builds the image inside this container and must start as root;
-          # it drops to the devcontainer's user before it execs wsagent.
+          # envbuilder builds the image inside this container and must start as root; it
+          # drops to the devcontainer's user before it execs wsagent. Privileged only for
+          # the fallback image (built on Dockerfile.base, e.g. the code-server image), whose
+          # user is root and whose wsagent runs dockerd, as in the Deployment template.
           security_context {
+            privileged  = true
             run_as_user = 0
           }
 

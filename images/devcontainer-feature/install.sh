@@ -43,8 +43,8 @@ fi
 mkdir -p /etc/wsagent
 # wsagent runs as $RUN_AS itself (envbuilder drops to the devcontainer's user before it
 # execs the init command), so it never switches users: the base config's `user = "coder"`
-# lines go, and its paths and names become $RUN_AS's. dockerd is turned off (the template's
-# pod is not privileged) and nothing waits for it. Not root: the socket cannot go to
+# lines go, and its paths and names become $RUN_AS's. dockerd is turned off (it needs root,
+# and a devcontainer that wants Docker has its own way) and nothing waits for it. Not root: the socket cannot go to
 # /run/wsagent, so it goes to the state dir.
 socket=/run/wsagent/wsagent.sock
 [[ $RUN_AS == root ]] || socket=$HOME_DIR/.local/state/wsagent/wsagent.sock
