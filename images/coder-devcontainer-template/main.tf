@@ -377,8 +377,10 @@ resource "kubernetes_deployment" "main" {
             run_as_user = 0
           }
 
+          # nonsensitive(): the map holds the agent token, and Terraform refuses a
+          # sensitive for_each (Coder's devcontainer template does the same).
           dynamic "env" {
-            for_each = local.env
+            for_each = nonsensitive(local.env)
             content {
               name  = env.key
               value = env.value

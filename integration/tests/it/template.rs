@@ -179,6 +179,9 @@ fn container_env(tf: &Body) -> BTreeMap<String, Expression> {
     {
         let over = source(attr(d.body(), "for_each"));
         let name = over
+            .strip_prefix("nonsensitive(")
+            .and_then(|o| o.strip_suffix(')'))
+            .unwrap_or(&over)
             .strip_prefix("local.")
             .unwrap_or_else(|| panic!("dynamic env iterates over `{over}`, not a local map"));
         let content = path(d.body(), &["content"]);
