@@ -584,15 +584,8 @@ fn envbuilder_execs_wsagent_as_the_init_process() {
     let install =
         std::fs::read_to_string(crate::repo_root().join("images/devcontainer-feature/install.sh"))
             .expect("read install.sh");
-    let installs = install
-        .lines()
-        .filter(|l| {
-            l.trim_start().starts_with("install ")
-                && l.trim_end().ends_with(" /usr/local/bin/wsagent")
-        })
-        .count();
     assert!(
-        installs >= 1,
+        install.contains("BIN=$ROOT/usr/local/bin/wsagent\n"),
         "install.sh should install /usr/local/bin/wsagent"
     );
     let feature: serde_json::Value = serde_json::from_str(
@@ -635,6 +628,109 @@ fn the_devcontainer_home_and_workspaces_are_persistent() {
             &tf,
             "resource",
             &["kubernetes_persistent_volume_claim", pvc],
+        );
+    }
+}
+
+/// Run the Feature's install.sh (as `sh`, the way envbuilder's `./install.sh` runs it
+/// with /bin/sh) into a scratch root, with the wsagent binary and the base config packaged
+/// next to it as at publish time; the effective config (`wsagent config show`) it gives.
+fn install_feature(user: &str) -> (tempfile::TempDir, String) {
+    let feature = tempfile::tempdir().expect("tempdir");
+    let root = tempfile::tempdir().expect("tempdir");
+    let src = crate::repo_root().join("images/devcontainer-feature");
+    std::fs::copy(src.join("install.sh"), feature.path().join("install.sh")).expect("copy");
+    std::fs::copy(
+        crate::repo_root().join("images/base/config.toml"),
+        feature.path().join("config.toml"),
+    )
+    .expect("copy config");
+    std::fs::copy(integration::wsagent_bin(), feature.path().join("wsagent")).expect("copy bin");
+    let out = std::process::Command::new("sh")
+        .arg(feature.path().join("install.sh"))
+        .env("WSAGENT_FEATURE_DESTDIR", root.path())
+        .env("USERNAME", user)
+        .env("_CONTAINER_USER", "")
+        .env("_REMOTE_USER", "")
+        .output()
+        .expect("run install.sh");
+    assert!(
+        out.status.success(),
+        "install.sh as {user}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = root.path().join("usr/local/bin/wsagent");
+    let config = root.path().join("etc/wsagent/config.toml");
+    let check = std::process::Command::new(&bin)
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("wsagent config check");
+    assert!(
+        check.status.success(),
+        "the installed config is invalid: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let show = std::process::Command::new(&bin)
+        .args(["config", "show"])
+        .env("WSAGENT_SYSTEM_CONFIG", &config)
+        .output()
+        .expect("wsagent config show");
+    assert!(show.status.success(), "wsagent config show failed");
+    (root, String::from_utf8(show.stdout).expect("UTF-8"))
+}
+
+/// The home directory of `user` in this machine's passwd, if it has that user.
+fn home_of(user: &str) -> Option<String> {
+    let out = std::process::Command::new("getent")
+        .args(["passwd", user])
+        .output()
+        .ok()?;
+    let line = String::from_utf8(out.stdout).ok()?;
+    line.trim_end().split(':').nth(5).map(str::to_string)
+}
+
+#[test]
+fn the_feature_installs_wsagent_with_a_config_for_the_user_it_runs_as() {
+    // Under envbuilder wsagent runs as the devcontainer's user, not root: the installed
+    // config must be valid, switch no users, not run dockerd, and (for a non-root user)
+    // put the socket and state where that user can create them.
+    for user in ["root", "nobody"] {
+        let Some(home) = home_of(user) else {
+            eprintln!("no user {user} on this machine: skipped");
+            continue;
+        };
+        let (_root, effective) = install_feature(user);
+        let line = |l: &str| effective.lines().any(|x| x == l);
+        assert!(
+            !effective.lines().any(|l| l.starts_with("user = ")),
+            "{user}: a service switches users:\n{effective}"
+        );
+        assert!(
+            !line("[services.dockerd]"),
+            "{user}: dockerd is still a service:\n{effective}"
+        );
+        assert!(
+            line("[services.coder-agent]"),
+            "{user}: no coder-agent service"
+        );
+        assert!(
+            line(&format!("state_dir = \"{home}/.local/state/wsagent\"")),
+            "{user}: state_dir not in {home}:\n{effective}"
+        );
+        let socket = if user == "root" {
+            "/run/wsagent/wsagent.sock".to_string()
+        } else {
+            format!("{home}/.local/state/wsagent/wsagent.sock")
+        };
+        assert!(
+            line(&format!("socket = \"{socket}\"")),
+            "{user}: socket should be {socket}:\n{effective}"
+        );
+        assert!(
+            line(&format!("WSAGENT_SOCKET = \"{socket}\"")),
+            "{user}: the Coder agent's WSAGENT_SOCKET should be {socket}"
         );
     }
 }
@@ -729,6 +825,18 @@ fn each_codertemplate_yaml_carries_its_templates_files_unchanged() {
         assert!(
             yaml.contains("\n  versionID: \"\"\n"),
             "{dir}: an empty spec.versionID"
+        );
+        // coder-k8s names a CoderTemplate `<organization>.<template>`.
+        let value = |prefix: &str| {
+            yaml.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .map(|v| v.trim_matches('"').to_string())
+                .unwrap_or_else(|| panic!("{dir}: no `{prefix}` line"))
+        };
+        let org = value("  organization: ");
+        assert!(
+            value("  name: ").starts_with(&format!("{org}.")),
+            "{dir}: metadata.name must start with the organization `{org}.`"
         );
         let files = codertemplate_files(&yaml);
         let mut want = BTreeMap::new();
