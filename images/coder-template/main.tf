@@ -181,7 +181,8 @@ locals {
   name = "coder-${lower(data.coder_workspace_owner.me.name)}-${lower(data.coder_workspace.me.name)}"
 
   # The labels and annotation Coder's own Kubernetes templates put on every object, so
-  # Coder's tooling (and `kubectl -l com.coder.workspace.id=...`) finds them.
+  # `kubectl -l com.coder.workspace.id=...`, and tools that follow Coder's convention,
+  # find them.
   labels = {
     "app.kubernetes.io/name"     = "coder-workspace"
     "app.kubernetes.io/instance" = "coder-workspace-${data.coder_workspace.me.id}"
