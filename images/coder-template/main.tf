@@ -2,12 +2,16 @@
 # Every wiring choice is explained in README.md next to this file.
 
 terraform {
+  # Pinned to a major version with `~>`: a new major provider release cannot change what
+  # this template means without someone editing it.
   required_providers {
     coder = {
-      source = "coder/coder"
+      source  = "coder/coder"
+      version = "~> 2.0"
     }
     kubernetes = {
-      source = "hashicorp/kubernetes"
+      source  = "hashicorp/kubernetes"
+      version = "~> 2.30"
     }
   }
 }
@@ -32,7 +36,7 @@ variable "namespace" {
 variable "image" {
   type        = string
   default     = "ghcr.io/example/wsagent-code-server:latest"
-  description = "Workspace image built from images/code-server (wsagent is its ENTRYPOINT)."
+  description = "Default of the workspace's image parameter: an image built on Dockerfile.base (wsagent is its ENTRYPOINT)."
 }
 
 variable "coder_internal_url" {
@@ -71,10 +75,96 @@ variable "linuxbrew_disk_size" {
 data "coder_workspace" "me" {}
 data "coder_workspace_owner" "me" {}
 
-# Makes GitHub authentication a precondition of the workspace. The token itself is not
+# Offers GitHub authentication on the workspace page without making it a precondition
+# (optional): a user who has not linked GitHub still gets a workspace, and wsagent's save
+# then fails visibly in the journal instead of the build failing. The token itself is not
 # passed into the pod: wsagent fetches a fresh one from the agent API when it needs it.
 data "coder_external_auth" "github" {
-  id = var.github_external_auth_id
+  id       = var.github_external_auth_id
+  optional = true
+}
+
+# Parameters the user picks when creating the workspace; all may be changed later (a
+# change restarts the workspace, and the restart saves first). CPU and memory follow
+# Coder's own "kubernetes" example template.
+data "coder_parameter" "cpu" {
+  name         = "cpu"
+  display_name = "CPU"
+  description  = "The number of CPU cores (limit)"
+  default      = "4"
+  icon         = "/icon/memory.svg"
+  mutable      = true
+  order        = 1
+  option {
+    name  = "2 Cores"
+    value = "2"
+  }
+  option {
+    name  = "4 Cores"
+    value = "4"
+  }
+  option {
+    name  = "6 Cores"
+    value = "6"
+  }
+  option {
+    name  = "8 Cores"
+    value = "8"
+  }
+}
+
+data "coder_parameter" "memory" {
+  name         = "memory"
+  display_name = "Memory"
+  description  = "The amount of memory in GB (limit)"
+  default      = "8"
+  icon         = "/icon/memory.svg"
+  mutable      = true
+  order        = 2
+  option {
+    name  = "4 GB"
+    value = "4"
+  }
+  option {
+    name  = "8 GB"
+    value = "8"
+  }
+  option {
+    name  = "16 GB"
+    value = "16"
+  }
+  option {
+    name  = "32 GB"
+    value = "32"
+  }
+}
+
+data "coder_parameter" "image" {
+  name         = "image"
+  display_name = "Image"
+  description  = "Container image of the workspace; it must run wsagent as its ENTRYPOINT (built on Dockerfile.base)."
+  type         = "string"
+  default      = var.image
+  icon         = "/icon/docker.png"
+  mutable      = true
+  order        = 3
+}
+
+# Like the `dotfiles_uri` parameter of Coder's dotfiles module, but applied by wsagent's
+# startup pipeline (the container's DOTFILES_URI), not by a script of the Coder agent.
+data "coder_parameter" "dotfiles_uri" {
+  name         = "dotfiles_uri"
+  display_name = "Dotfiles URL"
+  description  = "A [dotfiles repository](https://dotfiles.github.io) to personalize your workspace (optional)."
+  type         = "string"
+  default      = ""
+  icon         = "/icon/dotfiles.svg"
+  mutable      = true
+  order        = 4
+  validation {
+    regex = "^$|^(https?://|ssh://|git@|git://)[a-zA-Z0-9._/:@~-]+$"
+    error = "Must be a git repository URL (https, ssh, git@ or git://)."
+  }
 }
 
 locals {
@@ -89,13 +179,42 @@ locals {
   agent_url = var.coder_internal_url != "" ? var.coder_internal_url : data.coder_workspace.me.access_url
 
   name = "coder-${lower(data.coder_workspace_owner.me.name)}-${lower(data.coder_workspace.me.name)}"
+
+  # The labels and annotation Coder's own Kubernetes templates put on every object, so
+  # `kubectl -l com.coder.workspace.id=...`, and tools that follow Coder's convention,
+  # find them.
   labels = {
     "app.kubernetes.io/name"     = "coder-workspace"
-    "app.kubernetes.io/instance" = local.name
+    "app.kubernetes.io/instance" = "coder-workspace-${data.coder_workspace.me.id}"
     "app.kubernetes.io/part-of"  = "coder"
+    "com.coder.resource"         = "true"
     "com.coder.workspace.id"     = data.coder_workspace.me.id
+    "com.coder.workspace.name"   = data.coder_workspace.me.name
     "com.coder.user.id"          = data.coder_workspace_owner.me.id
+    "com.coder.user.username"    = data.coder_workspace_owner.me.name
   }
+  pvc_labels = {
+    "app.kubernetes.io/name"     = "coder-pvc"
+    "app.kubernetes.io/instance" = "coder-pvc-${data.coder_workspace.me.id}"
+    "app.kubernetes.io/part-of"  = "coder"
+    "com.coder.resource"         = "true"
+    "com.coder.workspace.id"     = data.coder_workspace.me.id
+    "com.coder.workspace.name"   = data.coder_workspace.me.name
+    "com.coder.user.id"          = data.coder_workspace_owner.me.id
+    "com.coder.user.username"    = data.coder_workspace_owner.me.name
+  }
+  annotations = {
+    "com.coder.user.email" = data.coder_workspace_owner.me.email
+  }
+  # Only what never changes for a workspace: a Deployment's selector is immutable.
+  selector = {
+    "app.kubernetes.io/name" = "coder-workspace"
+    "com.coder.workspace.id" = data.coder_workspace.me.id
+  }
+
+  # `wsagent status --ready` exits 0 once wsagent's lifecycle is `ready` (startup
+  # pipeline done), non-zero before, and when the daemon does not answer.
+  ready_command = ["/usr/local/bin/wsagent", "status", "--ready"]
 }
 
 resource "coder_agent" "main" {
@@ -103,9 +222,10 @@ resource "coder_agent" "main" {
   os   = "linux"
   dir  = "/home/coder"
 
-  # Runs while the agent and the network are still up: the save's progress shows in the
-  # dashboard and a failed push fails the stop visibly. SIGTERM later saves only what
-  # changed since.
+  # The Coder agent runs this only after wsagent SIGTERMs it, last in wsagent's stop
+  # sequence (started by the preStop hook): the save is then already done or running, and
+  # `wsagent save` joins it and prints which repositories were saved, into the agent's
+  # shutdown log; exit 0 when everything was pushed. It never starts a second save.
   shutdown_script = "wsagent save"
 
   env = {
@@ -115,10 +235,11 @@ resource "coder_agent" "main" {
     GIT_COMMITTER_EMAIL = data.coder_workspace_owner.me.email
   }
 
+  # One line on the workspace page, e.g. `3/3 up · saved 12:04 · 1 repo unsaved`.
   metadata {
     display_name = "wsagent"
-    key          = "wsagent"
-    script       = "wsagent status"
+    key          = "0_wsagent"
+    script       = "wsagent status --short"
     interval     = 30
     timeout      = 5
   }
@@ -142,9 +263,10 @@ resource "coder_app" "code-server" {
 
 resource "kubernetes_persistent_volume_claim" "home" {
   metadata {
-    name      = "${local.name}-home"
-    namespace = var.namespace
-    labels    = local.labels
+    name        = "${local.name}-home"
+    namespace   = var.namespace
+    labels      = local.pvc_labels
+    annotations = local.annotations
   }
   wait_until_bound = false
   spec {
@@ -159,9 +281,10 @@ resource "kubernetes_persistent_volume_claim" "home" {
 
 resource "kubernetes_persistent_volume_claim" "docker" {
   metadata {
-    name      = "${local.name}-docker"
-    namespace = var.namespace
-    labels    = local.labels
+    name        = "${local.name}-docker"
+    namespace   = var.namespace
+    labels      = local.pvc_labels
+    annotations = local.annotations
   }
   wait_until_bound = false
   spec {
@@ -176,9 +299,10 @@ resource "kubernetes_persistent_volume_claim" "docker" {
 
 resource "kubernetes_persistent_volume_claim" "linuxbrew" {
   metadata {
-    name      = "${local.name}-linuxbrew"
-    namespace = var.namespace
-    labels    = local.labels
+    name        = "${local.name}-linuxbrew"
+    namespace   = var.namespace
+    labels      = local.pvc_labels
+    annotations = local.annotations
   }
   wait_until_bound = false
   spec {
@@ -195,18 +319,21 @@ resource "kubernetes_deployment" "main" {
   count = data.coder_workspace.me.start_count
 
   metadata {
-    name      = local.name
-    namespace = var.namespace
-    labels    = local.labels
+    name        = local.name
+    namespace   = var.namespace
+    labels      = local.labels
+    annotations = local.annotations
   }
 
-  # Workspace stops are slow on purpose (the git save); do not let Terraform give up first.
+  # A Deployment, not a bare pod: a pod lost with its node is recreated. The cost: the
+  # provider waits neither for the pod to start nor (on stop) for it to be gone; see the
+  # README ("Deployment or pod").
   wait_for_rollout = false
 
   spec {
     replicas = 1
     selector {
-      match_labels = local.labels
+      match_labels = local.selector
     }
     # RWO volumes: the old pod must be gone before the new one mounts them.
     strategy {
@@ -215,7 +342,8 @@ resource "kubernetes_deployment" "main" {
 
     template {
       metadata {
-        labels = local.labels
+        labels      = local.labels
+        annotations = local.annotations
       }
 
       spec {
@@ -230,7 +358,7 @@ resource "kubernetes_deployment" "main" {
 
         container {
           name              = "dev"
-          image             = var.image
+          image             = data.coder_parameter.image.value
           image_pull_policy = "Always"
           # No command/args: the image's ENTRYPOINT is `wsagent run`, PID 1.
 
@@ -257,7 +385,29 @@ resource "kubernetes_deployment" "main" {
             name  = "WSAGENT_SHUTDOWN_BUDGET"
             value = "${local.shutdown_budget_seconds}s"
           }
+          # Names the snapshot ref (refs/heads/wip/<workspace>/<branch>) and the author
+          # of save commits in repositories without a user.name/user.email.
+          env {
+            name  = "CODER_WORKSPACE_NAME"
+            value = data.coder_workspace.me.name
+          }
+          env {
+            name  = "CODER_WORKSPACE_OWNER_NAME"
+            value = data.coder_workspace_owner.me.name
+          }
+          env {
+            name  = "CODER_WORKSPACE_OWNER_EMAIL"
+            value = data.coder_workspace_owner.me.email
+          }
+          # Cloned and installed by wsagent's startup pipeline; empty: no dotfiles.
+          env {
+            name  = "DOTFILES_URI"
+            value = data.coder_parameter.dotfiles_uri.value
+          }
 
+          # The stop: Kubernetes runs preStop, then SIGTERMs PID 1 (wsagent), and SIGKILLs
+          # terminationGracePeriodSeconds after the deletion began (preStop included).
+          # preStop runs wsagent's whole stop sequence and waits for it.
           lifecycle {
             pre_stop {
               exec {
@@ -266,14 +416,37 @@ resource "kubernetes_deployment" "main" {
             }
           }
 
+          # Ready once wsagent's startup pipeline is done. The startup probe gives a start
+          # (dotfiles, blocking one-time tasks) up to 30 minutes; when it runs out the
+          # kubelet restarts the container (preStop first, so the work is saved).
+          startup_probe {
+            exec {
+              command = local.ready_command
+            }
+            period_seconds    = 10
+            timeout_seconds   = 5
+            failure_threshold = 180
+          }
+          readiness_probe {
+            exec {
+              command = local.ready_command
+            }
+            period_seconds    = 10
+            timeout_seconds   = 5
+            failure_threshold = 3
+          }
+          # No liveness probe: wsagent restarts its own services, and a liveness failure
+          # (e.g. a daemon busy saving large repositories, or a node under load) would
+          # kill a healthy workspace. See the README.
+
           resources {
             requests = {
               cpu    = "250m"
               memory = "512Mi"
             }
             limits = {
-              cpu    = "4"
-              memory = "8Gi"
+              cpu    = data.coder_parameter.cpu.value
+              memory = "${data.coder_parameter.memory.value}Gi"
             }
           }
 

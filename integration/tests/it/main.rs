@@ -13,7 +13,8 @@
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `containers`: the image of `Dockerfile.base` run by a real Docker engine.
-//! - `template`: the Coder template's wiring (token, init script, stop hooks, deadlines).
+//! - `template`: the Coder templates' wiring (token, init script, stop hooks, probes,
+//!   deadlines, labels) and their generated `codertemplate.yaml`.
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
 mod cli;
