@@ -3,7 +3,8 @@
 //!
 //! Exit codes (documented in README.md): 0 success; 1 the operation failed (e.g. the
 //! stop sequence did not end `off`, a service action was refused); 2 usage error;
-//! 69 the daemon cannot be reached; 78 invalid configuration.
+//! 3 `status`: something is not as configured; 69 the daemon cannot be reached;
+//! 75 `run`: another daemon already runs on that socket; 78 invalid configuration.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ pub const EX_FAILED: u8 = 1;
 /// `status`: something is not as configured (systemctl's "not running" code).
 pub const EX_NOT_AS_CONFIGURED: u8 = 3;
 pub const EX_UNAVAILABLE: u8 = 69;
+/// `run`: another daemon already serves this socket (sysexits' EX_TEMPFAIL).
+pub const EX_ALREADY_RUNNING: u8 = 75;
 pub const EX_CONFIG: u8 = 78;
 
 #[derive(Parser, Debug)]
@@ -211,6 +214,51 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Only one daemon per socket: an exclusive `flock` on `<socket>.lock` (holding the
+/// daemon's pid), kept for the daemon's life and released by the kernel when it exits,
+/// however it exits. A second `wsagent run` would otherwise take the socket over.
+fn lock_socket(socket: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut name = socket.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let path = socket.with_file_name(name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            let _ = lock.set_len(0);
+            let _ = writeln!(lock, "{}", std::process::id());
+            Ok(lock)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let pid = pid.trim();
+            Err(format!(
+                "another wsagent daemon{} is already running on {} (lock {})",
+                if pid.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (pid {pid})")
+                },
+                socket.display(),
+                path.display()
+            ))
+        }
+        Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 fn client_socket(explicit: Option<PathBuf>) -> PathBuf {
     let cfg = config::load(&Sources::standard(None))
         .ok()
@@ -226,6 +274,16 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
             eprintln!("wsagent: {e}");
             eprintln!("wsagent: nothing was started");
             return ExitCode::from(EX_CONFIG);
+        }
+    };
+    // One daemon per socket, decided before anything is started or logged.
+    let socket_file = crate::daemon::socket_path(socket.clone(), Some(&loaded.config));
+    let _lock = match lock_socket(&socket_file) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("wsagent: {e}");
+            eprintln!("wsagent: nothing was started");
+            return ExitCode::from(EX_ALREADY_RUNNING);
         }
     };
     for var in crate::supervisor::SECRET_VARS {

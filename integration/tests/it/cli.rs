@@ -453,3 +453,29 @@ window = "1m"
     d.signal(Signal::SIGTERM);
     d.wait_exit(SHORT);
 }
+
+/// A second `wsagent run` on the socket of a running daemon refuses (exit 75) naming the
+/// running daemon's pid, starts nothing, and leaves the first one serving.
+#[test]
+fn a_second_daemon_on_the_same_socket_refuses_with_75_and_names_the_first() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(&ws, &config(""));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    ws.write_config(&config(""));
+    let mut cmd = ws.command(wsagent_bin());
+    cmd.args(["run", "--config"]).arg(ws.config_path());
+    let out = integration::daemon::output_within(cmd, SHORT);
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "another wsagent daemon (pid {}) is already running on {}",
+            d.pid(),
+            ws.socket().display()
+        )),
+        "{err}"
+    );
+    assert_eq!(d.status().pid, d.pid());
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success(), "{}", d.report());
+}
