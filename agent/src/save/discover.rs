@@ -19,11 +19,17 @@ pub struct Found {
     pub level: usize,
 }
 
-/// Walk `roots` (to `depth` levels below each), add `explicit`, then the submodules.
-pub fn discover(roots: &[PathBuf], depth: usize, explicit: &[PathBuf]) -> Vec<Found> {
+/// Walk `roots` (to `depth` levels below each, never into a directory `exclude`
+/// matches), add `explicit`, then the submodules.
+pub fn discover(
+    roots: &[PathBuf],
+    depth: usize,
+    explicit: &[PathBuf],
+    exclude: &globset::GlobSet,
+) -> Vec<Found> {
     let mut found: BTreeMap<PathBuf, Found> = BTreeMap::new();
     for root in roots {
-        walk(root, depth, &mut found);
+        walk(root, depth, &mut found, exclude);
     }
     for p in explicit {
         if let Some(f) = probe(p) {
@@ -86,7 +92,15 @@ fn probe(dir: &Path) -> Option<Found> {
     })
 }
 
-fn walk(dir: &Path, depth_left: usize, found: &mut BTreeMap<PathBuf, Found>) {
+fn walk(
+    dir: &Path,
+    depth_left: usize,
+    found: &mut BTreeMap<PathBuf, Found>,
+    exclude: &globset::GlobSet,
+) {
+    if exclude.is_match(dir) {
+        return;
+    }
     match probe(dir) {
         Some(f) if f.bare => {
             add(found, f);
@@ -109,7 +123,7 @@ fn walk(dir: &Path, depth_left: usize, found: &mut BTreeMap<PathBuf, Found>) {
         .collect();
     children.sort();
     for c in children {
-        walk(&c, depth_left - 1, found);
+        walk(&c, depth_left - 1, found, exclude);
     }
 }
 
@@ -151,7 +165,7 @@ mod tests {
         git2::Repository::init(root.join("x/y/b")).unwrap();
         git2::Repository::init(root.join("x/y/z/too-deep")).unwrap();
         git2::Repository::init_bare(root.join("srv/c.git")).unwrap();
-        let found = discover(&[root.to_path_buf()], 3, &[]);
+        let found = discover(&[root.to_path_buf()], 3, &[], &globset::GlobSet::empty());
         let names: Vec<String> = found
             .iter()
             .map(|f| {
@@ -164,5 +178,32 @@ mod tests {
             .collect();
         assert_eq!(names, ["a", "srv/c.git", "x/y/b"]);
         assert!(found[1].bare);
+    }
+
+    #[test]
+    fn excluded_directories_are_not_searched_but_explicit_repos_are_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let home = canonical(t.path());
+        for p in [
+            "projects/app",
+            "projects/web/node_modules/dep",
+            ".cache/pre-commit/repo1",
+            ".config/coderv2/dotfiles",
+            ".local/share/x",
+        ] {
+            git2::Repository::init(home.join(p)).unwrap();
+        }
+        let defaults: Vec<String> = crate::save::DEFAULT_EXCLUDE
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ex = crate::save::exclude_set(&defaults, &home).unwrap();
+        let explicit = [home.join(".local/share/x")];
+        let found = discover(&[home.clone()], 4, &explicit, &ex);
+        let names: Vec<String> = found
+            .iter()
+            .map(|f| f.path.strip_prefix(&home).unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, [".local/share/x", "projects/app"]);
     }
 }

@@ -76,6 +76,38 @@ pub struct SaveConfig {
     pub max_file_size: u64,
     /// Repositories saved at the same time.
     pub parallelism: usize,
+    /// Directories never searched for repositories (glob patterns on absolute paths,
+    /// `~` is the user's HOME; a pattern also covers everything below what it matches).
+    /// `repos` are saved even when they match.
+    pub exclude: Vec<String>,
+}
+
+/// What discovery skips unless told otherwise: the dotfiles clone (its remote is the
+/// user's dotfiles repository, not a project), caches and tool state (pre-commit's
+/// clones of third-party hooks live under ~/.cache), and dependency trees.
+pub const DEFAULT_EXCLUDE: [&str; 4] = [
+    "~/.config/coderv2/dotfiles",
+    "~/.cache",
+    "~/.local",
+    "**/node_modules",
+];
+
+/// `save.exclude`, `~` expanded, as one matcher; the error names the bad pattern.
+pub fn exclude_set(patterns: &[String], home: &Path) -> Result<globset::GlobSet, String> {
+    let mut b = globset::GlobSetBuilder::new();
+    for p in patterns {
+        let expanded = crate::config::expand_home(p, home);
+        let text = expanded.to_string_lossy();
+        let text = text.trim_end_matches('/');
+        for pat in [text.to_string(), format!("{text}/**")] {
+            let g = globset::GlobBuilder::new(&pat)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("{p:?}: {e}"))?;
+            b.add(g);
+        }
+    }
+    b.build().map_err(|e| e.to_string())
 }
 
 impl Default for SaveConfig {
@@ -88,6 +120,7 @@ impl Default for SaveConfig {
             ref_template: "refs/heads/wip/{workspace}/{branch}".into(),
             max_file_size: 95 * 1024 * 1024,
             parallelism: 8,
+            exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -109,6 +142,18 @@ pub fn validate(cfg: &SaveConfig) -> Vec<(String, String)> {
             "save.depth".into(),
             format!("{} is too deep (at most 32)", cfg.depth),
         ));
+    }
+    for p in &cfg.exclude {
+        if p.trim().is_empty() {
+            out.push(("save.exclude".into(), "patterns must not be empty".into()));
+        } else if !p.starts_with('/') && !p.starts_with('~') && !p.starts_with("**") {
+            out.push((
+                "save.exclude".into(),
+                format!("{p:?} is not an absolute path pattern (start with /, ~ or **)"),
+            ));
+        } else if let Err(e) = exclude_set(std::slice::from_ref(p), Path::new("/home")) {
+            out.push(("save.exclude".into(), format!("not a valid glob: {e}")));
+        }
     }
     for (key, list) in [("save.roots", &cfg.roots), ("save.repos", &cfg.repos)] {
         for p in list.iter() {
@@ -257,12 +302,20 @@ pub async fn save_all_observed(
         .iter()
         .map(|r| crate::config::expand_home(r, &env.home))
         .collect();
+    let exclude = match exclude_set(&cfg.exclude, &env.home) {
+        Ok(x) => x,
+        Err(e) => {
+            // Validated with the config: only a HOME-dependent oddity gets here.
+            tracing::warn!(error = %e, "save.exclude: ignored");
+            globset::GlobSet::empty()
+        }
+    };
     let (depth, only) = (cfg.depth, req.only.clone());
     let state_dir = env.state_dir.clone();
     let (template, workspace) = (cfg.ref_template.clone(), env.workspace.clone());
     let found = tokio::task::spawn_blocking(move || {
         // The whole set is needed even for `only`: ref suffixes depend on it.
-        let all = discover::discover(&roots, depth, &explicit);
+        let all = discover::discover(&roots, depth, &explicit, &exclude);
         let mut found = match &only {
             Some(p) => only_repo(p),
             None => all.clone(),

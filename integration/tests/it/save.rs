@@ -553,3 +553,49 @@ stop_timeout = "20s"
     );
     assert!(d.wait_exit(LONG).success(), "{}", d.report());
 }
+
+/// With the whole HOME as a root, `wsagent save` saves the user's project but not the
+/// dotfiles clone nor a tool's clone under `~/.cache` (save.exclude's defaults), and
+/// `config show` lists those defaults.
+#[test]
+fn the_dotfiles_clone_and_caches_under_home_are_not_saved() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let _app = dirty_repo(&server, &ws.home(), "app");
+    for dir in [".config/coderv2/dotfiles", ".cache/pre-commit/repo1"] {
+        let d = ws.home().join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        git(&d, &["init", "-q"]);
+        std::fs::write(d.join("f"), "unsaved\n").unwrap();
+    }
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\nroots = [\"~\"]\ndepth = 4\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+
+    let out = d.cli(["save"]);
+
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.starts_with("saving 1 repository..."), "{text}");
+    assert!(
+        !text.contains("dotfiles") && !text.contains(".cache"),
+        "{text}"
+    );
+    let shown = d.cli([
+        "config",
+        "show",
+        "--config",
+        ws.config_path().to_str().unwrap(),
+    ]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("\"~/.config/coderv2/dotfiles\"") && shown.contains("\"**/node_modules\""),
+        "{shown}"
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+}
