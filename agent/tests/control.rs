@@ -369,6 +369,17 @@ async fn a_413_body_too_large_splits_the_batch_and_everything_arrives() {
         "{}",
         s.logs.text()
     );
+
+    // A server answering 413 to every line is not refusing a size: after three single
+    // lines refused in a row, shipping stops instead of trying each line.
+    fake.set_fault(Some(Fault::Status(413)));
+    let before = fake.requests_to("/me/logs").len();
+    for i in 0..50 {
+        s.events.note(Level::Info, format!("refused {i}"));
+    }
+    eventually("shipping stopped", || h.status().contains("logs not sent")).await;
+    let tried = fake.requests_to("/me/logs").len() - before;
+    assert!(tried <= 12, "{tried} requests for 50 lines");
     s.stop().await;
 }
 

@@ -249,8 +249,15 @@ pub struct SendState {
     source: Option<Uuid>,
     /// Output bytes coderd accepted from us.
     pub bytes_sent: usize,
+    /// Shrunk by each 413 that is about the body's size; kept for the rest of the run.
     pub cap: BatchCap,
+    /// One-line batches refused with such a 413 in a row.
+    oversize_lines: u32,
 }
+
+/// One-line batches refused in a row (413, not the log limit) before shipping stops: a
+/// server that takes no line at all is not refusing a size.
+const MAX_OVERSIZE_LINES: u32 = 3;
 
 /// Ships the queue to coderd.
 pub struct Shipper {
@@ -364,6 +371,7 @@ impl Shipper {
         match r {
             Ok(_) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
+                st.oversize_lines = 0;
                 st.bytes_sent += batch.output_bytes;
                 if let Some(seq) = batch.last_seq {
                     self.queue().ack(seq);
@@ -400,6 +408,14 @@ impl Shipper {
                     tracing::warn!(error = %e, "one log line too large for coderd; dropped");
                     if let Some(seq) = batch.last_seq {
                         self.queue().ack(seq);
+                    }
+                    st.oversize_lines += 1;
+                    if st.oversize_lines >= MAX_OVERSIZE_LINES {
+                        tracing::warn!(
+                            "coderd answers 413 to single lines; no more lines are sent"
+                        );
+                        self.stop(&format!("logs not sent: {e}"));
+                        return Ok(Step::Idle);
                     }
                     if batch.limit_notice {
                         self.stop("logs limit reached");
