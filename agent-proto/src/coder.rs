@@ -95,7 +95,14 @@ pub struct ExternalAuthResponse {
     /// Legacy form: depends on the provider type (§3.4).
     pub username: String,
     pub password: String,
+    /// When the token expires (RFC 3339), in newer Coder; the zero time
+    /// ([`ZERO_TIME`]) means no expiry. Absent or null in older Coder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
 }
+
+/// Go's zero `time.Time` as JSON: an `expires_at` meaning "never".
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// `PATCH /me/app-status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +156,11 @@ mod tests {
         assert_eq!(r.kind, "github");
         let v = serde_json::to_value(&r).unwrap();
         assert!(v.get("type").is_some() && v.get("kind").is_none());
+        assert_eq!(r.expires_at, None);
+        let r: ExternalAuthResponse =
+            serde_json::from_str(r#"{"access_token":"t","expires_at":"2026-08-01T10:00:00Z"}"#)
+                .unwrap();
+        assert_eq!(r.expires_at.as_deref(), Some("2026-08-01T10:00:00Z"));
         let p = PatchLogs {
             log_source_id: Uuid::nil(),
             logs: vec![Log {

@@ -804,6 +804,10 @@ async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) 
     let budget = config.shutdown.budget;
     let start = tokio::time::Instant::now();
     let deadline = start + budget;
+    // From here every Coder call is best effort (a refused token is expected).
+    if let Some(c) = shared.control() {
+        c.stopping();
+    }
     shared.set_lifecycle(Lifecycle::ShuttingDown);
     tracing::info!(budget = %fmt_dur(budget), "stop sequence started");
     // Time kept back for later phases, so one slow phase cannot starve the rest.

@@ -265,27 +265,252 @@ async fn a_413_stops_sending_and_the_request_count_stays_flat() {
     s.stop().await;
 }
 
+/// wsagent spends at most `control_plane.log_budget` bytes of the agent's shared log
+/// total: the last line it sends says the budget is spent, and nothing follows it.
 #[tokio::test]
-async fn near_the_limit_one_last_line_points_at_wsagent_logs() {
+async fn the_log_budget_ends_with_one_last_line_and_then_nothing() {
     let fake = FakeCoderd::start().await;
-    let s = Setup::new();
+    let mut s = Setup::new();
+    s.cfg.control_plane.log_budget = 16 * 1024;
+    // Linked: no sign-in line joins wsagent's own.
+    fake.set_external_token("github", Some("ghp_budget_linked_0001"));
     let h = s.start(&Setup::env(&fake));
-    let line = "y".repeat(16 * 1024 - 100);
-    for _ in 0..80 {
-        s.events.note(Level::Info, line.clone());
+    for i in 0..40 {
+        s.events
+            .note(Level::Info, format!("{i:04} {}", "y".repeat(995)));
     }
     eventually("limit status", || h.status().contains("logs limit reached")).await;
-    let logs = fake.logs();
-    assert_eq!(logs.last().unwrap().output, LIMIT_NOTICE);
+    let logs = dashboard(&fake);
+    assert_eq!(logs.last().unwrap(), LIMIT_NOTICE);
+    assert_eq!(logs.iter().filter(|l| *l == LIMIT_NOTICE).count(), 1);
+    assert!(logs.len() > 10, "{} lines", logs.len());
     assert!(
         !fake.logs_overflowed(),
         "the local count must keep us under the limit"
     );
-    assert!(fake.logs_length() <= MAX_LOGS_LENGTH);
+    assert!(
+        fake.logs_length() <= 16 * 1024,
+        "{} bytes spent",
+        fake.logs_length()
+    );
     let before = fake.requests_to("/me/logs").len();
     s.events.note(Level::Info, "more");
     h.flush(Instant::now() + Duration::from_millis(500)).await;
     assert_eq!(fake.requests_to("/me/logs").len(), before);
+    s.stop().await;
+}
+
+/// Each line is cut to 1024 characters (what coderd stores) before it is sent, so the
+/// bytes coderd counts against the total are only those it keeps.
+#[tokio::test]
+async fn a_long_line_is_cut_to_1024_characters_before_it_is_sent() {
+    let fake = FakeCoderd::start().await;
+    let s = Setup::new();
+    let _h = s.start(&Setup::env(&fake));
+    s.events.note(Level::Info, "é".repeat(5000));
+    fake.wait_for(WAIT, |f| !dashboard(f).is_empty()).await;
+    let sent = fake.requests_to("/me/logs")[0].body_json().unwrap()["logs"][0]["output"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sent.chars().count(), 1024);
+    assert!(sent.ends_with('…'));
+    assert_eq!(dashboard(&fake), [sent]);
+    let bytes_sent: usize = fake
+        .requests_to("/me/logs")
+        .iter()
+        .flat_map(|r| r.body_json().unwrap()["logs"].as_array().unwrap().clone())
+        .map(|l| l["output"].as_str().unwrap().len())
+        .sum();
+    assert_eq!(fake.logs_length(), bytes_sent);
+    s.stop().await;
+}
+
+/// A 413 that is not "Logs limit exceeded" (Coder >= 2.37's "Request body too large.")
+/// splits the batch and sends it again: every line arrives, in order, and shipping
+/// goes on; a single line too large for the cap is dropped alone.
+#[tokio::test]
+async fn a_413_body_too_large_splits_the_batch_and_everything_arrives() {
+    let fake = FakeCoderd::start().await;
+    fake.set_max_body(Some(20_000));
+    fake.set_external_token("github", Some("ghp_split_linked_0002"));
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    fake.wait_for(WAIT, |f| !f.log_sources().is_empty()).await;
+    let want: Vec<_> = (0..100)
+        .map(|i| format!("{i:03} {}", "z".repeat(900)))
+        .collect();
+    for l in &want {
+        s.events.note(Level::Info, l.clone());
+    }
+    fake.wait_for(WAIT, |f| dashboard(f).len() >= 100).await;
+    assert_eq!(dashboard(&fake), want);
+    let statuses: Vec<u16> = fake
+        .requests_to("/me/logs")
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert!(statuses.contains(&413), "{statuses:?}");
+    assert!(
+        fake.requests_to("/me/logs")
+            .iter()
+            .all(|r| r.status != 413 || r.body.len() > 20_000)
+    );
+    assert!(!h.status().contains("limit"), "{}", h.status());
+
+    // One line bigger than the cap on its own: dropped, the next one still goes.
+    fake.set_max_body(Some(600));
+    s.events.note(Level::Info, "w".repeat(1000));
+    s.events.note(Level::Info, "small after big");
+    fake.wait_for(WAIT, |f| dashboard(f).len() >= 101).await;
+    assert_eq!(dashboard(&fake)[100], "small after big");
+    assert!(
+        s.logs.text().contains("one log line too large"),
+        "{}",
+        s.logs.text()
+    );
+
+    // A server answering 413 to every line is not refusing a size: after three single
+    // lines refused in a row, shipping stops instead of trying each line.
+    fake.set_fault(Some(Fault::Status(413)));
+    let before = fake.requests_to("/me/logs").len();
+    for i in 0..50 {
+        s.events.note(Level::Info, format!("refused {i}"));
+    }
+    eventually("shipping stopped", || h.status().contains("logs not sent")).await;
+    let tried = fake.requests_to("/me/logs").len() - before;
+    assert!(tried <= 12, "{tried} requests for 50 lines");
+    s.stop().await;
+}
+
+/// Coder before v2.13 has no `POST /me/log-source` (404): the lines go under the nil
+/// source id, Coder's built-in "External" source, and keep arriving.
+#[tokio::test]
+async fn without_the_log_source_route_lines_go_to_the_external_source() {
+    let fake = FakeCoderd::start().await;
+    fake.set_log_source_404(true);
+    let s = Setup::new();
+    let h = s.start(&Setup::env(&fake));
+    for i in 0..3 {
+        s.events.note(Level::Info, format!("old coder {i}"));
+    }
+    fake.wait_for(WAIT, |f| dashboard(f).len() >= 3).await;
+    assert_eq!(
+        dashboard(&fake),
+        ["old coder 0", "old coder 1", "old coder 2"]
+    );
+    assert!(
+        fake.logs()
+            .iter()
+            .all(|l| l.log_source_id == agent_proto::coder::EXTERNAL_LOG_SOURCE_ID)
+    );
+    assert!(
+        fake.requests_to("/me/logs")
+            .iter()
+            .all(|r| r.body_json().unwrap()["log_source_id"] == uuid::Uuid::nil().to_string())
+    );
+    assert_eq!(fake.requests_to("/me/log-source").len(), 1);
+    assert_eq!(s.logs.text().matches("before v2.13").count(), 1);
+    assert!(h.status().starts_with("connected"), "{}", h.status());
+    s.stop().await;
+}
+
+/// Once stopping, a 401 or 403 from coderd is expected: it is logged once, and no call
+/// is made after it (log lines, app status, token fetches): nothing retries or waits.
+#[tokio::test]
+async fn at_stop_a_refused_token_is_said_once_and_nothing_is_sent_after_it() {
+    for refusal in [401, 403] {
+        let fake = FakeCoderd::start().await;
+        fake.set_external_token("github", Some("ghp_stop_linked_0003"));
+        let mut s = Setup::new();
+        s.cfg.control_plane.app_status_slug = Some("workspace".into());
+        let h = s.start(&Setup::env(&fake));
+        s.events.note(Level::Info, "before the stop");
+        fake.wait_for(WAIT, |f| dashboard(f).len() == 1).await;
+        h.refresh_tokens_once(Duration::from_secs(2)).await;
+
+        fake.wait_for(WAIT, |f| f.app_statuses().len() == 1).await;
+        h.stopping();
+        match refusal {
+            401 => fake.revoke_agent_tokens(),
+            _ => fake.set_fault(Some(Fault::Status(403))),
+        }
+        let before = fake.requests().len();
+        let t0 = Instant::now();
+        h.app_status("complete", "stopping").await;
+        for i in 0..300 {
+            s.events.note(Level::Info, format!("stopping {i}"));
+        }
+        assert!((h.fresh_fetch())("github".into()).await.is_none());
+        h.refresh_tokens_once(Duration::from_secs(5)).await;
+        h.flush(Instant::now() + Duration::from_secs(5)).await;
+        h.app_status("failure", "still stopping").await;
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(2), "{refusal}: took {took:?}");
+        let after: Vec<_> = fake.requests()[before..].to_vec();
+        assert_eq!(
+            after.len(),
+            1,
+            "{refusal}: {:?}",
+            after
+                .iter()
+                .map(|r| (&r.path, r.status))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(after[0].status, refusal);
+        let text = s.logs.text();
+        assert_eq!(
+            text.matches(control::client::REFUSED_AT_STOP).count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.contains("git token not refreshed"), "{text}");
+        assert!(!text.contains("app status not reported"), "{text}");
+        assert_eq!(
+            std::fs::read_to_string(s.cache()).unwrap(),
+            "ghp_stop_linked_0003"
+        );
+        s.assert_token_kept_secret(&fake);
+        s.stop().await;
+    }
+}
+
+/// A token with an `expires_at` is refreshed ahead of its expiry (at 80 % of what is
+/// left, at least 5 s apart), not after the fixed refresh interval.
+#[tokio::test]
+async fn a_token_about_to_expire_is_refreshed_ahead_of_its_expiry() {
+    let fake = FakeCoderd::start().await;
+    fake.set_external_token("github", Some("ghp_expiring_soon_0004"));
+    let soon = std::time::SystemTime::now() + Duration::from_secs(6);
+    fake.set_external_token_expiry(
+        "github",
+        Some(&humantime::format_rfc3339_seconds(soon).to_string()),
+    );
+    let mut s = Setup::new();
+    s.cfg.control_plane.send_logs = false;
+    // Without the expiry the next refresh would be an hour away.
+    s.cfg
+        .git_providers
+        .get_mut("github")
+        .unwrap()
+        .refresh_interval = Duration::from_secs(3600);
+    let _h = s.start(&Setup::env(&fake));
+    let cache = s.cache();
+    eventually("first token cached", || {
+        std::fs::read_to_string(&cache).is_ok_and(|t| t == "ghp_expiring_soon_0004")
+    })
+    .await;
+    let t0 = Instant::now();
+    fake.set_external_token("github", Some("ghp_refreshed_early_0005"));
+    fake.set_external_token_expiry("github", Some(agent_proto::coder::ZERO_TIME));
+    eventually("the token refreshed before it expires", || {
+        std::fs::read_to_string(&cache).is_ok_and(|t| t == "ghp_refreshed_early_0005")
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+    let fetches = fake.requests_to("/me/external-auth");
+    assert_eq!(fetches.len(), 2, "one scheduled refresh, no retries");
+    assert_eq!(fetches[0].query, "id=github&match=");
     s.stop().await;
 }
 
@@ -546,6 +771,45 @@ async fn app_status_reports_in_order_and_a_404_turns_it_off() {
     s.stop().await;
 }
 
+/// An app status message is cut to 160 bytes on a char boundary (coderd answers 400
+/// beyond); a slug coderd does not know (400) switches app status off with one line.
+#[tokio::test]
+async fn app_status_messages_fit_160_bytes_and_an_unknown_slug_turns_it_off() {
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.app_status_slug = Some("workspace".into());
+    let h = s.start(&Setup::env(&fake));
+    let long = format!("x{}", "é".repeat(100));
+    h.app_status("failure", &long).await;
+    let got = fake.app_statuses().pop().unwrap();
+    assert_eq!(got.state, "failure");
+    assert_eq!(got.message.len(), 159, "{:?}", got.message);
+    assert!(long.starts_with(&got.message));
+    s.stop().await;
+
+    let fake = FakeCoderd::start().await;
+    let mut s = Setup::new();
+    s.cfg.control_plane.app_status_slug = Some("not-an-app".into());
+    let h = s.start(&Setup::env(&fake));
+    h.app_status("complete", "ready").await;
+    h.app_status("failure", "broken").await;
+    let reqs = fake.requests_to("/me/app-status");
+    assert_eq!(reqs.len(), 1, "off after the first 400");
+    assert_eq!(reqs[0].status, 400);
+    assert!(
+        h.status().contains("no app \"not-an-app\""),
+        "{}",
+        h.status()
+    );
+    assert_eq!(
+        s.logs.text().matches("app status is off").count(),
+        1,
+        "{}",
+        s.logs.text()
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn without_url_or_token_it_runs_standalone() {
     let s = Setup::new();
@@ -713,6 +977,92 @@ async fn the_fake_coderd_validates_like_coderd() {
         .await,
         (400, "Invalid state provided.".into())
     );
+    // App status: known slugs only, message at most 160 bytes, states in any case.
+    let status = |slug: &str, state: &str, message: &str| {
+        serde_json::json!({"app_slug": slug, "state": state, "message": message, "uri": ""})
+            .to_string()
+    };
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/app-status",
+            &t,
+            Some(&status("nope", "working", "m"))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/app-status",
+            &t,
+            Some(&status("workspace", "working", &"é".repeat(81)))
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        call(
+            M::PATCH,
+            "/app-status",
+            &t,
+            Some(&status("workspace", "Working", &"é".repeat(80)))
+        )
+        .await
+        .0,
+        200
+    );
+    // A line is stored cut to 1024 characters; its full bytes count.
+    let before = fake.logs_length();
+    let long = "é".repeat(3000);
+    let body = serde_json::json!({"logs":[{"created_at":"x","output":long,"level":"info"}]});
+    assert_eq!(
+        call(M::PATCH, "/logs", &t, Some(&body.to_string())).await.0,
+        200
+    );
+    assert_eq!(fake.logs().last().unwrap().output.chars().count(), 1024);
+    assert_eq!(fake.logs_length(), before + 6000);
+    // External auth answers expires_at: the zero time without an expiry.
+    fake.set_external_token("github", Some("ghp_fake_validates_0006"));
+    let auth = |fake: &FakeCoderd| {
+        let url = format!("{me}/external-auth?id=github&match=");
+        let tok = fake.token();
+        let http = http.clone();
+        async move {
+            let r: agent_proto::coder::ExternalAuthResponse = http
+                .get(url)
+                .header("Coder-Session-Token", tok)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r.expires_at
+        }
+    };
+    assert_eq!(
+        auth(&fake).await.as_deref(),
+        Some(agent_proto::coder::ZERO_TIME)
+    );
+    fake.set_external_token_expiry("github", Some("2026-08-01T10:00:00Z"));
+    assert_eq!(auth(&fake).await.as_deref(), Some("2026-08-01T10:00:00Z"));
+    // Coder before v2.13: no log-source route.
+    let src = r#"{"id":"00000000-0000-0000-0000-000000000001","display_name":"x","icon":""}"#;
+    assert_eq!(call(M::POST, "/log-source", &t, Some(src)).await.0, 201);
+    fake.set_log_source_404(true);
+    assert_eq!(call(M::POST, "/log-source", &t, Some(src)).await.0, 404);
+    // Two kinds of 413: a body over the cap, then the per-agent total.
+    let huge = "q".repeat(5 << 20);
+    let body = serde_json::json!({"logs":[{"created_at":"x","output":huge,"level":"info"}]});
+    assert_eq!(
+        call(M::PATCH, "/logs", &t, Some(&body.to_string())).await,
+        (413, "Request body too large.".into())
+    );
+    assert!(!fake.logs_overflowed());
     let big = "z".repeat(MAX_LOGS_LENGTH);
     let body = serde_json::json!({"logs":[{"created_at":"x","output":big,"level":"info"}]});
     assert_eq!(
@@ -720,6 +1070,12 @@ async fn the_fake_coderd_validates_like_coderd() {
         (413, "Logs limit exceeded".into())
     );
     assert!(fake.logs_overflowed());
+    // A revoked token (stop or delete build): 401 on every route.
+    fake.revoke_agent_tokens();
+    assert_eq!(
+        call(M::PATCH, "/logs", &t, Some("{}")).await,
+        (401, "Workspace agent not authorized.".into())
+    );
 }
 
 #[tokio::test]

@@ -231,6 +231,7 @@ const KEYS: &[(&str, &str)] = &[
     ("control_plane", "log_batch_interval"),
     ("control_plane", "log_queue_lines"),
     ("control_plane", "send_logs"),
+    ("control_plane", "log_budget"),
     ("git_providers.github", "host"),
     ("git_providers.github", "refresh_interval"),
     ("git_providers.x", "host"),

@@ -6,8 +6,18 @@
 //! is recorded (method, path, query, headers, body, status) before anything else, so
 //! tests can assert on exactly what was sent. Tests steer it with switches: down (the
 //! port refuses connections), slow (a delay before every answer), a fault (HTML 502,
-//! malformed JSON, any status), app-status answering 404 like an older coderd, and the
-//! linked tokens of external-auth providers, which can be rotated.
+//! malformed JSON, any status), app-status answering 404 like an older coderd,
+//! log-source answering 404 like a coderd before v2.13, every agent token refused (401,
+//! as during a stop or delete build), the request body cap (413 "Request body too
+//! large." over 4 MiB, Coder >= 2.37; settable), and the linked tokens of external-auth
+//! providers, which can be rotated and given an expiry.
+//!
+//! Limits as the reference's §0 states them: a log line is stored cut to 1024
+//! characters but its full bytes count against the 1 MiB per-agent total (shared with
+//! what [`FakeCoderd::set_logs_length`] says other sources spent); an app-status
+//! `message` over 160 bytes and an unknown `app_slug` are each a 400; states are
+//! case-insensitive; `expires_at` is always in the external-auth answer (the zero time
+//! when the token has no expiry).
 //!
 //! [`FakeCoderd::start_tls`] serves HTTPS with a given certificate (e.g. one signed by a
 //! private CA, as clusters reaching coderd by an internal name have).
@@ -106,6 +116,17 @@ pub struct Provider {
     pub token: Option<String>,
 }
 
+/// coderd's `max_logs_length` is counted in bytes; a stored line keeps this many chars.
+pub const STORED_LINE_CHARS: usize = 1024;
+
+/// Coder >= 2.37 refuses a request body over 4 MiB.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// The most bytes of an app status `message` (since v2.22.0).
+pub const MAX_APP_STATUS_MESSAGE: usize = 160;
+
+pub use coder::ZERO_TIME;
+
 #[derive(Default)]
 struct State {
     agent_tokens: HashSet<String>,
@@ -118,6 +139,15 @@ struct State {
     providers: Vec<Provider>,
     app_statuses: Vec<PatchAppStatus>,
     app_status_404: bool,
+    /// The slugs of the agent's apps (an unknown one is a 400).
+    app_slugs: HashSet<String>,
+    log_source_404: bool,
+    /// Every agent token refused (401), though [`FakeCoderd::token`] still names one.
+    tokens_revoked: bool,
+    /// Bodies over this many bytes get 413 "Request body too large."; `None`: no cap.
+    max_body: Option<usize>,
+    /// RFC 3339 expiry of each provider's token (absent: the zero time).
+    expires_at: BTreeMap<String, String>,
     delay: Duration,
     fault: Option<Fault>,
     in_flight: usize,
@@ -238,6 +268,8 @@ impl FakeCoderd {
                 matches: "github.com".into(),
                 token: None,
             }],
+            app_slugs: ["workspace".to_string(), "code-server".to_string()].into(),
+            max_body: Some(MAX_BODY_BYTES),
             ..State::default()
         };
         let access_url = match tls {
@@ -307,9 +339,12 @@ impl FakeCoderd {
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = TcpListener::from_std(listener).expect("tokio listener");
         let shared = self.shared.clone();
-        let app = axum::Router::new().fallback(move |method, uri, headers, body| {
-            handle(shared.clone(), method, uri, headers, body)
-        });
+        // coderd's own body cap is modelled in `answer` (413 "Request body too large.").
+        let app = axum::Router::new()
+            .fallback(move |method, uri, headers, body| {
+                handle(shared.clone(), method, uri, headers, body)
+            })
+            .layer(axum::extract::DefaultBodyLimit::disable());
         *server = Some(match self.tls.clone() {
             None => tokio::spawn(async move {
                 let _ = axum::serve(listener, app).await;
@@ -340,6 +375,38 @@ impl FakeCoderd {
     /// Answer `PATCH /me/app-status` with 404 "Route not found", like a coderd without it.
     pub fn set_app_status_404(&self, on: bool) {
         self.shared.lock().app_status_404 = on;
+    }
+
+    /// Answer `POST /me/log-source` with 404 "Route not found", like coderd before v2.13.
+    pub fn set_log_source_404(&self, on: bool) {
+        self.shared.lock().log_source_404 = on;
+    }
+
+    /// Refuse every agent token from now on (401 "Workspace agent not authorized."), as
+    /// coderd does during a stop build before v2.30 and during every delete build.
+    pub fn revoke_agent_tokens(&self) {
+        self.shared.lock().tokens_revoked = true;
+    }
+
+    /// Cap request bodies at this many bytes (413 "Request body too large."); `None`
+    /// removes the cap (Coder before 2.37). The default is [`MAX_BODY_BYTES`].
+    pub fn set_max_body(&self, bytes: Option<usize>) {
+        self.shared.lock().max_body = bytes;
+    }
+
+    /// The app slugs the agent has (default `workspace`, `code-server`).
+    pub fn set_app_slugs(&self, slugs: &[&str]) {
+        self.shared.lock().app_slugs = slugs.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// The `expires_at` answered with a provider's token (RFC 3339); `None`: the zero
+    /// time (no expiry).
+    pub fn set_external_token_expiry(&self, provider_id: &str, expires_at: Option<&str>) {
+        let mut s = self.shared.lock();
+        match expires_at {
+            Some(t) => s.expires_at.insert(provider_id.into(), t.into()),
+            None => s.expires_at.remove(provider_id),
+        };
     }
 
     /// Accept another agent token.
@@ -396,7 +463,8 @@ impl FakeCoderd {
         self.shared.lock().log_sources.values().cloned().collect()
     }
 
-    /// The sum of the output bytes stored, as the DB constraint counts it.
+    /// The sum of the output bytes received (before the 1024-character cut), as the DB
+    /// constraint counts them.
     pub fn logs_length(&self) -> usize {
         self.shared.lock().logs_length
     }
@@ -571,12 +639,17 @@ fn answer(shared: &Shared, rec: &Recorded, headers: &HeaderMap) -> Answer {
         );
     }
     let mut s = shared.lock();
-    if !s.agent_tokens.contains(&token) {
+    if s.tokens_revoked || !s.agent_tokens.contains(&token) {
         return error(
             StatusCode::UNAUTHORIZED,
             "Workspace agent not authorized.",
             "The agent cannot authenticate until the workspace provision job has been completed. If the job is no longer running, this agent is invalid.",
         );
+    }
+    if let Some(max) = s.max_body
+        && rec.body.len() > max
+    {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "Request body too large.", "");
     }
     if let Some(fault) = s.fault.clone() {
         return match fault {
@@ -607,7 +680,7 @@ fn answer(shared: &Shared, rec: &Recorded, headers: &HeaderMap) -> Answer {
         };
     }
     match (rec.method.as_str(), rest) {
-        ("POST", "/log-source") => post_log_source(&mut s, &rec.body),
+        ("POST", "/log-source") if !s.log_source_404 => post_log_source(&mut s, &rec.body),
         ("PATCH", "/logs") => patch_logs(&mut s, &rec.body),
         ("GET", "/external-auth") | ("GET", "/gitauth") => {
             external_auth(&s, &shared.access_url, rec)
@@ -696,7 +769,7 @@ fn patch_logs(s: &mut State, body: &[u8]) -> Answer {
     for (l, level) in req.logs.into_iter().zip(levels) {
         s.logs.push(StoredLog {
             log_source_id: source,
-            output: l.output,
+            output: l.output.chars().take(STORED_LINE_CHARS).collect(),
             level,
             created_at: at.clone(),
         });
@@ -771,6 +844,12 @@ fn external_auth(s: &State, access_url: &str, rec: &Recorded) -> Answer {
                 kind: p.kind.clone(),
                 username,
                 password,
+                expires_at: Some(
+                    s.expires_at
+                        .get(&p.id)
+                        .cloned()
+                        .unwrap_or_else(|| ZERO_TIME.into()),
+                ),
             }
         }
     };
@@ -782,15 +861,26 @@ fn patch_app_status(s: &mut State, body: &[u8]) -> Answer {
         Ok(r) => r,
         Err(a) => return a,
     };
-    if !coder::APP_STATES.contains(&req.state.as_str()) {
+    if !coder::APP_STATES.contains(&req.state.to_ascii_lowercase().as_str()) {
         return error(
             StatusCode::BAD_REQUEST,
             "Invalid state provided.",
             "State must be one of: complete, failure, working, idle.",
         );
     }
-    if req.app_slug.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "Failed to find workspace app.", "");
+    if req.message.len() > MAX_APP_STATUS_MESSAGE {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Message is too long.",
+            &format!("Message must be at most {MAX_APP_STATUS_MESSAGE} bytes."),
+        );
+    }
+    if !s.app_slugs.contains(&req.app_slug) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Failed to get workspace app.",
+            &format!("No app found with slug {:?}", req.app_slug),
+        );
     }
     s.app_statuses.push(req);
     json(StatusCode::OK, &Response::new("App status updated.", ""))

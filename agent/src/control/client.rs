@@ -3,7 +3,14 @@
 //!
 //! The agent token travels only in the `Coder-Session-Token` header (marked sensitive);
 //! error messages name the route path and never the token or a full URL.
+//!
+//! Once the daemon is stopping ([`Client::set_stopping`]), coderd may refuse the agent
+//! token (a stop or delete build: reference §0). The first 401 or 403 then is logged
+//! once ([`REFUSED_AT_STOP`]) and every later call of any clone of this client fails at
+//! once with [`ApiError::Refused`], without a request: nothing retries, nothing waits.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use agent_proto::coder;
@@ -35,7 +42,14 @@ pub enum ApiError {
         status: u16,
         detail: String,
     },
+    /// The daemon is stopping and coderd refused the agent token (401/403): not sent.
+    #[error("{path}: not sent: {REFUSED_AT_STOP}")]
+    Refused { path: String },
 }
+
+/// The one line logged when coderd refuses the agent token during the stop.
+pub const REFUSED_AT_STOP: &str =
+    "the control plane no longer accepts this workspace's token; it is being stopped";
 
 impl ApiError {
     /// Worth trying again: connect errors, timeouts, 5xx, 429 and undecodable answers
@@ -44,7 +58,13 @@ impl ApiError {
         match self {
             ApiError::Connect { .. } | ApiError::Timeout { .. } | ApiError::Decode { .. } => true,
             ApiError::Status { status, .. } => *status >= 500 || *status == 429,
+            ApiError::Refused { .. } => false,
         }
+    }
+
+    /// The token was refused while stopping (expected; already logged once).
+    pub fn refused(&self) -> bool {
+        matches!(self, ApiError::Refused { .. })
     }
 
     pub fn status(&self) -> Option<u16> {
@@ -107,6 +127,14 @@ pub struct Client {
     base: String,
     token: Secret,
     pub timeout: Duration,
+    /// Shared by every clone: stopping, and refused since.
+    gate: Arc<Gate>,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    stopping: AtomicBool,
+    refused: AtomicBool,
 }
 
 /// Why a client could not be built.
@@ -158,7 +186,19 @@ impl Client {
             base,
             token,
             timeout,
+            gate: Arc::default(),
         })
+    }
+
+    /// The daemon is stopping: from now on a 401 or 403 means coderd no longer takes
+    /// this workspace's token, and no call is made after it.
+    pub fn set_stopping(&self) {
+        self.gate.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Coderd refused the token during the stop: calls are not made any more.
+    pub fn is_refused(&self) -> bool {
+        self.gate.refused.load(Ordering::Relaxed)
     }
 
     /// One call of `METHOD <AGENT_ME><route>` with a JSON body; the answer's body is
@@ -172,6 +212,9 @@ impl Client {
         timeout: Duration,
     ) -> Result<(u16, R), ApiError> {
         let path = format!("{}{route}", coder::AGENT_ME);
+        if self.is_refused() {
+            return Err(ApiError::Refused { path });
+        }
         let mut url =
             Url::parse(&format!("{}{path}", self.base)).map_err(|e| ApiError::Connect {
                 path: path.clone(),
@@ -222,6 +265,12 @@ impl Client {
                 });
             }
         };
+        if matches!(status.as_u16(), 401 | 403) && self.gate.stopping.load(Ordering::Relaxed) {
+            if !self.gate.refused.swap(true, Ordering::Relaxed) {
+                tracing::warn!(path = %path, status = status.as_u16(), "{REFUSED_AT_STOP}");
+            }
+            return Err(ApiError::Refused { path });
+        }
         if !status.is_success() {
             return Err(ApiError::Status {
                 path,

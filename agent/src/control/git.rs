@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use agent_proto::coder::ExternalAuthResponse;
 use reqwest::Method;
@@ -23,13 +24,67 @@ use crate::tokens::{GitProvider, Tokens};
 /// What coderd said about a provider.
 #[derive(Debug)]
 pub enum Fetched {
-    Token(Secret),
+    /// A token, and when it expires (`None`: no expiry given, or the zero time).
+    Token(Secret, Option<SystemTime>),
     /// The account is not linked: the page where the user signs in.
     SignIn(String),
 }
 
+/// The soonest a token is refreshed again, however close its expiry.
+pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+
+/// When to refresh a token next: at 80 % of its remaining lifetime, at least
+/// [`MIN_REFRESH`] (or `every`, when smaller) and at most `every`; `every` when it has
+/// no expiry.
+pub fn next_refresh(expires: Option<SystemTime>, now: SystemTime, every: Duration) -> Duration {
+    match expires {
+        None => every,
+        Some(at) => {
+            let left = at.duration_since(now).unwrap_or_default();
+            (left * 4 / 5).clamp(MIN_REFRESH.min(every), every)
+        }
+    }
+}
+
+/// Parse coderd's `expires_at` (RFC 3339, `Z` or a `±hh:mm` offset, optional
+/// fraction). The zero time (`0001-01-01T00:00:00Z`), an empty string and anything
+/// unparseable mean no expiry.
+pub fn parse_expiry(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if s.is_empty() || s.starts_with("0001-01-01") {
+        return None;
+    }
+    let (base, east_secs) = if let Some(b) = s.strip_suffix(['Z', 'z']) {
+        (b, 0i64)
+    } else {
+        let cut = s.len().checked_sub(6)?;
+        let (b, off) = (s.get(..cut)?, s.get(cut..)?);
+        let sign = match off.as_bytes().first()? {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let (h, m) = off[1..].split_once(':')?;
+        let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+        (b, sign * (h * 3600 + m * 60))
+    };
+    let local = humantime::parse_rfc3339_weak(&format!("{base}Z")).ok()?;
+    let shift = Duration::from_secs(east_secs.unsigned_abs());
+    if east_secs >= 0 {
+        local.checked_sub(shift)
+    } else {
+        local.checked_add(shift)
+    }
+}
+
 /// `GET /me/external-auth?id=<id>&match=` (both keys sent, as the Go client does),
 /// retried until `deadline`.
+///
+/// The optional `git_remote_origin` and `git_branch` parameters are not sent: every
+/// fetch here is per provider, never per repository (the refresh loop keeps one token
+/// per provider; the save fetches one per git host and shares it among all the
+/// repositories on that host; `wsagent git-askpass` answers from the cache without
+/// calling coderd), so there is no one repository whose origin and branch would be true.
 pub async fn fetch(client: &Client, id: &str, deadline: Instant) -> Result<Fetched, ApiError> {
     let (status, r): (u16, ExternalAuthResponse) = client
         .call_until::<(), _>(
@@ -41,7 +96,8 @@ pub async fn fetch(client: &Client, id: &str, deadline: Instant) -> Result<Fetch
         )
         .await?;
     if !r.access_token.is_empty() {
-        return Ok(Fetched::Token(Secret::new(r.access_token)));
+        let expires = r.expires_at.as_deref().and_then(parse_expiry);
+        return Ok(Fetched::Token(Secret::new(r.access_token), expires));
     }
     if !r.url.is_empty() {
         return Ok(Fetched::SignIn(r.url));
@@ -230,7 +286,7 @@ pub async fn cmd_token_with(
     if let Ok(client) = super::connect(&cfg.control_plane, &ctx.env) {
         let deadline = Instant::now() + cfg.control_plane.fresh_token_timeout;
         match fetch(&client, &id, deadline).await {
-            Ok(Fetched::Token(t)) => {
+            Ok(Fetched::Token(t, _)) => {
                 if let Err(e) = write_cache(&cache, &t) {
                     let _ = writeln!(err, "wsagent token: {e}");
                 }
@@ -377,6 +433,47 @@ mod tests {
             let m = std::fs::metadata(p).unwrap();
             assert_eq!((m.uid(), m.gid()), (4321, 4322), "{}", p.display());
         }
+    }
+
+    #[test]
+    fn expiry_parses_rfc3339_and_the_zero_time_means_none() {
+        let at = |s| parse_expiry(s).map(|t| humantime::format_rfc3339(t).to_string());
+        assert_eq!(
+            at("2026-08-01T10:00:00Z").as_deref(),
+            Some("2026-08-01T10:00:00Z")
+        );
+        assert_eq!(
+            at("2026-08-01T12:30:00.123456789+02:30").as_deref(),
+            Some("2026-08-01T10:00:00.123456789Z")
+        );
+        assert_eq!(
+            at("2026-08-01T05:00:00-05:00").as_deref(),
+            Some("2026-08-01T10:00:00Z")
+        );
+        assert_eq!(at(agent_proto::coder::ZERO_TIME), None);
+        assert_eq!(at(""), None);
+        assert_eq!(at("tomorrow"), None);
+    }
+
+    #[test]
+    fn refresh_comes_at_80_percent_of_the_lifetime_within_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let every = Duration::from_secs(1800);
+        let in_ = |s| Some(now + Duration::from_secs(s));
+        assert_eq!(next_refresh(None, now, every), every);
+        assert_eq!(
+            next_refresh(in_(1000), now, every),
+            Duration::from_secs(800)
+        );
+        assert_eq!(next_refresh(in_(8 * 3600), now, every), every);
+        assert_eq!(next_refresh(in_(2), now, every), MIN_REFRESH);
+        assert_eq!(
+            next_refresh(Some(now - Duration::from_secs(60)), now, every),
+            MIN_REFRESH
+        );
+        // A refresh interval under the minimum stays the bound.
+        let fast = Duration::from_secs(1);
+        assert_eq!(next_refresh(in_(2), now, fast), fast);
     }
 
     #[test]

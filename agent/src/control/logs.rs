@@ -3,9 +3,19 @@
 //!
 //! The batching follows Coder's Go `LogSender`: at most 100 lines and 1 MiB (counting
 //! 21 bytes of overhead per line) per batch; output sanitized (NUL and invalid UTF-8
-//! become "❌"). coderd refuses any batch that would take the agent past 1 MiB of log
-//! output in total, so wsagent counts what it sent: when the next line would not fit
-//! it sends one last line pointing at `wsagent logs` and stops; a 413 stops it at once.
+//! become "❌") and cut to 1024 characters (what coderd stores of a line; it counts the
+//! bytes sent, so sending more would only spend the total).
+//!
+//! coderd refuses any batch that would take the agent past 1 MiB of log output in
+//! total, and that total is shared with the Coder agent's own script logs. So wsagent
+//! spends at most `control_plane.log_budget` of it, counting the bytes it sent: when the
+//! next line would not fit it sends one last line ([`LIMIT_NOTICE`]) and stops. A 413
+//! "Logs limit exceeded" (the total is spent by someone) stops it at once; any other
+//! 413 (Coder >= 2.37's "Request body too large.", a proxy's body cap) means the batch
+//! was too big: it is split in halves and sent again, and a single line still too big
+//! is dropped. Coder before v2.13 has no `POST /me/log-source` (404): the lines then go
+//! under the nil source id, Coder's built-in "External" source.
+//!
 //! Only one batch is in flight at a time (the send lock), and lines leave the queue only
 //! once coderd has taken them, so a retry or a flush never reorders or loses lines.
 
@@ -28,13 +38,16 @@ use super::client::{ApiError, Backoff, Client};
 
 /// Lines per batch; a queue this long is sent without waiting for the interval.
 pub const MAX_LINES_PER_BATCH: usize = 100;
-/// A longer line is cut (with "…") before it is queued.
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
-/// Room kept under the per-agent limit for the last line.
+/// A longer line is cut to this many characters (the last one "…") before it is queued:
+/// coderd stores no more of a line.
+pub const MAX_LINE_CHARS: usize = 1024;
+/// Room kept under the budget for the last line.
 const NOTICE_RESERVE: usize = 512;
-/// The last line sent when the per-agent limit is near.
-pub const LIMIT_NOTICE: &str =
-    "wsagent: the dashboard's log limit is reached; the rest is in `wsagent logs`";
+/// The last line sent when wsagent's log budget is spent.
+pub const LIMIT_NOTICE: &str = "wsagent: its dashboard log budget (control_plane.log_budget) is spent; the rest is in `wsagent logs`";
+/// The message of coderd's 413 when the agent's log total is spent (any other 413 is
+/// about the size of one request).
+pub const LOGS_LIMIT_EXCEEDED: &str = "Logs limit exceeded";
 
 /// The stable id of wsagent's log source: UUIDv5 of "wsagent" in the URL namespace.
 pub fn source_id() -> Uuid {
@@ -58,14 +71,13 @@ pub fn sanitize(bytes: &[u8]) -> String {
     out
 }
 
-/// Cut `s` to at most `max` bytes on a char boundary, marking the cut with "…".
+/// Cut `s` to at most `max` characters, the last of them "…" when it was cut.
 fn truncate(mut s: String, max: usize) -> String {
-    if s.len() <= max {
+    let Some((end, _)) = s.char_indices().nth(max.saturating_sub(1)) else {
         return s;
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    };
+    if s[end..].chars().nth(1).is_none() {
+        return s; // exactly `max` characters
     }
     s.truncate(end);
     s.push('…');
@@ -120,7 +132,7 @@ impl LogQueue {
         };
         for raw in ev.message.split('\n') {
             let raw = raw.strip_suffix('\r').unwrap_or(raw);
-            let output = truncate(sanitize(raw.as_bytes()), MAX_LINE_BYTES);
+            let output = truncate(sanitize(raw.as_bytes()), MAX_LINE_CHARS);
             self.push(Line {
                 seq: 0,
                 created_at: ev.at.clone(),
@@ -151,20 +163,30 @@ impl LogQueue {
         self.lines.clear();
     }
 
-    /// The next batch to send, given the output bytes coderd already holds from us.
-    pub fn next_batch(&self, bytes_sent: usize) -> Batch {
-        let budget = coder::MAX_LOGS_LENGTH - NOTICE_RESERVE;
+    /// The next batch to send, given the output bytes coderd already holds from us,
+    /// wsagent's budget of them, and the batch size allowed.
+    pub fn next_batch(&self, bytes_sent: usize, budget: usize, cap: BatchCap) -> Batch {
+        let budget = budget
+            .min(coder::MAX_LOGS_LENGTH)
+            .saturating_sub(NOTICE_RESERVE);
         let mut b = Batch::default();
         let mut size = 0;
-        for line in self.lines.iter().take(MAX_LINES_PER_BATCH) {
+        // Room is kept for the notice, so a batch that ends with it still fits.
+        let room = cap
+            .bytes
+            .min(coder::MAX_BYTES_PER_BATCH)
+            .saturating_sub(LIMIT_NOTICE.len() + coder::OVERHEAD_PER_LOG);
+        for line in self
+            .lines
+            .iter()
+            .take(cap.lines.clamp(1, MAX_LINES_PER_BATCH))
+        {
             let n = line.output.len();
             if bytes_sent + b.output_bytes + n > budget {
                 b.limit_notice = true;
                 break;
             }
-            // Room is kept for the notice, so a batch that ends with it still fits.
-            let room = coder::MAX_BYTES_PER_BATCH - LIMIT_NOTICE.len() - coder::OVERHEAD_PER_LOG;
-            if size + n + coder::OVERHEAD_PER_LOG > room {
+            if !b.logs.is_empty() && size + n + coder::OVERHEAD_PER_LOG > room {
                 break;
             }
             size += n + coder::OVERHEAD_PER_LOG;
@@ -176,7 +198,9 @@ impl LogQueue {
                 level: line.level.into(),
             });
         }
+        b.size = size;
         if b.limit_notice {
+            b.size += LIMIT_NOTICE.len() + coder::OVERHEAD_PER_LOG;
             b.output_bytes += LIMIT_NOTICE.len();
             b.logs.push(Log {
                 created_at: crate::events::now_rfc3339(),
@@ -188,6 +212,23 @@ impl LogQueue {
     }
 }
 
+/// How big a batch may be: shrunk when coderd (or a proxy) finds a body too large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCap {
+    pub lines: usize,
+    /// Counting [`coder::OVERHEAD_PER_LOG`] per line.
+    pub bytes: usize,
+}
+
+impl Default for BatchCap {
+    fn default() -> Self {
+        BatchCap {
+            lines: MAX_LINES_PER_BATCH,
+            bytes: coder::MAX_BYTES_PER_BATCH,
+        }
+    }
+}
+
 /// One `PATCH /me/logs` worth of lines.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -195,6 +236,8 @@ pub struct Batch {
     /// The seq of the last queued line in it.
     pub last_seq: Option<u64>,
     pub output_bytes: usize,
+    /// Output plus [`coder::OVERHEAD_PER_LOG`] per line.
+    pub size: usize,
     /// The batch ends with [`LIMIT_NOTICE`]: nothing is sent after it.
     pub limit_notice: bool,
 }
@@ -202,10 +245,19 @@ pub struct Batch {
 /// What the send lock protects.
 #[derive(Debug, Default)]
 pub struct SendState {
-    registered: bool,
+    /// The log source the lines go under, once registered (nil: "External").
+    source: Option<Uuid>,
     /// Output bytes coderd accepted from us.
     pub bytes_sent: usize,
+    /// Shrunk by each 413 that is about the body's size; kept for the rest of the run.
+    pub cap: BatchCap,
+    /// One-line batches refused with such a 413 in a row.
+    oversize_lines: u32,
 }
+
+/// One-line batches refused in a row (413, not the log limit) before shipping stops: a
+/// server that takes no line at all is not refusing a size.
+const MAX_OVERSIZE_LINES: u32 = 3;
 
 /// Ships the queue to coderd.
 pub struct Shipper {
@@ -217,6 +269,8 @@ pub struct Shipper {
     stopped: AtomicBool,
     wake: Notify,
     interval: Duration,
+    /// `control_plane.log_budget`.
+    budget: usize,
     /// Batches sent (for tests and status).
     pub batches: AtomicU64,
 }
@@ -235,6 +289,7 @@ impl Shipper {
         board: Arc<Mutex<Board>>,
         max_lines: usize,
         interval: Duration,
+        budget: usize,
     ) -> Shipper {
         Shipper {
             client,
@@ -244,6 +299,7 @@ impl Shipper {
             stopped: AtomicBool::new(false),
             wake: Notify::new(),
             interval,
+            budget,
             batches: AtomicU64::new(0),
         }
     }
@@ -289,33 +345,23 @@ impl Shipper {
         if self.stopped.load(Ordering::Relaxed) {
             return Ok(Step::Idle);
         }
-        if !st.registered {
-            let body = PostLogSourceRequest {
-                id: source_id(),
-                display_name: "wsagent".into(),
-                icon: "/icon/terminal.svg".into(),
-            };
-            match self
-                .client
-                .call::<_, IgnoredAny>(Method::POST, "/log-source", &[], Some(&body), timeout)
-                .await
-            {
-                Ok(_) => st.registered = true,
-                Err(e) if e.retryable() => return Err(e),
-                Err(e) => {
-                    self.board().rejected(&e);
-                    tracing::warn!(error = %e, "coderd refused wsagent's log source; logs stay local");
-                    self.stop(&format!("logs not sent: {e}"));
+        let source = match st.source {
+            Some(id) => id,
+            None => {
+                let id = self.register(timeout).await?;
+                let Some(id) = id else {
                     return Ok(Step::Idle);
-                }
+                };
+                st.source = Some(id);
+                id
             }
-        }
-        let batch = self.queue().next_batch(st.bytes_sent);
+        };
+        let batch = self.queue().next_batch(st.bytes_sent, self.budget, st.cap);
         if batch.logs.is_empty() {
             return Ok(Step::Idle);
         }
         let body = PatchLogs {
-            log_source_id: source_id(),
+            log_source_id: source,
             logs: batch.logs,
         };
         let r = self
@@ -325,6 +371,7 @@ impl Shipper {
         match r {
             Ok(_) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
+                st.oversize_lines = 0;
                 st.bytes_sent += batch.output_bytes;
                 if let Some(seq) = batch.last_seq {
                     self.queue().ack(seq);
@@ -332,15 +379,52 @@ impl Shipper {
                 if batch.limit_notice {
                     tracing::warn!(
                         bytes = st.bytes_sent,
-                        "dashboard log limit reached; further lines stay in `wsagent logs`"
+                        "dashboard log budget spent (control_plane.log_budget); further lines stay in `wsagent logs`"
                     );
                     self.stop("logs limit reached");
                 }
                 Ok(Step::Progress)
             }
-            Err(e) if e.status() == Some(413) => {
-                tracing::warn!(error = %e, "coderd's log limit is exceeded; no more lines are sent");
+            Err(ApiError::Status {
+                status: 413,
+                message,
+                ..
+            }) if message.starts_with(LOGS_LIMIT_EXCEEDED) => {
+                tracing::warn!(
+                    "coderd's log limit for this agent is exceeded (its total is shared with the coder agent's script logs); no more lines are sent"
+                );
                 self.stop("logs limit reached");
+                Ok(Step::Idle)
+            }
+            Err(e) if e.status() == Some(413) => {
+                let n = body.logs.len();
+                if n > 1 {
+                    st.cap = BatchCap {
+                        lines: n / 2,
+                        bytes: (batch.size / 2).max(1),
+                    };
+                    tracing::info!(error = %e, lines = n, "log batch too large for coderd; sending it in halves");
+                } else {
+                    tracing::warn!(error = %e, "one log line too large for coderd; dropped");
+                    if let Some(seq) = batch.last_seq {
+                        self.queue().ack(seq);
+                    }
+                    st.oversize_lines += 1;
+                    if st.oversize_lines >= MAX_OVERSIZE_LINES {
+                        tracing::warn!(
+                            "coderd answers 413 to single lines; no more lines are sent"
+                        );
+                        self.stop(&format!("logs not sent: {e}"));
+                        return Ok(Step::Idle);
+                    }
+                    if batch.limit_notice {
+                        self.stop("logs limit reached");
+                    }
+                }
+                Ok(Step::Progress)
+            }
+            Err(e) if e.refused() => {
+                self.stop("logs not sent: the token was refused at stop");
                 Ok(Step::Idle)
             }
             Err(e) if e.retryable() => Err(e),
@@ -351,6 +435,40 @@ impl Shipper {
                     self.queue().ack(seq);
                 }
                 Ok(Step::Progress)
+            }
+        }
+    }
+
+    /// `POST /me/log-source`: the source id to send under; `None` when logs are off for
+    /// good. Coder before v2.13 has no such route: the nil id ("External") is used.
+    async fn register(&self, timeout: Duration) -> Result<Option<Uuid>, ApiError> {
+        let body = PostLogSourceRequest {
+            id: source_id(),
+            display_name: "wsagent".into(),
+            icon: "/icon/terminal.svg".into(),
+        };
+        match self
+            .client
+            .call::<_, IgnoredAny>(Method::POST, "/log-source", &[], Some(&body), timeout)
+            .await
+        {
+            Ok(_) => Ok(Some(source_id())),
+            Err(e) if e.status() == Some(404) => {
+                tracing::info!(
+                    "coderd has no log-source route (Coder before v2.13); wsagent's lines go to the built-in \"External\" source"
+                );
+                Ok(Some(Uuid::nil()))
+            }
+            Err(e) if e.refused() => {
+                self.stop("logs not sent: the token was refused at stop");
+                Ok(None)
+            }
+            Err(e) if e.retryable() => Err(e),
+            Err(e) => {
+                self.board().rejected(&e);
+                tracing::warn!(error = %e, "coderd refused wsagent's log source; logs stay local");
+                self.stop(&format!("logs not sent: {e}"));
+                Ok(None)
             }
         }
     }
@@ -483,6 +601,8 @@ mod tests {
     use super::*;
     use agent_proto::local::EventKind;
 
+    const BUDGET: usize = coder::MAX_LOGS_LENGTH;
+
     fn ev(level: Level, message: &str) -> Event {
         Event {
             at: "2026-01-01T00:00:00Z".into(),
@@ -504,7 +624,7 @@ mod tests {
     fn multi_line_messages_become_lines_with_their_level() {
         let mut q = LogQueue::new(10);
         q.push_event(&ev(Level::Warn, "one\r\ntwo"));
-        let b = q.next_batch(0);
+        let b = q.next_batch(0, BUDGET, BatchCap::default());
         let got: Vec<_> = b
             .logs
             .iter()
@@ -521,7 +641,12 @@ mod tests {
             q.push_event(&ev(Level::Info, &i.to_string()));
         }
         assert_eq!(q.dropped, 2);
-        let outs: Vec<_> = q.next_batch(0).logs.into_iter().map(|l| l.output).collect();
+        let outs: Vec<_> = q
+            .next_batch(0, BUDGET, BatchCap::default())
+            .logs
+            .into_iter()
+            .map(|l| l.output)
+            .collect();
         assert_eq!(outs, ["2", "3", "4"]);
         q.ack(3);
         assert_eq!(q.len(), 1);
@@ -533,20 +658,34 @@ mod tests {
         for _ in 0..150 {
             q.push_event(&ev(Level::Info, "x"));
         }
-        assert_eq!(q.next_batch(0).logs.len(), 100);
+        assert_eq!(q.next_batch(0, BUDGET, BatchCap::default()).logs.len(), 100);
 
+        // 100 lines of 1024 four-byte characters: 400 KiB of output, under 1 MiB.
         let mut q = LogQueue::new(1000);
-        let big = "y".repeat(MAX_LINE_BYTES);
-        for _ in 0..70 {
+        let big = "𝄞".repeat(MAX_LINE_CHARS);
+        for _ in 0..100 {
             q.push_event(&ev(Level::Info, &big));
         }
-        // 1 MiB of output is also the whole per-agent limit: the batch ends with the
-        // notice, and still stays within 1 MiB counting the overhead.
-        let b = q.next_batch(0);
-        let size: usize = b.logs.iter().map(|l| l.output.len() + 21).sum();
-        assert!(size <= 1 << 20, "{size}");
+        let b = q.next_batch(0, BUDGET, BatchCap::default());
+        assert_eq!(b.logs.len(), 100);
+        assert_eq!(b.size, 100 * (4096 + 21));
+        // A smaller byte cap (after a 413 "Request body too large.") ends it sooner, and
+        // a budget ends it with the notice.
+        let cap = BatchCap {
+            lines: 100,
+            bytes: 3 * 4117 + LIMIT_NOTICE.len() + 21,
+        };
+        assert_eq!(q.next_batch(0, BUDGET, cap).logs.len(), 3);
+        let tiny = BatchCap { lines: 1, bytes: 1 };
+        assert_eq!(
+            q.next_batch(0, BUDGET, tiny).logs.len(),
+            1,
+            "one line always goes"
+        );
+        let b = q.next_batch(0, 512 + 2 * 4096, BatchCap::default());
+        let outs: Vec<_> = b.logs.iter().map(|l| l.output.len()).collect();
+        assert_eq!(outs, [4096, 4096, LIMIT_NOTICE.len()]);
         assert!(b.limit_notice);
-        assert_eq!(b.logs.len(), 63 + 1);
     }
 
     #[test]
@@ -556,16 +695,25 @@ mod tests {
         q.push_event(&ev(Level::Info, &"z".repeat(1000)));
         q.push_event(&ev(Level::Info, "never"));
         let sent = coder::MAX_LOGS_LENGTH - NOTICE_RESERVE - 10;
-        let b = q.next_batch(sent);
+        let b = q.next_batch(sent, BUDGET, BatchCap::default());
         let outs: Vec<_> = b.logs.iter().map(|l| l.output.as_str()).collect();
         assert_eq!(outs, ["fits", LIMIT_NOTICE]);
         assert!(b.limit_notice);
         assert!(sent + b.output_bytes <= coder::MAX_LOGS_LENGTH);
+        // A budget over Coder's total counts as the total.
+        let b = q.next_batch(sent, 4 * BUDGET, BatchCap::default());
+        assert!(b.limit_notice);
     }
 
     #[test]
-    fn long_lines_are_cut_on_a_char_boundary() {
+    fn long_lines_are_cut_to_1024_characters() {
         let s = truncate("é".repeat(10), 7);
-        assert!(s.len() <= 7 && s.ends_with('…'), "{s}");
+        assert_eq!(s, format!("{}…", "é".repeat(6)));
+        assert_eq!(truncate("abc".into(), 3), "abc");
+        let mut q = LogQueue::new(10);
+        q.push_event(&ev(Level::Info, &"é".repeat(5000)));
+        let out = &q.next_batch(0, BUDGET, BatchCap::default()).logs[0].output;
+        assert_eq!(out.chars().count(), MAX_LINE_CHARS);
+        assert!(out.ends_with('…'));
     }
 }

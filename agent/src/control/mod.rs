@@ -10,7 +10,9 @@
 //! Entry points: [`ControlPlane::new`] (from config + environment), then
 //! [`ControlPlane::start`], which gives the [`ControlHandle`] the daemon keeps. In the
 //! stop sequence call [`ControlHandle::flush`] before cancelling: events emitted after
-//! the cancel are not collected any more.
+//! the cancel are not collected any more. When the stop sequence begins, call
+//! [`ControlHandle::stopping`]: from then on every call is best effort, and a refused
+//! agent token (401/403, expected during a stop or delete build) ends all calls at once.
 
 pub mod client;
 pub mod git;
@@ -65,7 +67,16 @@ pub struct ControlPlaneConfig {
     pub log_queue_lines: usize,
     /// `false` keeps wsagent's lines out of the dashboard.
     pub send_logs: bool,
+    /// Output bytes wsagent may spend of the agent's 1 MiB dashboard log total (shared
+    /// with the Coder agent's startup and shutdown script logs); one last line says
+    /// when it is spent.
+    pub log_budget: usize,
 }
+
+/// The default `control_plane.log_budget`: a quarter of Coder's per-agent total.
+pub const DEFAULT_LOG_BUDGET: usize = 256 * 1024;
+/// The smallest `control_plane.log_budget` accepted.
+pub const MIN_LOG_BUDGET: usize = 4 * 1024;
 
 impl Default for ControlPlaneConfig {
     fn default() -> Self {
@@ -78,6 +89,7 @@ impl Default for ControlPlaneConfig {
             log_batch_interval: Duration::from_millis(500),
             log_queue_lines: 10_000,
             send_logs: true,
+            log_budget: DEFAULT_LOG_BUDGET,
         }
     }
 }
@@ -117,6 +129,15 @@ pub fn validate(cfg: &ControlPlaneConfig) -> Vec<(String, String)> {
     }
     if cfg.log_queue_lines == 0 {
         bad("log_queue_lines", "must be at least 1".into());
+    }
+    if !(MIN_LOG_BUDGET..=agent_proto::coder::MAX_LOGS_LENGTH).contains(&cfg.log_budget) {
+        bad(
+            "log_budget",
+            format!(
+                "must be between {MIN_LOG_BUDGET} and {} bytes (Coder's per-agent total)",
+                agent_proto::coder::MAX_LOGS_LENGTH
+            ),
+        );
     }
     out
 }
@@ -191,7 +212,8 @@ pub struct Board {
     pub(crate) dropped_lines: u64,
     /// Providers whose account is not linked, with the sign-in URL.
     sign_in: BTreeMap<String, String>,
-    app_status_off: bool,
+    /// Why app status was switched off, if it was.
+    app_status_off: Option<String>,
     /// coderd refused the agent token (401/403).
     rejected: Option<String>,
 }
@@ -236,8 +258,8 @@ impl Board {
         for (id, url) in &self.sign_in {
             parts.push(format!("{id}: not linked, sign in at {url}"));
         }
-        if self.app_status_off {
-            parts.push("app status not supported by coderd".into());
+        if let Some(why) = &self.app_status_off {
+            parts.push(why.clone());
         }
         parts.join("; ")
     }
@@ -291,6 +313,7 @@ impl ControlPlane {
                     board.clone(),
                     self.cfg.log_queue_lines,
                     self.cfg.log_batch_interval,
+                    self.cfg.log_budget,
                 ));
                 let (tx, rx) = mpsc::channel(4);
                 tracker.spawn(logs::pump(
@@ -342,6 +365,21 @@ impl ControlPlane {
     }
 }
 
+/// The most bytes of an app status `message` coderd accepts (a 400 beyond, v2.22.0+).
+pub const MAX_APP_STATUS_MESSAGE: usize = 160;
+
+/// `s` cut to at most `max` bytes, on a char boundary.
+pub fn cap_bytes(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn lock(board: &Mutex<Board>) -> MutexGuard<'_, Board> {
     board.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -391,8 +429,18 @@ impl ControlHandle {
         let deadline = Instant::now() + self.inner.cfg.fresh_token_timeout;
         let r = git::fetch(client, id, deadline).await;
         match self.apply(id, r) {
-            Some(Fetched::Token(t)) => Some(t),
+            Some(Fetched::Token(t, _)) => Some(t),
             _ => None,
+        }
+    }
+
+    /// The stop sequence has begun: every call to coderd is best effort from now on. A
+    /// 401 or 403 (coderd refuses the token of a workspace being stopped or deleted) is
+    /// logged once and ends every later call without a request or a retry; the save
+    /// then pushes with the cached git token.
+    pub fn stopping(&self) {
+        if let Some(c) = &self.inner.client {
+            c.set_stopping();
         }
     }
 
@@ -441,8 +489,7 @@ impl ControlHandle {
         let body = PatchAppStatus {
             app_slug: slug.clone(),
             state: state.into(),
-            // The MCP tool caps summaries at 160 characters; so do we.
-            message: message.chars().take(160).collect(),
+            message: cap_bytes(message, MAX_APP_STATUS_MESSAGE).into(),
             uri: String::new(),
         };
         let deadline = Instant::now() + self.inner.cfg.request_timeout;
@@ -453,9 +500,18 @@ impl ControlHandle {
             Ok(_) => lock(&self.inner.board).reached(true, None),
             Err(e) if e.status() == Some(404) => {
                 self.inner.app_off.store(true, Ordering::Relaxed);
-                lock(&self.inner.board).app_status_off = true;
+                lock(&self.inner.board).app_status_off =
+                    Some("app status not supported by coderd".into());
                 tracing::info!(error = %e, "coderd has no app status route (older coder); app status is off");
             }
+            // State and message are valid by construction: the slug is unknown.
+            Err(e) if e.status() == Some(400) => {
+                self.inner.app_off.store(true, Ordering::Relaxed);
+                lock(&self.inner.board).app_status_off =
+                    Some(format!("app status off: no app {slug:?} in this workspace"));
+                tracing::warn!(error = %e, slug = %slug, "coderd knows no app with the slug control_plane.app_status_slug names; app status is off");
+            }
+            Err(e) if e.refused() => {}
             Err(e) => {
                 if e.retryable() {
                     lock(&self.inner.board).reached(false, Some(e.to_string()));
@@ -488,7 +544,7 @@ impl ControlHandle {
     /// URL), record an error. Returns the result when it was a success.
     fn apply(&self, id: &str, r: Result<Fetched, client::ApiError>) -> Option<Fetched> {
         match r {
-            Ok(Fetched::Token(t)) => {
+            Ok(Fetched::Token(t, expires)) => {
                 {
                     let mut b = lock(&self.inner.board);
                     b.reached(true, None);
@@ -508,7 +564,7 @@ impl ControlHandle {
                         }
                     }
                 }
-                Some(Fetched::Token(t))
+                Some(Fetched::Token(t, expires))
             }
             Ok(Fetched::SignIn(url)) => {
                 let new = {
@@ -525,6 +581,8 @@ impl ControlHandle {
                 }
                 Some(Fetched::SignIn(url))
             }
+            // Stopping, and the token is refused: said once already.
+            Err(e) if e.refused() => None,
             Err(e) => {
                 if e.retryable() {
                     lock(&self.inner.board).reached(false, Some(e.to_string()));
@@ -554,10 +612,18 @@ impl ControlHandle {
                 _ = cancel.cancelled() => return,
                 r = git::fetch(&client, &id, deadline) => r,
             };
+            if client.is_refused() {
+                return;
+            }
             let next = match self.apply(&id, r) {
-                Some(Fetched::Token(_)) => {
+                // Ahead of the token's expiry, when coderd gives one.
+                Some(Fetched::Token(_, expires)) => {
                     backoff.reset();
-                    every
+                    let next = git::next_refresh(expires, std::time::SystemTime::now(), every);
+                    if next < every {
+                        tracing::debug!(provider = %id, ?next, "git token expires soon; refreshing ahead of it");
+                    }
+                    next
                 }
                 // Not linked: ask again later (the user may sign in meanwhile).
                 Some(Fetched::SignIn(_)) => every.min(Duration::from_secs(60)),
@@ -649,6 +715,7 @@ mod tests {
             url: Some("coder.internal".into()),
             request_timeout: Duration::ZERO,
             log_queue_lines: 0,
+            log_budget: 2 << 20,
             ..Default::default()
         };
         let keys: Vec<_> = validate(&bad).into_iter().map(|(k, _)| k).collect();
@@ -657,9 +724,25 @@ mod tests {
             [
                 "control_plane.url",
                 "control_plane.request_timeout",
-                "control_plane.log_queue_lines"
+                "control_plane.log_queue_lines",
+                "control_plane.log_budget"
             ]
         );
+        let small = ControlPlaneConfig {
+            log_budget: 100,
+            ..Default::default()
+        };
+        assert_eq!(validate(&small)[0].0, "control_plane.log_budget");
+    }
+
+    #[test]
+    fn app_status_messages_are_cut_to_160_bytes_on_a_char_boundary() {
+        assert_eq!(cap_bytes("short", 160), "short");
+        let e = "é".repeat(100); // 200 bytes
+        let cut = cap_bytes(&e, MAX_APP_STATUS_MESSAGE);
+        assert_eq!(cut.len(), 160);
+        let odd = format!("x{e}"); // every é starts at an even offset + 1
+        assert_eq!(cap_bytes(&odd, 160).len(), 159);
     }
 
     #[test]

@@ -1080,6 +1080,8 @@ fn logship_child(url: &str, token: &str, n: usize) {
             Arc::new(Mutex::new(Board::default())),
             n + 1000,
             Duration::from_millis(500),
+            // The whole per-agent total, as before the budget existed.
+            agent_proto::coder::MAX_LOGS_LENGTH,
         ));
         let cancel = tokio_util::sync::CancellationToken::new();
         let before = vm_kib(std::process::id(), "VmRSS").unwrap();
