@@ -199,7 +199,7 @@ mod tests {
             .collect();
         let ex = crate::save::exclude_set(&defaults, &home).unwrap();
         let explicit = [home.join(".local/share/x")];
-        let found = discover(&[home.clone()], 4, &explicit, &ex);
+        let found = discover(std::slice::from_ref(&home), 4, &explicit, &ex);
         let names: Vec<String> = found
             .iter()
             .map(|f| f.path.strip_prefix(&home).unwrap().display().to_string())
