@@ -423,6 +423,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     };
 
     let mut config_changed = watch_config_files(&opts.sources, &tracker, cancel.clone());
+    tracker.spawn(checkpoints(shared.clone()));
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<StopFuture> = None;
@@ -651,6 +652,58 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     // Nothing is logged after it: even a filtered-out event runs the subscriber's code
     // the first time its call site is reached.
     crate::footprint::trim();
+}
+
+/// `save.checkpoint`: once the start has ended, every interval (read anew each time, so
+/// a reload applies), save what changed. A save already running is joined; an interval
+/// where nothing changed costs the work of noticing it, no request. Ends when the stop
+/// sequence begins (its save takes over a checkpoint in flight by joining it).
+async fn checkpoints(shared: Arc<Shared>) {
+    let mut lifecycle = shared.lifecycle.subscribe();
+    let started = lifecycle.wait_for(|l| *l != Lifecycle::Starting);
+    tokio::select! {
+        _ = started => {}
+        _ = shared.stop.cancelled() => return,
+    }
+    loop {
+        let (every, budget) = {
+            let c = &shared.config.read().expect("lock").config;
+            (c.save.checkpoint.0, c.shutdown.budget)
+        };
+        // Off: look again now and then, in case a reload turns it on.
+        let wait = every.unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+        if every.is_none() || shared.stop.is_cancelled() {
+            continue;
+        }
+        let t = Instant::now();
+        let deadline = tokio::time::Instant::now() + budget;
+        let (run, joined) =
+            shared.start_save(crate::save::Reason::Checkpoint, None, false, deadline);
+        let result = tokio::select! {
+            r = run.wait() => r,
+            _ = shared.stop.cancelled() => return,
+        };
+        match result {
+            Ok(outcomes) => {
+                let changed = outcomes
+                    .iter()
+                    .filter(|o| !matches!(o.result.as_str(), "unchanged" | "clean"))
+                    .count();
+                tracing::debug!(
+                    repos = outcomes.len(),
+                    changed,
+                    joined,
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "checkpoint done"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "checkpoint skipped"),
+        }
+    }
 }
 
 /// What a reload changes outside the services: `daemon.api_user` is applied at once

@@ -80,6 +80,44 @@ pub struct SaveConfig {
     /// `~` is the user's HOME; a pattern also covers everything below what it matches).
     /// `repos` are saved even when they match.
     pub exclude: Vec<String>,
+    /// How often the repositories are saved while the workspace runs (`"off"`: never):
+    /// a workspace that dies without a stop loses at most this much work.
+    pub checkpoint: Checkpoint,
+}
+
+/// `save.checkpoint`: an interval (`"10m"`), or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint(pub Option<std::time::Duration>);
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Checkpoint(Some(std::time::Duration::from_secs(600)))
+    }
+}
+
+impl Serialize for Checkpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            None => s.serialize_str("off"),
+            Some(d) => s.serialize_str(&humantime::format_duration(d).to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Checkpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().eq_ignore_ascii_case("off") {
+            return Ok(Checkpoint(None));
+        }
+        humantime::parse_duration(text.trim())
+            .map(|d| Checkpoint(Some(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{text:?} is neither an interval (like \"10m\") nor \"off\": {e}"
+                ))
+            })
+    }
 }
 
 /// What discovery skips unless told otherwise: the dotfiles clone (its remote is the
@@ -121,6 +159,7 @@ impl Default for SaveConfig {
             max_file_size: 95 * 1024 * 1024,
             parallelism: 8,
             exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
+            checkpoint: Checkpoint::default(),
         }
     }
 }
@@ -141,6 +180,17 @@ pub fn validate(cfg: &SaveConfig) -> Vec<(String, String)> {
         out.push((
             "save.depth".into(),
             format!("{} is too deep (at most 32)", cfg.depth),
+        ));
+    }
+    if let Some(d) = cfg.checkpoint.0
+        && d < std::time::Duration::from_millis(100)
+    {
+        out.push((
+            "save.checkpoint".into(),
+            format!(
+                "{} is too short (at least 100ms; \"off\" disables)",
+                humantime::format_duration(d)
+            ),
         ));
     }
     for p in &cfg.exclude {
@@ -201,6 +251,8 @@ pub enum Reason {
     Manual,
     /// SIGUSR1.
     Signal,
+    /// `save.checkpoint`: the periodic save while the workspace runs.
+    Checkpoint,
 }
 
 impl Reason {
@@ -209,6 +261,7 @@ impl Reason {
             Reason::Stop => "stop",
             Reason::Manual => "manual",
             Reason::Signal => "signal",
+            Reason::Checkpoint => "checkpoint",
         }
     }
 }
@@ -384,8 +437,12 @@ pub async fn save_all_observed(
     let started = std::time::Instant::now();
     set_socket_timeouts(deadline);
 
-    // One fsynced write of every `started` line before any repository is touched.
-    if !req.dry_run {
+    // A checkpoint's outcome is only worth a line when it changed something.
+    let quiet = req.reason == Reason::Checkpoint;
+    // One fsynced write of every `started` line before any repository is touched (a
+    // checkpoint writes none: most find nothing to do, and the next one or the stop
+    // covers an interrupted one).
+    if !req.dry_run && !quiet {
         let lines: Vec<RepoOutcome> = found
             .iter()
             .map(|f| outcome_base(&f.path, ctx.mode, ctx.reason))
@@ -426,13 +483,16 @@ pub async fn save_all_observed(
                 creds.clone(),
             );
             let (env, observer) = (env.clone(), observer.clone());
+            let low = quiet;
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
                 let prepared = commit_one(ctx, f, &commit_slots, deadline).await;
                 let _ = tx.send(());
-                let mut o = push_one(prepared, &push_slots, &creds, deadline).await;
+                let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
                 scrub(&mut o);
-                report(&env, &o);
+                if !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")) {
+                    report(&env, &o);
+                }
                 if let Some(obs) = &observer {
                     obs.saved(&o);
                 }
@@ -470,8 +530,14 @@ pub async fn save_all_observed(
         took_ms = started.elapsed().as_millis() as u64,
         "git work saved"
     );
+    let kept: Vec<RepoOutcome> = outcomes
+        .iter()
+        .filter(|o| !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")))
+        .cloned()
+        .collect();
     if !req.dry_run
-        && let Err(e) = journal.append_all(&outcomes)
+        && !kept.is_empty()
+        && let Err(e) = journal.append_all(&kept)
     {
         tracing::warn!(error = %e, "save journal");
     }
@@ -510,9 +576,10 @@ async fn commit_one(
     let base = outcome_base(&f.path, ctx.mode, ctx.reason);
     let mut fallback = base.clone();
     let t0 = std::time::Instant::now();
+    let low = ctx.reason == Reason::Checkpoint;
     let work = async {
         let _slot = slots.acquire().await;
-        tokio::task::spawn_blocking(move || repo::prepare(&ctx, &f, base)).await
+        blocking(low, move || repo::prepare(&ctx, &f, base)).await
     };
     let mut p = match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(p)) => p,
@@ -537,6 +604,48 @@ async fn commit_one(
     p
 }
 
+/// Run `f` on a thread of its own: for a checkpoint (`low`), one at the lowest CPU and
+/// I/O priority (a thread's nice value and I/O class are its own on Linux; a fresh
+/// thread, so no pooled thread keeps them), else tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    low: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if !low {
+        return tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("wsagent-checkpoint".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a checkpoint thread: {e}"))?;
+    rx.await
+        .map_err(|_| "the checkpoint thread ended without an answer".to_string())
+}
+
+/// Nice 19 and the idle I/O class, for the calling thread only.
+fn lower_this_threads_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: plain syscalls on the calling thread (who 0); failures leave the priority
+    // as it was, which only makes the checkpoint less polite.
+    unsafe {
+        let _ = libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        let _ = libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0 as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        );
+    }
+}
+
 /// Push a prepared commit on a blocking thread; at the deadline the outcome says
 /// committed, not pushed, whatever the thread is doing.
 async fn push_one(
@@ -544,6 +653,7 @@ async fn push_one(
     slots: &tokio::sync::Semaphore,
     creds: &CredCache,
     deadline: tokio::time::Instant,
+    low: bool,
 ) -> RepoOutcome {
     let repo::Prepared { mut outcome, push } = p;
     let Some(plan) = push else {
@@ -554,7 +664,7 @@ async fn push_one(
     let work = async {
         let _slot = slots.acquire().await;
         let c = creds.get(&plan.authority).await;
-        tokio::task::spawn_blocking(move || repo::push(&plan, &c, std_deadline)).await
+        blocking(low, move || repo::push(&plan, &c, std_deadline)).await
     };
     match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(r)) => {

@@ -599,3 +599,52 @@ fn the_dotfiles_clone_and_caches_under_home_are_not_saved() {
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(LONG).success(), "{}", d.report());
 }
+
+/// Checkpoints while the workspace runs: unsaved work reaches the remote without any
+/// stop, an interval with no change sends no request to the git server, a later change
+/// is pushed at the next interval, and a daemon killed outright (SIGKILL: no stop
+/// sequence) has lost nothing that was there an interval before.
+#[test]
+fn checkpoints_push_changes_while_running_and_an_idle_interval_sends_nothing() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\ncheckpoint = \"300ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let on_server = |want: &std::collections::BTreeMap<String, Vec<u8>>| {
+        server
+            .ref_target("app.git", "refs/heads/wip/ws1/main")
+            .is_some()
+            && server_files(&server, "app", "refs/heads/wip/ws1/main") == *want
+    };
+    let now = worktree_files(&repo);
+    wait_until(SHORT, "a checkpoint to push the work", || on_server(&now));
+
+    // Idle: three more checkpoints find nothing to do and send nothing.
+    server.clear_requests();
+    let done = |d: &Daemon| d.stderr().matches("checkpoint done").count();
+    let before = done(&d);
+    wait_until(SHORT, "three idle checkpoints", || done(&d) >= before + 3);
+    assert_eq!(server.requests().len(), 0, "{:?}", server.requests());
+
+    std::fs::write(
+        repo.join("later.txt"),
+        "written after the first checkpoint\n",
+    )
+    .unwrap();
+    let now = worktree_files(&repo);
+    wait_until(SHORT, "the next checkpoint to push the change", || {
+        on_server(&now)
+    });
+
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(SHORT);
+    assert_eq!(server_files(&server, "app", "refs/heads/wip/ws1/main"), now);
+    let journal = std::fs::read_to_string(ws.state_dir().join("save-journal.jsonl")).unwrap();
+    assert!(journal.contains("\"reason\":\"checkpoint\""), "{journal}");
+}
