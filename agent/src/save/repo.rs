@@ -426,20 +426,60 @@ fn prepare_inner(
         }
     }
 
-    // A snapshot of this very state made before (e.g. its push failed) is reused.
-    let earlier = repo
+    // The snapshot has git stash's shape, so plain git can put it back (`git stash
+    // apply --index`): its tree is the worktree (untracked files included), parent 1 is
+    // HEAD, parent 2 a commit of the index (the staged state) on HEAD. That index
+    // commit's second parent is the previous snapshot of this branch: the snapshot ref
+    // only ever fast-forwards and every earlier snapshot stays reachable.
+    let previous = repo
         .find_reference(&snap_ref)
         .ok()
-        .and_then(|r| r.peel_to_commit().ok())
+        .and_then(|r| r.peel_to_commit().ok());
+    // A snapshot of this very state made before (e.g. its push failed) is reused.
+    let earlier = previous
+        .as_ref()
         .filter(|c| {
             c.tree_id() == wt.tree
-                && c.parent_ids().collect::<Vec<_>>() == head.into_iter().collect::<Vec<_>>()
+                && c.parent_id(0).ok() == head
+                && (head.is_none()
+                    || wt.index_tree.is_none()
+                    || c.parent(1).ok().map(|i| i.tree_id()) == wt.index_tree)
         })
         .map(|c| c.id());
     let commit = if let Some(c) = earlier.filter(|_| dirty) {
         c
     } else if dirty {
-        repo.commit(None, &sig, &sig, &message, &tree, &parents)
+        // An earlier snapshot that HEAD already contains adds nothing to the history.
+        let previous = previous.filter(|p| {
+            Some(p.id()) != head
+                && !head.is_some_and(|h| repo.graph_descendant_of(h, p.id()).unwrap_or(false))
+        });
+        let index_commit = match (parent.as_ref(), wt.index_tree) {
+            (Some(h), Some(it)) => {
+                let itree = repo.find_tree(it).map_err(commit_err)?;
+                let mut ips = vec![h];
+                ips.extend(previous.as_ref());
+                let subject =
+                    String::from_utf8_lossy(h.summary_bytes().unwrap_or_default()).into_owned();
+                let imsg = format!(
+                    "index on {branch_label}: {} {subject}\n",
+                    &h.id().to_string()[..7]
+                );
+                Some(
+                    repo.commit(None, &sig, &sig, &imsg, &itree, &ips)
+                        .and_then(|i| repo.find_commit(i))
+                        .map_err(commit_err)?,
+                )
+            }
+            _ => None,
+        };
+        let mut ps = parents.clone();
+        match &index_commit {
+            Some(i) => ps.push(i),
+            // No HEAD or a conflicted index: no stash shape, the history all the same.
+            None => ps.extend(previous.as_ref()),
+        }
+        repo.commit(None, &sig, &sig, &message, &tree, &ps)
             .map_err(commit_err)?
     } else {
         head.expect("unpushed implies a HEAD")

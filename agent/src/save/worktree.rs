@@ -29,6 +29,8 @@ pub struct WorktreeTree {
     pub left_out: Vec<String>,
     /// Number of paths that differ from the index (changed, untracked, deleted).
     pub changed: usize,
+    /// The tree of the index as it is (the staged state), when it has no conflict.
+    pub index_tree: Option<Oid>,
 }
 
 /// Build the tree of `repo`'s worktree; blobs and trees are written through `staged`
@@ -43,8 +45,14 @@ pub(crate) fn worktree_tree(
         .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?
         .to_path_buf();
     let mut entries: BTreeMap<Vec<u8>, (u32, Oid)> = BTreeMap::new();
-    // Read-only use of the repository's index: it is never written here.
-    let index = repo.index()?;
+    // Read-only use of the repository's index: it is never written here (its tree goes
+    // to the object database through `staged`, like every object of a save).
+    let mut index = repo.index()?;
+    let index_tree = if index.has_conflicts() {
+        None
+    } else {
+        index.write_tree_to(repo).ok()
+    };
     for e in index.iter() {
         let stage = (e.flags >> 12) & 0x3;
         if stage == 0 || !entries.contains_key(&e.path) {
@@ -126,6 +134,7 @@ pub(crate) fn worktree_tree(
         tree,
         left_out,
         changed,
+        index_tree,
     })
 }
 

@@ -648,3 +648,63 @@ fn checkpoints_push_changes_while_running_and_an_idle_interval_sends_nothing() {
     let journal = std::fs::read_to_string(ws.state_dir().join("save-journal.jsonl")).unwrap();
     assert!(journal.contains("\"reason\":\"checkpoint\""), "{journal}");
 }
+
+/// Snapshots form a history plain git can read: a second save of a branch
+/// fast-forwards its snapshot ref on the remote (the first stays reachable), and each
+/// snapshot put back with git alone (`git checkout SNAP^1 && git stash apply --index
+/// SNAP`) gives that moment's files, staged changes and untracked files.
+#[test]
+fn snapshots_fast_forward_and_plain_git_puts_either_back() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    std::fs::write(repo.join("staged.txt"), "staged, not committed\n").unwrap();
+    git(&repo, &["add", "staged.txt"]);
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let snap = "refs/heads/wip/ws1/main";
+
+    assert!(d.cli(["save"]).status.success());
+    let first = server.ref_target("app.git", snap).expect("first snapshot");
+    let state1 = (
+        git(&repo, &["status", "--porcelain"]),
+        worktree_files(&repo),
+    );
+    std::fs::write(repo.join("tracked.txt"), "v3, later\n").unwrap();
+    std::fs::remove_file(repo.join("new file.txt")).unwrap();
+    assert!(d.cli(["save"]).status.success());
+    let second = server.ref_target("app.git", snap).expect("second snapshot");
+    let state2 = (
+        git(&repo, &["status", "--porcelain"]),
+        worktree_files(&repo),
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+
+    assert_ne!(first, second);
+    let bare = server.path("app.git");
+    let ancestor = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&bare)
+        .args(["merge-base", "--is-ancestor", &first, &second])
+        .status()
+        .unwrap();
+    assert!(ancestor.success(), "the snapshot ref did not fast-forward");
+
+    for (commit, (status, files)) in [(&first, state1), (&second, state2)] {
+        let dst = ws.path().join(format!("restore-{}", &commit[..7]));
+        git(
+            ws.path(),
+            &["clone", "-q", bare.to_str().unwrap(), dst.to_str().unwrap()],
+        );
+        git(&dst, &["fetch", "-q", "origin", snap]);
+        git(
+            &dst,
+            &["checkout", "-q", "--detach", &format!("{commit}^1")],
+        );
+        git(&dst, &["stash", "apply", "-q", "--index", commit]);
+        assert_eq!(git(&dst, &["status", "--porcelain"]), status, "{commit}");
+        assert_eq!(worktree_files(&dst), files, "{commit}");
+    }
+}
