@@ -141,7 +141,8 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum ConfigCmd {
-    /// Validate a config file (merged over the defaults); exit 78 listing every problem.
+    /// Validate a config file (merged over the defaults), and that the users it names
+    /// exist on this machine (run it in the image); exit 78 listing every problem.
     Check { file: Option<PathBuf> },
     /// Print the effective configuration.
     Show {
@@ -326,6 +327,30 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// Every user (and group) the config names that this machine does not know: key, error.
+fn unknown_users(cfg: &config::Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (name, s) in &cfg.services {
+        if let Some(user) = s.user.as_deref()
+            && let Err(e) = crate::procs::resolve_user(user, s.group.as_deref())
+        {
+            out.push((format!("services.{name}.user"), e));
+        }
+    }
+    let others = [
+        ("startup.user", cfg.startup.user.as_deref()),
+        ("daemon.api_user", cfg.daemon.api_user.as_deref()),
+    ];
+    for (key, user) in others {
+        if let Some(u) = user
+            && let Err(e) = crate::procs::resolve_user(u, None)
+        {
+            out.push((key.to_string(), e));
+        }
+    }
+    out
+}
+
 fn config_cmd(cmd: ConfigCmd) -> ExitCode {
     match cmd {
         ConfigCmd::Check { file } => {
@@ -335,6 +360,15 @@ fn config_cmd(cmd: ConfigCmd) -> ExitCode {
             };
             match config::load(&sources) {
                 Ok(l) => {
+                    // Users exist only where the config runs (the image), so this check
+                    // is `config check`'s, not every load's: run it there.
+                    let unknown = unknown_users(&l.config);
+                    if !unknown.is_empty() {
+                        for (key, e) in &unknown {
+                            eprintln!("wsagent: {key}: {e} (on this machine)");
+                        }
+                        return ExitCode::from(EX_CONFIG);
+                    }
                     println!("configuration is valid ({})", l.files.join(", "));
                     ExitCode::SUCCESS
                 }

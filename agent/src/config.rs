@@ -470,7 +470,18 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
             });
         }
     };
+    let disabled: BTreeSet<String> = config
+        .services
+        .iter()
+        .filter(|(_, s)| !s.enabled)
+        .map(|(n, _)| n.clone())
+        .collect();
     config.services.retain(|_, s| s.enabled);
+    // A dependency on a service that is switched off is satisfied: turning `dockerd` off
+    // alone must not make the embedded defaults (coder-agent depends on it) invalid.
+    for s in config.services.values_mut() {
+        s.depends_on.retain(|d| !disabled.contains(d));
+    }
 
     for (key, message) in validate(&config) {
         let service = key

@@ -308,7 +308,19 @@ impl Task {
     fn spawn(&self) -> std::io::Result<procs::Child> {
         let mut spec = procs::Spec::new(self.spec.cfg.argv());
         spec.env = self.spec.env.clone();
-        spec.cwd = self.spec.cfg.cwd.as_ref().map(Into::into);
+        // `~` is the service's HOME: its environment's, else its user's, else ours.
+        spec.cwd = self.spec.cfg.cwd.as_deref().map(|cwd| {
+            let home = self
+                .spec
+                .env
+                .iter()
+                .find(|(k, _)| k == "HOME")
+                .map(|(_, v)| std::path::PathBuf::from(v))
+                .or_else(|| self.spec.run_as.as_ref().map(|r| r.home.clone()))
+                .or_else(|| std::env::var_os("HOME").map(Into::into))
+                .unwrap_or_else(|| "/".into());
+            crate::config::expand_home(cwd, &home)
+        });
         spec.run_as = self.spec.run_as.clone();
         spec.stdout = procs::Io::Piped;
         spec.stderr = procs::Io::Piped;

@@ -479,3 +479,51 @@ fn a_second_daemon_on_the_same_socket_refuses_with_75_and_names_the_first() {
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(SHORT).success(), "{}", d.report());
 }
+
+/// `config check` as an operator runs it: turning `dockerd` off alone is a valid config
+/// (a dependency on a switched-off service is satisfied), and a service user this
+/// machine does not know is reported by its key, exit 78.
+#[test]
+fn config_check_accepts_dockerd_off_and_names_an_unknown_service_user() {
+    let ws = Workspace::new();
+    let off = ws.path().join("off.toml");
+    std::fs::write(&off, "[services.dockerd]\nenabled = false\n").unwrap();
+    let out = ws.cli(["config", "check", off.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("configuration is valid"),
+        "{out:?}"
+    );
+
+    let bad = ws.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[services.web]\ncommand = [\"true\"]\nuser = \"no-such-user-here\"\n",
+    )
+    .unwrap();
+    let out = ws.cli(["config", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("services.web.user: unknown user \"no-such-user-here\""),
+        "{out:?}"
+    );
+}
+
+/// `~` in a service's `cwd` is its HOME, as everywhere a path is accepted.
+#[test]
+fn a_services_cwd_may_start_with_tilde() {
+    let ws = Workspace::new();
+    std::fs::create_dir_all(ws.home().join("work")).unwrap();
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.here]\nshell = \"pwd; exec sleep 1000\"\ncwd = \"~/work\"\n"),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let want = ws.home().join("work").display().to_string();
+    wait_until(SHORT, "the service to print its cwd", || {
+        d.service_log("here").contains(&want)
+    });
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+}
