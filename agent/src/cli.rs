@@ -125,6 +125,12 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// Print a shell completion script: `wsagent completion bash >
+    /// /usr/share/bash-completion/completions/wsagent` (zsh: `_wsagent` in a $fpath dir;
+    /// fish: `~/.config/fish/completions/wsagent.fish`).
+    Completion { shell: clap_complete::Shell },
+    /// Print the manual page (roff): `wsagent man > /usr/share/man/man1/wsagent.1`.
+    Man,
     /// A guided tour: a throwaway workspace with a supervised service, in under 20 s.
     Demo,
     /// (internal) The demo's service: answers HTTP, crashes once.
@@ -191,6 +197,21 @@ pub fn main() -> ExitCode {
         Cmd::Version => {
             println!("wsagent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Cmd::Completion { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "wsagent", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("wsagent: cannot write the manual page: {e}");
+                    ExitCode::from(EX_FAILED)
+                }
+            }
         }
         Cmd::DemoService {
             port,
@@ -515,6 +536,8 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
         Cmd::Run { .. }
         | Cmd::Config { .. }
         | Cmd::Version
+        | Cmd::Completion { .. }
+        | Cmd::Man
         | Cmd::DemoService { .. }
         | Cmd::GitAskpass { .. } => ExitCode::SUCCESS,
     }

@@ -527,3 +527,48 @@ fn a_services_cwd_may_start_with_tilde() {
     d.signal(Signal::SIGTERM);
     d.wait_exit(SHORT);
 }
+
+/// `wsagent completion bash` is a script bash loads and binds to `wsagent`; zsh and fish
+/// get theirs; `wsagent man` is a roff page naming the commands.
+#[test]
+fn completions_load_in_bash_and_the_man_page_names_the_commands() {
+    let ws = Workspace::new();
+    let script = ws.path().join("wsagent.bash");
+    let out = ws.cli(["completion", "bash"]);
+    assert!(out.status.success(), "{out:?}");
+    std::fs::write(&script, &out.stdout).unwrap();
+    let bound = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source {} && complete -p wsagent",
+            script.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(bound.status.success(), "{bound:?}");
+    assert!(
+        String::from_utf8_lossy(&bound.stdout).contains("wsagent"),
+        "{bound:?}"
+    );
+    for shell in ["zsh", "fish"] {
+        let out = ws.cli(["completion", shell]);
+        assert!(
+            out.status.success() && !out.stdout.is_empty(),
+            "{shell}: {out:?}"
+        );
+    }
+    let man = ws.cli(["man"]);
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(man.status.success(), "{man:?}");
+    assert!(
+        page.contains(".TH wsagent 1") && page.contains(".SH NAME"),
+        "{page}"
+    );
+    for cmd in ["save", "status", "shutdown", "restore-me-not"] {
+        assert_eq!(
+            page.contains(cmd),
+            cmd != "restore-me-not",
+            "{cmd} in the man page"
+        );
+    }
+}
