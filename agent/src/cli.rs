@@ -125,6 +125,39 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// The snapshots of a repository, newest first: time, why, branch, commit, files
+    /// changed, pushed or only local. Reads the repository as you (no daemon needed).
+    Saves {
+        /// The repository (default: the one containing the current directory).
+        #[arg(long)]
+        repo: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a repository back to a snapshot: same branch, same commit, same staged
+    /// changes, same files. Refuses over unsaved changes unless --force (which saves
+    /// them first). A path that does not exist is cloned from the remote the save
+    /// recorded (or --url) first.
+    Restore {
+        /// The repository (default: the one containing the current directory).
+        #[arg(long)]
+        repo: Option<PathBuf>,
+        /// The snapshot's commit (a prefix will do); default: the newest.
+        #[arg(long, conflicts_with = "at")]
+        snapshot: Option<String>,
+        /// The newest snapshot made at or before this time (RFC 3339).
+        #[arg(long)]
+        at: Option<String>,
+        /// Where to clone from when the repository is not there.
+        #[arg(long)]
+        url: Option<String>,
+        /// Save the unsaved changes first, then restore over them.
+        #[arg(long)]
+        force: bool,
+        /// Say what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a shell completion script: `wsagent completion bash >
     /// /usr/share/bash-completion/completions/wsagent` (zsh: `_wsagent` in a $fpath dir;
     /// fish: `~/.config/fish/completions/wsagent.fish`).
@@ -197,6 +230,45 @@ pub fn main() -> ExitCode {
         Cmd::Version => {
             println!("wsagent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Cmd::Saves { repo, json } => saves_cmd(repo, json),
+        Cmd::Restore {
+            repo,
+            snapshot,
+            at,
+            url,
+            force,
+            dry_run,
+        } => {
+            let cfg = match load_or_exit() {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let home = crate::daemon::home_dir();
+            let journal = crate::save::journal::read_journal(&cfg.state_dir(&home));
+            let req = crate::restore::RestoreRequest {
+                repo: repo.unwrap_or_else(|| PathBuf::from(".")),
+                snapshot,
+                at,
+                url,
+                force,
+                dry_run,
+            };
+            let socket = client_socket(cli.socket.clone());
+            let save_first = |p: &std::path::Path| -> Result<(), String> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let client = Client::new(socket.clone());
+                let code = rt.block_on(save(&client, Some(p.to_path_buf()), false, false));
+                if code == ExitCode::SUCCESS {
+                    Ok(())
+                } else {
+                    Err("could not save the current state first: nothing was restored".into())
+                }
+            };
+            crate::restore::restore(&req, &cfg.save.ref_template, &journal, &save_first)
         }
         Cmd::Completion { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -346,6 +418,47 @@ fn limit_malloc_arenas() {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+}
+
+fn saves_cmd(repo: Option<PathBuf>, json: bool) -> ExitCode {
+    let cfg = match load_or_exit() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let home = crate::daemon::home_dir();
+    let journal = crate::save::journal::read_journal(&cfg.state_dir(&home));
+    let repo = repo.unwrap_or_else(|| PathBuf::from("."));
+    let snaps = match crate::restore::list(&repo, &cfg.save.ref_template, &journal) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsagent: {e}");
+            return ExitCode::from(EX_FAILED);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&snaps).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    if snaps.is_empty() {
+        println!("no snapshot of {}", repo.display());
+        return ExitCode::SUCCESS;
+    }
+    for s in &snaps {
+        println!(
+            "{}  {:<10}  {:<12}  {}  {:>4} files  {}  {}",
+            s.at,
+            s.reason,
+            s.branch,
+            &s.commit[..12],
+            s.files_changed,
+            if s.pushed { "pushed    " } else { "local only" },
+            s.r#ref
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// Every user (and group) the config names that this machine does not know: key, error.
@@ -537,6 +650,8 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
         | Cmd::Config { .. }
         | Cmd::Version
         | Cmd::Completion { .. }
+        | Cmd::Saves { .. }
+        | Cmd::Restore { .. }
         | Cmd::Man
         | Cmd::DemoService { .. }
         | Cmd::GitAskpass { .. } => ExitCode::SUCCESS,

@@ -15,6 +15,7 @@ pub mod githttp;
 pub mod health;
 pub mod logging;
 pub mod procs;
+pub mod restore;
 pub mod save;
 pub mod saverun;
 pub mod secrets;

@@ -708,3 +708,171 @@ fn snapshots_fast_forward_and_plain_git_puts_either_back() {
         assert_eq!(worktree_files(&dst), files, "{commit}");
     }
 }
+
+/// Every file under `dir` (`.git` aside): its kind and mode bits, and its bytes (a
+/// symlink's target), keyed by the raw path bytes.
+fn tree_state(dir: &std::path::Path) -> std::collections::BTreeMap<Vec<u8>, (u32, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".git") {
+                continue;
+            }
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().as_os_str().as_bytes().to_vec();
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(rel, (md.mode(), t.as_os_str().as_bytes().to_vec()));
+            } else {
+                out.insert(rel, (md.mode(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The round trip a dying workspace needs: a repository with modified, staged, deleted,
+/// untracked, executable, symlinked and non-UTF-8-named files is checkpointed, the
+/// daemon is SIGKILLed, the directory deleted; `wsagent restore` (no daemon running)
+/// clones it back from the remote the journal recorded and puts the snapshot back:
+/// the same branch, HEAD, index, `git status --porcelain=v2`, and every file's bytes
+/// and mode. `wsagent saves` lists the snapshot as pushed.
+#[test]
+fn a_deleted_repository_comes_back_from_its_checkpoint_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    std::fs::write(repo.join("doomed.txt"), "to be deleted\n").unwrap();
+    git(&repo, &["add", "doomed.txt"]);
+    git(&repo, &["commit", "-qm", "doomed"]);
+    std::fs::remove_file(repo.join("doomed.txt")).unwrap();
+    std::fs::write(repo.join("staged.txt"), "staged\n").unwrap();
+    git(&repo, &["add", "staged.txt"]);
+    std::fs::write(repo.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    std::fs::set_permissions(repo.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("tracked.txt", repo.join("link")).unwrap();
+    let odd = std::ffi::OsStr::from_bytes(b"caf\xe9 latin-1.txt");
+    std::fs::write(repo.join(odd), b"bytes\xff\n").unwrap();
+    let before = (
+        git(&repo, &["status", "--porcelain=v2"]),
+        git(&repo, &["rev-parse", "--abbrev-ref", "HEAD"]),
+        git(&repo, &["rev-parse", "HEAD"]),
+        git(&repo, &["ls-files", "-s"]),
+        tree_state(&repo),
+    );
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\ncheckpoint = \"200ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "a checkpoint to push", || {
+        server
+            .ref_target("app.git", "refs/heads/wip/ws1/main")
+            .is_some()
+    });
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(SHORT);
+    let listed = ws.cli(["saves", "--repo", repo.to_str().unwrap()]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed.contains("checkpoint")
+            && listed.contains("pushed ")
+            && listed.contains("refs/heads/wip/ws1/main"),
+        "{listed}"
+    );
+    std::fs::remove_dir_all(&repo).unwrap();
+
+    let out = ws.cli(["restore", "--repo", repo.to_str().unwrap()]);
+
+    assert!(out.status.success(), "{out:?}");
+    let after = (
+        git(&repo, &["status", "--porcelain=v2"]),
+        git(&repo, &["rev-parse", "--abbrev-ref", "HEAD"]),
+        git(&repo, &["rev-parse", "HEAD"]),
+        git(&repo, &["ls-files", "-s"]),
+        tree_state(&repo),
+    );
+    assert_eq!(after.0, before.0, "git status --porcelain=v2");
+    assert_eq!(after.1, before.1, "branch");
+    assert_eq!(after.2, before.2, "HEAD");
+    assert_eq!(after.3, before.3, "index");
+    assert_eq!(after.4, before.4, "files");
+}
+
+/// `wsagent restore` over unsaved changes refuses and names them; `--dry-run` changes
+/// nothing; an older snapshot chosen by id brings back the older content.
+#[test]
+fn restore_refuses_over_unsaved_work_and_brings_back_an_older_snapshot() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    assert!(d.cli(["save"]).status.success());
+    let older = server
+        .ref_target("app.git", "refs/heads/wip/ws1/main")
+        .unwrap();
+    let older_files = worktree_files(&repo);
+    std::fs::write(repo.join("tracked.txt"), "v3\n").unwrap();
+    assert!(d.cli(["save"]).status.success());
+    std::fs::write(repo.join("tracked.txt"), "v4, not saved\n").unwrap();
+    let r = repo.to_str().unwrap();
+
+    let refused = d.cli(["restore", "--repo", r, "--snapshot", &older[..10]]);
+    let dry = d.cli([
+        "restore",
+        "--repo",
+        r,
+        "--snapshot",
+        &older[..10],
+        "--dry-run",
+    ]);
+
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("unsaved changes") && err.contains("tracked.txt"),
+        "{err}"
+    );
+    assert!(dry.status.success(), "{dry:?}");
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).contains("tracked.txt"),
+        "{dry:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("tracked.txt")).unwrap(),
+        "v4, not saved\n"
+    );
+
+    let forced = d.cli([
+        "restore",
+        "--repo",
+        r,
+        "--snapshot",
+        &older[..10],
+        "--force",
+    ]);
+
+    assert!(forced.status.success(), "{forced:?}");
+    assert_eq!(worktree_files(&repo), older_files);
+    // The state it replaced was saved first: on the server, the newest snapshot.
+    let newest = server
+        .ref_target("app.git", "refs/heads/wip/ws1/main")
+        .unwrap();
+    let files = server_files(&server, "app", "refs/heads/wip/ws1/main");
+    assert_ne!(newest, older);
+    assert_eq!(files["tracked.txt"], b"v4, not saved\n");
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LONG);
+}

@@ -1,0 +1,371 @@
+//! `wsagent saves` and `wsagent restore`: find a repository's snapshots and put one back.
+//!
+//! Both run in the CLI process, as the user who calls them (never in the root daemon):
+//! what they read and write is what that user may. A snapshot is plain git (git stash's
+//! shape, see `save/repo.rs`): its first parent is the commit HEAD was on, its second a
+//! commit of the index whose own second parent is the previous snapshot of the branch.
+//! Listing walks that chain from each local snapshot ref; restoring is `git checkout`
+//! of the branch at the snapshot's HEAD, then `git stash apply --index` of the snapshot,
+//! with the git CLI (so hooks, filters and the user's config apply as for any git
+//! command). Into a path that does not exist, the repository is first cloned from the
+//! remote the save journal recorded (or `--url`), with `wsagent` as `GIT_ASKPASS`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use agent_proto::save::RepoOutcome;
+
+/// One snapshot of one repository.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub commit: String,
+    /// The snapshot ref it was found on (the newest snapshot is its tip).
+    pub r#ref: String,
+    /// RFC 3339, from the commit.
+    pub at: String,
+    /// `stop`, `checkpoint`, `manual`, `signal` (from the commit message).
+    pub reason: String,
+    /// The branch the work was on (`detached HEAD` when none).
+    pub branch: String,
+    /// The commit HEAD was on.
+    pub head: Option<String>,
+    /// Paths that differ from `head` (changed, added, deleted).
+    pub files_changed: usize,
+    /// Whether a save pushed it (or a later snapshot that contains it), per the journal.
+    pub pushed: bool,
+}
+
+/// Snapshots of the repository at `repo`, newest first.
+pub fn list(
+    repo: &Path,
+    ref_template: &str,
+    journal: &[RepoOutcome],
+) -> Result<Vec<Snapshot>, String> {
+    let r = git2::Repository::discover(repo)
+        .map_err(|e| format!("{}: not a git repository: {}", repo.display(), e.message()))?;
+    let prefix = ref_template
+        .split('{')
+        .next()
+        .unwrap_or("refs/heads/wip/")
+        .to_string();
+    let workdir = r.workdir().unwrap_or(r.path()).to_path_buf();
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let pushed: Vec<git2::Oid> = journal
+        .iter()
+        .filter(|o| o.pushed && Path::new(&o.repo) == workdir)
+        .filter_map(|o| {
+            o.commit
+                .as_deref()
+                .and_then(|c| git2::Oid::from_str(c).ok())
+        })
+        .collect();
+    let mut out = Vec::new();
+    let refs = r
+        .references_glob(&format!("{prefix}*"))
+        .map_err(|e| format!("{}: {}", repo.display(), e.message()))?;
+    let names: Vec<String> = refs
+        .flatten()
+        .filter_map(|rf| rf.name().ok().map(str::to_string))
+        .collect();
+    for name in names {
+        let Ok(mut c) = r.find_reference(&name).and_then(|rf| rf.peel_to_commit()) else {
+            continue;
+        };
+        let mut seen = 0;
+        loop {
+            if !is_snapshot(&c) || seen > 10_000 {
+                break;
+            }
+            seen += 1;
+            out.push(describe(&r, &c, &name, &pushed));
+            match previous(&c) {
+                Some(p) => c = p,
+                None => break,
+            }
+        }
+    }
+    out.sort_by(|a, b| b.at.cmp(&a.at).then(a.commit.cmp(&b.commit)));
+    out.dedup_by(|a, b| a.commit == b.commit);
+    Ok(out)
+}
+
+fn is_snapshot(c: &git2::Commit<'_>) -> bool {
+    c.message_bytes()
+        .starts_with(b"wsagent: save of workspace ")
+}
+
+/// The snapshot before `c`: the index commit's second parent (stash shape), or `c`'s
+/// own second parent when it has no index commit.
+fn previous<'r>(c: &git2::Commit<'r>) -> Option<git2::Commit<'r>> {
+    let second = c.parent(1).ok()?;
+    if second.message_bytes().starts_with(b"index on ") {
+        second.parent(1).ok()
+    } else {
+        Some(second)
+    }
+}
+
+fn describe(
+    r: &git2::Repository,
+    c: &git2::Commit<'_>,
+    refname: &str,
+    pushed: &[git2::Oid],
+) -> Snapshot {
+    let msg = String::from_utf8_lossy(c.message_bytes()).into_owned();
+    let subject = msg.lines().next().unwrap_or_default();
+    let reason = subject
+        .rsplit_once('(')
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .unwrap_or("?")
+        .to_string();
+    let branch = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("Branch: "))
+        .unwrap_or("?")
+        .to_string();
+    let head = c.parent(0).ok();
+    let files_changed = r
+        .diff_tree_to_tree(
+            head.as_ref().and_then(|h| h.tree().ok()).as_ref(),
+            c.tree().ok().as_ref(),
+            None,
+        )
+        .map(|d| d.deltas().len())
+        .unwrap_or(0);
+    let id = c.id();
+    let is_pushed = pushed
+        .iter()
+        .any(|p| *p == id || r.graph_descendant_of(*p, id).unwrap_or(false));
+    Snapshot {
+        commit: id.to_string(),
+        r#ref: refname.to_string(),
+        at: rfc3339(c.time().seconds()),
+        reason,
+        branch,
+        head: head.map(|h| h.id().to_string()),
+        files_changed,
+        pushed: is_pushed,
+    }
+}
+
+fn rfc3339(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Run git in `dir` (or nowhere for a clone); its stderr goes to the user.
+fn git(dir: Option<&Path>, args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new("git");
+    if let Some(d) = dir {
+        cmd.arg("-C").arg(d);
+    }
+    cmd.args(args).env("GIT_TERMINAL_PROMPT", "0");
+    if let Ok(me) = std::env::current_exe() {
+        // Fetches from a provider's host get the cached token (wsagent answers git's
+        // prompt: `git-askpass`); the token never reaches argv, a URL or a file.
+        cmd.env("GIT_ASKPASS", me);
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run git: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "git {}: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// What `restore` was asked.
+pub struct RestoreRequest {
+    pub repo: PathBuf,
+    pub snapshot: Option<String>,
+    /// The newest snapshot made at or before this RFC 3339 time.
+    pub at: Option<String>,
+    pub url: Option<String>,
+    pub force: bool,
+    pub dry_run: bool,
+}
+
+/// `wsagent restore`: returns the exit code after printing what it did.
+pub fn restore(
+    req: &RestoreRequest,
+    ref_template: &str,
+    journal: &[RepoOutcome],
+    save_first: &dyn Fn(&Path) -> Result<(), String>,
+) -> ExitCode {
+    match restore_inner(req, ref_template, journal, save_first) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsagent: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn restore_inner(
+    req: &RestoreRequest,
+    ref_template: &str,
+    journal: &[RepoOutcome],
+    save_first: &dyn Fn(&Path) -> Result<(), String>,
+) -> Result<(), String> {
+    let path = std::path::absolute(&req.repo).unwrap_or_else(|_| req.repo.clone());
+    if !path.exists() {
+        clone_for_restore(req, &path, ref_template, journal)?;
+    }
+    let snaps = list(&path, ref_template, journal)?;
+    let pick = choose(&snaps, req, &path)?;
+    let short = &pick.commit[..12.min(pick.commit.len())];
+    println!(
+        "snapshot {short} of {} ({}, {}, branch {}, {} files changed)",
+        path.display(),
+        pick.at,
+        pick.reason,
+        pick.branch,
+        pick.files_changed
+    );
+    let head = pick
+        .head
+        .clone()
+        .ok_or_else(|| format!("snapshot {short} has no HEAD commit to restore onto"))?;
+    let dirty = git(
+        Some(&path),
+        &["status", "--porcelain", "--untracked-files=all"],
+    )?;
+    if req.dry_run {
+        let diff = git(Some(&path), &["diff", "--name-status", &pick.commit])?;
+        println!("would check out {} at {}", pick.branch, &head[..12]);
+        if diff.trim().is_empty() {
+            println!("tracked files already as in the snapshot");
+        } else {
+            print!("tracked files that would change:\n{diff}");
+        }
+        if !dirty.trim().is_empty() {
+            println!(
+                "unsaved changes here ({} paths): restore refuses without --force",
+                dirty.lines().count()
+            );
+        }
+        return Ok(());
+    }
+    if !dirty.trim().is_empty() {
+        if !req.force {
+            let mut names: Vec<&str> = dirty.lines().take(20).collect();
+            if dirty.lines().count() > 20 {
+                names.push("...");
+            }
+            return Err(format!(
+                "{} has unsaved changes; restoring would overwrite them:\n  {}\n\
+                 save them first, or pass --force (which saves them first)",
+                path.display(),
+                names.join("\n  ")
+            ));
+        }
+        save_first(&path)?;
+        println!("saved the current state first");
+        git(Some(&path), &["reset", "-q", "--hard", "HEAD"])?;
+        git(Some(&path), &["clean", "-q", "-fd"])?;
+    }
+    // The branch at the snapshot's HEAD: made when missing; an existing branch that has
+    // moved on is left alone (HEAD is detached at the snapshot's commit, and we say so).
+    let branch = pick.branch.as_str();
+    let on_branch = branch != "(detached HEAD)" && branch != "?";
+    let tip = on_branch
+        .then(|| {
+            git(
+                Some(&path),
+                &[
+                    "rev-parse",
+                    "-q",
+                    "--verify",
+                    &format!("refs/heads/{branch}"),
+                ],
+            )
+            .ok()
+        })
+        .flatten()
+        .map(|s| s.trim().to_string());
+    // A branch behind the snapshot's HEAD (a fresh clone of a remote that never got
+    // the last local commits) is moved forward to it: nothing of it is lost.
+    let behind = |t: &str| git(Some(&path), &["merge-base", "--is-ancestor", t, &head]).is_ok();
+    match (on_branch, tip) {
+        (true, Some(t)) if t == head => git(Some(&path), &["checkout", "-q", branch])?,
+        (true, Some(t)) if behind(&t) => {
+            git(Some(&path), &["checkout", "-q", "-B", branch, &head])?
+        }
+        (true, None) => git(Some(&path), &["checkout", "-q", "-b", branch, &head])?,
+        (true, Some(_)) => {
+            git(Some(&path), &["checkout", "-q", "--detach", &head])?;
+            println!(
+                "branch {branch} has moved on since the snapshot: HEAD is detached at {}",
+                &head[..12]
+            );
+            String::new()
+        }
+        (false, _) => git(Some(&path), &["checkout", "-q", "--detach", &head])?,
+    };
+    git(
+        Some(&path),
+        &["stash", "apply", "-q", "--index", &pick.commit],
+    )?;
+    println!("restored {} to snapshot {short}", path.display());
+    Ok(())
+}
+
+fn choose<'a>(
+    snaps: &'a [Snapshot],
+    req: &RestoreRequest,
+    path: &Path,
+) -> Result<&'a Snapshot, String> {
+    if snaps.is_empty() {
+        return Err(format!("{}: no snapshot found", path.display()));
+    }
+    if let Some(id) = &req.snapshot {
+        return snaps
+            .iter()
+            .find(|s| s.commit.starts_with(id.as_str()))
+            .ok_or_else(|| format!("{}: no snapshot {id} (see `wsagent saves`)", path.display()));
+    }
+    if let Some(at) = &req.at {
+        let t = humantime::parse_rfc3339_weak(at)
+            .map_err(|e| format!("--at {at:?}: {e} (use RFC 3339, e.g. 2026-12-03T12:04:00Z)"))?;
+        let at = humantime::format_rfc3339_seconds(t).to_string();
+        return snaps
+            .iter()
+            .find(|s| s.at <= at)
+            .ok_or_else(|| format!("{}: no snapshot at or before {at}", path.display()));
+    }
+    Ok(&snaps[0])
+}
+
+/// A repository that is not there (a new volume, a new workspace): clone it from the
+/// remote the journal recorded for that path, or `--url`, with its snapshot refs.
+fn clone_for_restore(
+    req: &RestoreRequest,
+    path: &Path,
+    ref_template: &str,
+    journal: &[RepoOutcome],
+) -> Result<(), String> {
+    let recorded = journal
+        .iter()
+        .rev()
+        .find(|o| Path::new(&o.repo) == path && o.remote.is_some())
+        .and_then(|o| o.remote.clone());
+    let url = req.url.clone().or(recorded).ok_or_else(|| {
+        format!(
+            "{} does not exist and no remote is known for it: pass --url",
+            path.display()
+        )
+    })?;
+    let p = path.display().to_string();
+    println!("cloning {url} into {p}");
+    git(None, &["clone", "-q", &url, &p])?;
+    let prefix = ref_template.split('{').next().unwrap_or("refs/heads/wip/");
+    let spec = format!("+{prefix}*:{prefix}*");
+    git(Some(path), &["fetch", "-q", "origin", &spec])?;
+    Ok(())
+}
