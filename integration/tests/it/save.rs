@@ -876,3 +876,40 @@ fn restore_refuses_over_unsaved_work_and_brings_back_an_older_snapshot() {
     d.signal(Signal::SIGTERM);
     d.wait_exit(LONG);
 }
+
+/// The user's own git commands race checkpoints every 100 ms: every `git commit`
+/// succeeds, no checkpoint fails, and the repository stays sound (`git fsck --strict`).
+#[test]
+fn user_commits_racing_checkpoints_all_succeed_and_fsck_is_clean() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\ncheckpoint = \"100ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the first checkpoint", || {
+        server
+            .ref_target("app.git", "refs/heads/wip/ws1/main")
+            .is_some()
+    });
+
+    for i in 0..25 {
+        std::fs::write(repo.join("tracked.txt"), format!("change {i}\n")).unwrap();
+        std::fs::write(repo.join(format!("f{i}.txt")), "new\n").unwrap();
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", &format!("commit {i}")]);
+    }
+    let done = |d: &Daemon| d.stderr().matches("checkpoint done").count();
+    let n = done(&d);
+    wait_until(SHORT, "a checkpoint after the commits", || done(&d) > n + 1);
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+
+    assert_eq!(git(&repo, &["rev-list", "--count", "HEAD"]), "26");
+    git(&repo, &["fsck", "--strict", "--no-progress"]);
+    assert!(!d.stderr().contains("could not save"), "{}", d.stderr());
+}
