@@ -128,7 +128,8 @@ fn walk(
 }
 
 fn submodules(worktree: &Path, level: usize, found: &mut BTreeMap<PathBuf, Found>, depth: usize) {
-    if depth > 8 {
+    // No `.gitmodules`, no submodules: spare loading the whole index and HEAD tree.
+    if depth > 8 || !worktree.join(".gitmodules").exists() {
         return;
     }
     let Ok(repo) = git2::Repository::open(worktree) else {

@@ -67,7 +67,9 @@ pub(crate) fn worktree_tree(
         .include_unmodified(false)
         .exclude_submodules(false)
         .renames_head_to_index(false)
-        .renames_index_to_workdir(false);
+        .renames_index_to_workdir(false)
+        // The tree starts from the index: HEAD against the index is not needed.
+        .show(git2::StatusShow::Workdir);
     let statuses = repo.statuses(Some(&mut opts))?;
     let mut left_out = Vec::new();
     let mut changed = 0;
@@ -111,6 +113,19 @@ pub(crate) fn worktree_tree(
         }
     }
 
+    // Nothing differs from the index (the common checkpoint): the worktree's tree is the
+    // index's, already built from its cached trees; no need to rebuild it entry by entry.
+    if changed == 0
+        && left_out.is_empty()
+        && let Some(tree) = index_tree
+    {
+        return Ok(WorktreeTree {
+            tree,
+            left_out,
+            changed,
+            index_tree,
+        });
+    }
     let mut mem = git2::Index::new()?;
     for (path, (mode, id)) in entries {
         let zero = IndexTime::new(0, 0);
