@@ -64,12 +64,25 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["json", "ready"])]
         short: bool,
     },
-    /// Start a service (also one that has `failed`).
-    Start { name: String },
-    /// Stop a service.
-    Stop { name: String },
-    /// Restart a service.
-    Restart { name: String },
+    /// Start a service (also one that has `failed`), or `all`; waits until it is running
+    /// and healthy, exit 1 with the reason when it does not get there.
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Stop a service, or `all`; waits until it has stopped.
+    Stop {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Restart a service, or `all`; waits until the new process is running and healthy.
+    Restart {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Show a service's output.
     Logs {
         name: String,
@@ -176,6 +189,17 @@ enum Cmd {
         #[arg(long)]
         marker: PathBuf,
     },
+}
+
+/// How `start`, `stop` and `restart` wait for the service to get there.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct WaitArgs {
+    /// Return once the daemon has taken the request; do not wait.
+    #[arg(long)]
+    no_wait: bool,
+    /// Give up (exit 1) after this long.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -564,9 +588,9 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
             Err(_) if ready => ExitCode::from(EX_UNAVAILABLE),
             Err(e) => fail(e),
         },
-        Cmd::Start { name } => action(&client, &name, "start").await,
-        Cmd::Stop { name } => action(&client, &name, "stop").await,
-        Cmd::Restart { name } => action(&client, &name, "restart").await,
+        Cmd::Start { name, wait } => action(&client, &name, "start", wait).await,
+        Cmd::Stop { name, wait } => action(&client, &name, "stop", wait).await,
+        Cmd::Restart { name, wait } => action(&client, &name, "restart", wait).await,
         Cmd::Logs {
             name,
             follow,
@@ -889,19 +913,153 @@ fn save_summary(outcomes: &[agent_proto::save::RepoOutcome]) -> String {
     parts.join(", ")
 }
 
-async fn action(client: &Client, name: &str, action: &str) -> ExitCode {
-    match client
-        .request("POST", &format!("/v1/services/{name}/{action}"), None)
-        .await
-    {
-        Ok(r) => match r.json::<agent_proto::local::ActionReply>().await {
-            Ok(r) => {
-                println!("{}", r.message);
-                ExitCode::SUCCESS
+async fn action(client: &Client, name: &str, action: &str, wait: WaitArgs) -> ExitCode {
+    let names: Vec<String> = if name == "all" {
+        match client.status().await {
+            Ok(s) => {
+                let mut v: Vec<_> = s
+                    .services
+                    .into_iter()
+                    .filter(|v| v.state != ServiceState::Absent)
+                    .map(|v| v.name)
+                    .collect();
+                // Stop the dependents first: the reverse of the start order.
+                if action == "stop" {
+                    v.reverse();
+                }
+                v
             }
-            Err(e) => fail(e),
-        },
-        Err(e) => fail(e),
+            Err(e) => return fail(e),
+        }
+    } else {
+        vec![name.to_string()]
+    };
+    let mut code = ExitCode::SUCCESS;
+    for n in &names {
+        let before = match client.status().await {
+            Ok(s) => s.services.into_iter().find(|v| &v.name == n),
+            Err(e) => return fail(e),
+        };
+        match client
+            .request("POST", &format!("/v1/services/{n}/{action}"), None)
+            .await
+        {
+            Ok(r) => match r.json::<agent_proto::local::ActionReply>().await {
+                Ok(r) if wait.no_wait => println!("{}", r.message),
+                Ok(_) => {}
+                Err(e) => return fail(e),
+            },
+            Err(e) => return fail(e),
+        }
+        if wait.no_wait {
+            continue;
+        }
+        if let Err(why) = wait_for_service(client, n, action, before.as_ref(), wait.timeout).await {
+            eprintln!("wsagent: {n}: {why}");
+            code = ExitCode::from(EX_FAILED);
+        }
+    }
+    code
+}
+
+/// Poll the service until the action has taken effect: stopped for `stop`; running and
+/// healthy (a new process, for `restart`) otherwise. Says where it is when it does not.
+async fn wait_for_service(
+    client: &Client,
+    name: &str,
+    action: &str,
+    before: Option<&agent_proto::local::ServiceStatus>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let t0 = std::time::Instant::now();
+    // A service without a health check counts as up once it has stayed running this
+    // long (supervisord's `startsecs`): one that exits at once is not "started".
+    const STAYS_UP: Duration = Duration::from_secs(1);
+    let mut up_since: Option<(Option<u32>, std::time::Instant)> = None;
+    loop {
+        let s = client
+            .status()
+            .await
+            .map_err(|e| e.to_string())?
+            .services
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| format!("no service named {name:?}"))?;
+        let why = || {
+            let mut w = format!("{}", s.state.as_str());
+            if let Some(m) = &s.message {
+                w.push_str(&format!(": {m}"));
+            }
+            if let Some(e) = &s.last_exit {
+                w.push_str(&format!(
+                    " (last exit: {})",
+                    match (e.code, e.signal) {
+                        (Some(c), _) => format!("code {c}"),
+                        (_, Some(sig)) => format!("signal {sig}"),
+                        _ => "?".into(),
+                    }
+                ));
+            }
+            w
+        };
+        let took = t0.elapsed().as_secs_f64();
+        if action == "stop" {
+            if matches!(
+                s.state,
+                ServiceState::Stopped | ServiceState::Failed | ServiceState::Absent
+            ) {
+                println!("{name}: {} ({took:.1} s)", s.state.as_str());
+                return Ok(());
+            }
+        } else {
+            let new_process = action != "restart"
+                || before.is_none_or(|b| b.pid != s.pid || s.restarts > b.restarts);
+            let running = s.state == ServiceState::Running && new_process;
+            let healthy = match s.health {
+                Health::Healthy => true,
+                Health::None if running => {
+                    let since = match up_since {
+                        Some((pid, at)) if pid == s.pid => at,
+                        _ => {
+                            let now = std::time::Instant::now();
+                            up_since = Some((s.pid, now));
+                            now
+                        }
+                    };
+                    since.elapsed() >= STAYS_UP
+                }
+                _ => false,
+            };
+            if running && healthy {
+                println!(
+                    "{name}: running{}, pid {} ({took:.1} s)",
+                    if s.health == Health::Healthy {
+                        " and healthy"
+                    } else {
+                        ""
+                    },
+                    s.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+                );
+                return Ok(());
+            }
+            if matches!(s.state, ServiceState::Failed | ServiceState::Absent) {
+                return Err(why());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "not {} after {}: {}",
+                if action == "stop" {
+                    "stopped"
+                } else {
+                    "running and healthy"
+                },
+                humantime::format_duration(timeout),
+                why()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -572,3 +572,75 @@ fn completions_load_in_bash_and_the_man_page_names_the_commands() {
         );
     }
 }
+
+/// `restart` waits for the new process to be running and healthy and says so; `start`
+/// of a service that cannot stay up exits 1 with the reason; `stop all` waits until
+/// every service has stopped.
+#[test]
+fn start_stop_restart_wait_for_the_service_and_say_why_when_it_does_not_get_there() {
+    let ws = Workspace::new();
+    let port = integration::net::free_port();
+    let mut d = Daemon::start(
+        &ws,
+        &config(&format!(
+            r#"
+[services.web]
+command = {argv}
+[services.web.health]
+kind = "http"
+url = "http://127.0.0.1:{port}/"
+interval = "100ms"
+[services.bad]
+shell = "exit 3"
+[services.bad.backoff]
+initial = "50ms"
+max = "50ms"
+max_failures = 1
+window = "1m"
+"#,
+            argv = crate::support::http_server(port)
+        )),
+    );
+    wait_until(SHORT, "web to be healthy and bad to have failed", || {
+        d.try_status().is_ok_and(|s| {
+            s.services
+                .iter()
+                .any(|v| v.name == "web" && v.health == agent_proto::local::Health::Healthy)
+                && s.services
+                    .iter()
+                    .any(|v| v.name == "bad" && v.state == agent_proto::local::ServiceState::Failed)
+        })
+    });
+    let old = d.service("web").pid.unwrap();
+
+    let restarted = d.cli(["restart", "web"]);
+    let started = d.cli(["start", "bad", "--timeout", "5s"]);
+    let stopped = d.cli(["stop", "all"]);
+
+    assert!(restarted.status.success(), "{restarted:?}");
+    let text = String::from_utf8_lossy(&restarted.stdout);
+    assert!(text.starts_with("web: running and healthy, pid "), "{text}");
+    assert!(
+        !text.contains(&format!("pid {old} ")),
+        "the old process: {text}"
+    );
+    assert_eq!(started.status.code(), Some(1), "{started:?}");
+    let err = String::from_utf8_lossy(&started.stderr);
+    assert!(
+        err.contains("bad: failed") && err.contains("code 3"),
+        "{err}"
+    );
+    assert!(stopped.status.success(), "{stopped:?}");
+    for s in d.status().services {
+        assert!(
+            matches!(
+                s.state,
+                agent_proto::local::ServiceState::Stopped
+                    | agent_proto::local::ServiceState::Failed
+            ),
+            "{s:?}"
+        );
+    }
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+}
