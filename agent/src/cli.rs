@@ -101,6 +101,16 @@ enum Cmd {
     /// Show a startup task's output and type into its terminal; Ctrl-] detaches (the
     /// task keeps running).
     Attach { name: String },
+    /// Follow the daemon's events (startup steps, service changes, saves, stop phases)
+    /// until it exits or you press Ctrl-C, one line each.
+    Events {
+        /// One JSON object a line (the `agent-proto` `Event`).
+        #[arg(long)]
+        json: bool,
+        /// First replay the recent events of this long ago (e.g. `10m`).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+    },
     /// Start the stop sequence.
     Shutdown {
         /// Follow the stop sequence until the daemon is off; exit non-zero unless it
@@ -485,6 +495,44 @@ fn saves_cmd(repo: Option<PathBuf>, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+async fn events_cmd(client: &Client, json: bool, since: Option<Duration>) -> ExitCode {
+    let path = if since.is_some() {
+        "/v1/events?replay=true"
+    } else {
+        "/v1/events"
+    };
+    let mut reply = match client.request("GET", path, None).await {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let from = since
+        .map(|d| humantime::format_rfc3339_micros(std::time::SystemTime::now() - d).to_string());
+    let mut out = std::io::stdout();
+    while let Some(line) = reply.next_line().await {
+        let Ok(ev) = serde_json::from_str::<Event>(&line) else {
+            continue;
+        };
+        // RFC 3339 UTC times compare as text.
+        if from.as_deref().is_some_and(|f| ev.at.as_str() < f) {
+            continue;
+        }
+        let text = if json {
+            line
+        } else {
+            format!(
+                "{}  {:<5}  {}",
+                ev.at.get(..19).unwrap_or(&ev.at).replace('T', " "),
+                format!("{:?}", ev.level).to_uppercase(),
+                ev.message
+            )
+        };
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 /// Every user (and group) the config names that this machine does not know: key, error.
 fn unknown_users(cfg: &config::Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -653,6 +701,7 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
                 }
             }
         }
+        Cmd::Events { json, since } => events_cmd(&client, json, since).await,
         Cmd::Tasks { json } => crate::startup::cli_tasks(&client, json).await,
         Cmd::Attach { name } => crate::startup::cli_attach(&client, &name).await,
         Cmd::Save {

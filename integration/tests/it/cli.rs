@@ -644,3 +644,56 @@ window = "1m"
     d.signal(Signal::SIGTERM);
     d.wait_exit(SHORT);
 }
+
+/// `wsagent events --since` replays what happened (the start, up to `ready`) in
+/// readable lines, then follows live events (a restart) until the daemon exits; `--json`
+/// gives one event object a line.
+#[test]
+fn events_replays_and_follows_in_readable_lines_until_the_daemon_exits() {
+    use std::io::BufRead;
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.web]\nshell = \"exec sleep 1000\"\n"),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let follow = |args: &[&str]| {
+        let mut child = ws
+            .command(wsagent_bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let out = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines() {
+                sink.lock().unwrap().push(l.unwrap());
+            }
+        });
+        (child, lines, reader)
+    };
+    let (mut human, hl, hr) = follow(&["events", "--since", "1h"]);
+    let (mut json, jl, jr) = follow(&["events", "--json", "--since", "1h"]);
+    let has = |l: &std::sync::Arc<std::sync::Mutex<Vec<String>>>, what: &str| {
+        l.lock().unwrap().iter().any(|x| x.contains(what))
+    };
+    wait_until(SHORT, "the replayed start", || {
+        has(&hl, "INFO   lifecycle: ready") && has(&jl, "\"lifecycle\"")
+    });
+    assert!(d.cli(["restart", "web", "--no-wait"]).status.success());
+    wait_until(SHORT, "the live restart", || {
+        has(&hl, "web") && has(&hl, "stopping")
+    });
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+    // The streams end with the daemon.
+    assert!(human.wait().unwrap().success());
+    assert!(json.wait().unwrap().success());
+    hr.join().unwrap();
+    jr.join().unwrap();
+    for l in jl.lock().unwrap().iter() {
+        serde_json::from_str::<agent_proto::local::Event>(l).unwrap_or_else(|e| panic!("{l}: {e}"));
+    }
+}
