@@ -1036,7 +1036,7 @@ async fn wait_for_service(
             .find(|v| v.name == name)
             .ok_or_else(|| format!("no service named {name:?}"))?;
         let why = || {
-            let mut w = format!("{}", s.state.as_str());
+            let mut w = s.state.as_str().to_string();
             if let Some(m) = &s.message {
                 w.push_str(&format!(": {m}"));
             }
