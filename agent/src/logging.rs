@@ -1,5 +1,6 @@
-//! Logging: human lines on stderr, JSON lines in a rolling file in the state directory,
-//! both passed through the redaction of [`crate::secrets`].
+//! Logging: human lines on stderr, JSON lines in a size-capped, rotated file in the state
+//! directory (without the services' output, which has its own logs), both passed
+//! through the redaction of [`crate::secrets`].
 
 use std::io::{self, Write};
 use std::path::Path;
@@ -35,6 +36,11 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMake<M> {
     }
 }
 
+/// The daemon's log file is rotated past this size...
+const LOG_FILE_BYTES: usize = 10 * 1024 * 1024;
+/// ...and this many rotated files are kept: at most ~50 MiB in all.
+const LOG_FILES_KEPT: usize = 4;
+
 /// Lines the log file writer may queue before new lines are dropped (and counted).
 const LOG_LINES_IN_FLIGHT: usize = 4096;
 
@@ -52,7 +58,7 @@ fn filter(level: &str) -> EnvFilter {
     .unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Logging for the daemon: stderr and `<state_dir>/wsagent.log.<date>` (JSON).
+/// Logging for the daemon: stderr and `<state_dir>/wsagent.log` (JSON, rotated by size).
 pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
     let stderr_layer = tracing_subscriber::fmt::layer()
         .with_writer(RedactingMake(io::stderr))
@@ -60,14 +66,22 @@ pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
         .with_target(false)
         .with_filter(filter(level));
     let mut guard = None;
-    let file_layer = match std::fs::create_dir_all(state_dir).and_then(|_| {
-        tracing_appender::rolling::Builder::new()
-            .rotation(tracing_appender::rolling::Rotation::DAILY)
-            .filename_prefix("wsagent")
-            .filename_suffix("log")
-            .max_log_files(7)
-            .build(state_dir)
-            .map_err(io::Error::other)
+    let file_layer = match std::fs::create_dir_all(state_dir).map(|_| {
+        // Capped by size, not by day: LOG_FILE_BYTES a file, LOG_FILES_KEPT older ones
+        // (`wsagent.log.1` newest). Opened without following a link, owner-only.
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.append(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+        file_rotate::FileRotate::new(
+            state_dir.join("wsagent.log"),
+            file_rotate::suffix::AppendCount::new(LOG_FILES_KEPT),
+            file_rotate::ContentLimit::BytesSurpassed(LOG_FILE_BYTES),
+            file_rotate::compression::Compression::None,
+            Some(opts),
+        )
     }) {
         Ok(appender) => {
             // 4096 lines in flight, not the default 128 000: that default's channel
@@ -77,11 +91,13 @@ pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
                 .thread_name("wsagent-logfile")
                 .finish(appender);
             guard = Some(g);
+            // Service output is in the service logs (and on stderr, for `docker logs`),
+            // not a second time in this file.
             Some(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .with_writer(RedactingMake(nb))
-                    .with_filter(filter(level)),
+                    .with_filter(filter(&format!("{level},wsagent::service=off"))),
             )
         }
         Err(e) => {

@@ -697,3 +697,29 @@ fn events_replays_and_follows_in_readable_lines_until_the_daemon_exits() {
         serde_json::from_str::<agent_proto::local::Event>(l).unwrap_or_else(|e| panic!("{l}: {e}"));
     }
 }
+
+/// A service's output goes to its own log (and the daemon's stderr, which is what
+/// `docker logs` shows), not a second time into the daemon's log file, which is one
+/// size-capped `wsagent.log` in the state directory, owner-only.
+#[test]
+fn service_output_is_not_duplicated_in_the_daemons_log_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config("[services.talker]\nshell = \"echo marker-4f2a; exec sleep 1000\"\n"),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the marker in the service log", || {
+        d.service_log("talker").contains("marker-4f2a")
+    });
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(SHORT);
+    let file = ws.state_dir().join("wsagent.log");
+    let log = std::fs::read_to_string(&file).unwrap();
+    assert!(log.contains("lifecycle ready"), "{log}");
+    assert!(!log.contains("marker-4f2a"), "{log}");
+    assert!(d.stderr().contains("marker-4f2a"), "{}", d.stderr());
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
