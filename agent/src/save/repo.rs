@@ -18,7 +18,7 @@ use super::discover::Found;
 use super::fsids::AsOwner;
 use super::objects::Staged;
 use super::url::RemoteUrl;
-use super::worktree::{pending_changes, worktree_tree};
+use super::worktree::{pending_changes, restore_skip_worktree, skip_worktree_paths, worktree_tree};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
 
@@ -368,7 +368,10 @@ fn prepare_inner(
                         .map_err(commit_err)?;
                     staged.flush().map_err(commit_err)?;
                     let mut index = repo.index().map_err(commit_err)?;
+                    let workdir = repo.workdir().unwrap_or(found.path.as_path());
+                    let sparse = skip_worktree_paths(&index, workdir);
                     index.read_tree(&tree).map_err(commit_err)?;
+                    restore_skip_worktree(&mut index, &sparse).map_err(commit_err)?;
                     index.write().map_err(commit_err)?;
                     // What `commit(Some("HEAD"))` does: move the branch only from the
                     // parent it was made on, with git's reflog message.

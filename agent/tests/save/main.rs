@@ -9,4 +9,5 @@ mod httpconfig;
 mod odd;
 mod scope;
 mod snapshot;
+mod sparse;
 mod support;
