@@ -6,6 +6,7 @@ mod branch;
 mod credentials;
 mod deadline;
 mod httpconfig;
+mod journal;
 mod odd;
 mod scope;
 mod snapshot;
