@@ -8,6 +8,7 @@ mod deadline;
 mod httpconfig;
 mod journal;
 mod odd;
+mod reasons;
 mod scope;
 mod snapshot;
 mod sparse;
