@@ -395,6 +395,8 @@ fn client_socket(explicit: Option<PathBuf>) -> PathBuf {
 }
 
 fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
+    // Before any thread exists: threads inherit the signal mask.
+    crate::signals::reset_inherited();
     let sources = Sources::standard(config_file);
     let loaded = match config::load(&sources) {
         Ok(l) => l,

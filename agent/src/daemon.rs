@@ -439,6 +439,18 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
                         shared.stop.cancel();
                     }
                 }
+                Some(Signal::Forward(sig)) => {
+                    // Not under the main loop: the stop sequence may hold the supervisor.
+                    let s = shared.clone();
+                    tracker.spawn(async move {
+                        let reached = s.supervisor.lock().await.signal_all(sig);
+                        tracing::info!(signal = sig.as_str(), "{} received: forwarded to the services ({})", sig.as_str(), if reached.is_empty() { "none running".to_string() } else { reached.join(", ") });
+                    });
+                }
+                Some(Signal::Ignored(sig)) => {
+                    let name = crate::signals::name(sig);
+                    tracing::warn!(signal = %name, "{name} received: ignored");
+                }
                 Some(Signal::Reload) => {
                     if stopping.is_some() {
                         tracing::warn!("SIGHUP during the stop sequence: ignored");

@@ -4,10 +4,15 @@
 //! A `started` line is written before a repository is touched and its outcome line
 //! after; a repository whose last line is `started` was being saved when wsagent died
 //! (SIGKILL at the end of the grace period), which [`previous_save_summary`] reports.
+//!
+//! Every record stands alone: a line torn by a crash mid-write (no final newline) is
+//! ended before the next record is appended, never glued to it, and the reader skips
+//! and counts every line that is not a whole record.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -64,11 +69,22 @@ impl Journal {
         }
         let mut f = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&self.path)
             .map_err(err)?;
-        // One write call per line: a crash leaves at most one torn last line, which the
-        // reader skips.
+        // A torn last line (a crash mid-write) is ended first, so the new records do not
+        // become its tail.
+        let len = f.metadata().map_err(err)?.len();
+        let mut last = [b'\n'];
+        if len > 0 {
+            f.read_exact_at(&mut last, len - 1).map_err(err)?;
+        }
+        if last[0] != b'\n' {
+            line.insert(0, '\n');
+        }
+        // One write call: a crash leaves at most one torn last line, which the reader
+        // skips.
         f.write_all(line.as_bytes()).map_err(err)?;
         f.sync_data().map_err(err)?;
         Ok(())
@@ -105,12 +121,28 @@ pub fn compact_if_large(state_dir: &Path) -> Result<bool, JournalError> {
 
 /// Every readable line of the journal, oldest first (torn or foreign lines skipped).
 pub fn read_journal(state_dir: &Path) -> Vec<RepoOutcome> {
-    let Ok(text) = std::fs::read_to_string(state_dir.join(JOURNAL_FILE)) else {
-        return Vec::new();
+    read_journal_counted(state_dir).0
+}
+
+/// Every readable line of the journal, oldest first, and how many lines were skipped
+/// because they are not a whole record (torn by a crash mid-write, or foreign). Bytes,
+/// not text: a line torn inside a multi-byte character spoils only itself.
+pub fn read_journal_counted(state_dir: &Path) -> (Vec<RepoOutcome>, usize) {
+    let Ok(bytes) = std::fs::read(state_dir.join(JOURNAL_FILE)) else {
+        return (Vec::new(), 0);
     };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<RepoOutcome>(l).ok())
-        .collect()
+    let mut skipped = 0;
+    let mut out = Vec::new();
+    for l in bytes.split(|b| *b == b'\n') {
+        if l.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<RepoOutcome>(l) {
+            Ok(o) => out.push(o),
+            Err(_) => skipped += 1,
+        }
+    }
+    (out, skipped)
 }
 
 /// The latest journal line of each repository, sorted by repository path.
@@ -136,8 +168,13 @@ pub(crate) fn last_finished(state_dir: &Path) -> BTreeMap<String, RepoOutcome> {
 /// One line on how the last save went, for the next start and `wsagent status`;
 /// flags repositories whose save was interrupted. `None` without a journal.
 pub fn previous_save_summary(state_dir: &Path) -> Option<String> {
-    let last = last_outcomes(state_dir);
-    if last.is_empty() {
+    let (all, skipped) = read_journal_counted(state_dir);
+    let mut by_repo: BTreeMap<String, RepoOutcome> = BTreeMap::new();
+    for o in all {
+        by_repo.insert(o.repo.clone(), o);
+    }
+    let last: Vec<RepoOutcome> = by_repo.into_values().collect();
+    if last.is_empty() && skipped == 0 {
         return None;
     }
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -189,6 +226,12 @@ pub fn previous_save_summary(state_dir: &Path) -> Option<String> {
         .collect();
     if !failed.is_empty() {
         s.push_str(&format!("; not on the remote: {}", failed.join(", ")));
+    }
+    if skipped > 0 {
+        s.push_str(&format!(
+            "; {skipped} torn journal line{} skipped",
+            if skipped == 1 { "" } else { "s" }
+        ));
     }
     Some(s)
 }
@@ -251,5 +294,11 @@ mod tests {
             .unwrap();
         f.write_all(b"{\"at\":\"x\",\"re").unwrap();
         assert_eq!(last_outcomes(dir.path()).len(), 1);
+        // The next record is not glued to the torn line.
+        j.append(&line("/b", "started")).unwrap();
+        let (all, skipped) = read_journal_counted(dir.path());
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].result, "started");
+        assert_eq!(skipped, 1);
     }
 }

@@ -116,14 +116,43 @@ impl<'o, 'r> Staged<'o, 'r> {
             check(unsafe { git_mempack_write_thin_pack(self.mem.raw().cast(), pb.raw().cast()) })?;
             pb.write_buf(&mut buf)?;
         }
-        let mut w = self.odb.packwriter()?;
-        w.write_all(&buf)
-            .map_err(|e| git2::Error::from_str(&format!("writing the pack: {e}")))?;
-        w.commit()?;
+        let pack_dir = self.repo.commondir().join("objects/pack");
+        let mut w = self
+            .odb
+            .packwriter()
+            .map_err(|e| pack_error(&pack_dir, e))?;
+        if w.write_all(&buf).is_err() {
+            // git2 says only "Write error"; libgit2's own error has the cause.
+            return Err(pack_error(&pack_dir, git2::Error::last_error(-1)));
+        }
+        w.commit().map_err(|e| pack_error(&pack_dir, e))?;
         drop(w);
         self.mem.reset()?;
         self.bytes = 0;
         Ok(n)
+    }
+}
+
+/// An error writing the pack into `dir`, named as the user would: a full disk is
+/// "no space left on device", with the directory.
+fn pack_error(dir: &Path, e: git2::Error) -> git2::Error {
+    let msg = e.message();
+    let lower = msg.to_ascii_lowercase();
+    if lower.contains("no space left on device") {
+        git2::Error::from_str(&format!(
+            "cannot write the new objects to {}: no space left on device",
+            dir.display()
+        ))
+    } else if lower.contains("disk quota exceeded") {
+        git2::Error::from_str(&format!(
+            "cannot write the new objects to {}: disk quota exceeded",
+            dir.display()
+        ))
+    } else {
+        git2::Error::from_str(&format!(
+            "cannot write the new objects to {}: {msg}",
+            dir.display()
+        ))
     }
 }
 

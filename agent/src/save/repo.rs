@@ -18,7 +18,7 @@ use super::discover::Found;
 use super::fsids::AsOwner;
 use super::objects::Staged;
 use super::url::RemoteUrl;
-use super::worktree::{pending_changes, worktree_tree};
+use super::worktree::{pending_changes, restore_skip_worktree, skip_worktree_paths, worktree_tree};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
 
@@ -368,7 +368,10 @@ fn prepare_inner(
                         .map_err(commit_err)?;
                     staged.flush().map_err(commit_err)?;
                     let mut index = repo.index().map_err(commit_err)?;
+                    let workdir = repo.workdir().unwrap_or(found.path.as_path());
+                    let sparse = skip_worktree_paths(&index, workdir);
                     index.read_tree(&tree).map_err(commit_err)?;
+                    restore_skip_worktree(&mut index, &sparse).map_err(commit_err)?;
                     index.write().map_err(commit_err)?;
                     // What `commit(Some("HEAD"))` does: move the branch only from the
                     // parent it was made on, with git's reflog message.
@@ -963,6 +966,8 @@ fn push_once(
         .unwrap_or_default();
     let scope = crate::githttp::Scope::new(creds, Some(deadline)).with_http(http);
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    // What the remote says on git's sideband (hook output: `remote: ...` in git's CLI).
+    let said: RefCell<Vec<u8>> = RefCell::new(Vec::new());
     let result = {
         let mut cbs = RemoteCallbacks::new();
         cbs.credentials(|_url, _user, _allowed| {
@@ -983,13 +988,27 @@ fn push_once(
                 Ok(())
             }
         });
-        cbs.sideband_progress(|_| Instant::now() < deadline);
+        cbs.sideband_progress(|data| {
+            let mut said = said.borrow_mut();
+            if said.len() < REMOTE_TEXT_MAX {
+                said.extend_from_slice(&data[..data.len().min(REMOTE_TEXT_MAX)]);
+            }
+            Instant::now() < deadline
+        });
         let mut opts = PushOptions::new();
         opts.remote_callbacks(cbs);
         remote.push(refspecs, Some(&mut opts))
     };
+    let said = remote_lines(&said.into_inner());
+    let with_said = |m: String| {
+        if said.is_empty() {
+            m
+        } else {
+            format!("{m}; {said}")
+        }
+    };
     if let Err(e) = result {
-        let m = clean(e.message());
+        let m = clean(&with_said(e.message().to_string()));
         return Err(if Instant::now() >= deadline {
             PushFail::Deadline(format!("deadline passed while pushing ({m})"))
         } else if scope.auth_failed() || e.code() == ErrorCode::Auth {
@@ -1002,17 +1021,53 @@ fn push_once(
     }
     let rejected = rejected.into_inner();
     if !rejected.is_empty() {
-        return Err(PushFail::Rejected(clean(&format!(
+        return Err(PushFail::Rejected(clean(&with_said(format!(
             "push rejected: {}",
             rejected.join(", ")
-        ))));
+        )))));
     }
     Ok(())
+}
+
+/// Bytes of the remote's sideband text kept for an error message.
+const REMOTE_TEXT_MAX: usize = 4096;
+/// Lines of it shown.
+const REMOTE_LINES_MAX: usize = 10;
+
+/// The remote's sideband text as git's CLI shows it: one `remote: ` line each (progress
+/// lines ended by `\r` included), control characters dropped, joined by `; `.
+fn remote_lines(text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let mut lines: Vec<String> = Vec::new();
+    for l in text.split(['\n', '\r']) {
+        let l: String = l.chars().filter(|c| !c.is_control()).collect();
+        let l = l.trim();
+        let l = l.strip_prefix("remote:").map(str::trim).unwrap_or(l);
+        if l.is_empty() || lines.last().is_some_and(|p| p[8..] == *l) {
+            continue;
+        }
+        lines.push(format!("remote: {l}"));
+    }
+    if lines.len() > REMOTE_LINES_MAX {
+        let more = lines.len() - REMOTE_LINES_MAX;
+        lines.truncate(REMOTE_LINES_MAX);
+        lines.push(format!("({more} more lines)"));
+    }
+    lines.join("; ")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_text_becomes_one_remote_line_each() {
+        assert_eq!(
+            remote_lines(b"policy says no\nremote: two\r\ntwo\n\nbe\x07ll\n"),
+            "remote: policy says no; remote: two; remote: bell"
+        );
+        assert_eq!(remote_lines(b""), "");
+    }
 
     #[test]
     fn snapshot_ref_fills_the_template_and_names_detached_heads() {

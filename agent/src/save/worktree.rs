@@ -7,8 +7,15 @@
 //! disk into a blob; deleted ones are dropped. The result goes through an in-memory
 //! [`git2::Index`] that is never written. Paths are bytes end to end, so non-UTF-8 file
 //! names are saved exactly.
+//!
+//! Entries marked skip-worktree (a sparse checkout's files outside its cone, or
+//! `git update-index --skip-worktree`) are not on disk on purpose: libgit2's status
+//! reports them as deleted, but they keep their index version, as `git add -A` does.
+//! One that is on disk anyway is saved from disk like any file (libgit2's status calls
+//! it unmodified whatever its content; git since 2.37 clears the flag of such files):
+//! no work is dropped for a flag.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -22,6 +29,58 @@ const MODE_FILE: u32 = 0o100644;
 const MODE_EXEC: u32 = 0o100755;
 const MODE_LINK: u32 = 0o120000;
 const MODE_GITLINK: u32 = 0o160000;
+/// `GIT_INDEX_ENTRY_SKIP_WORKTREE`, in an index entry's extended flags.
+const SKIP_WORKTREE: u16 = 1 << 14;
+
+/// The paths of the index's skip-worktree entries that are not on disk (under
+/// `workdir`): those keep their index version.
+pub(crate) fn skip_worktree_paths(index: &git2::Index, workdir: &Path) -> BTreeSet<Vec<u8>> {
+    index
+        .iter()
+        .filter(|e| e.flags_extended & SKIP_WORKTREE != 0)
+        .map(|e| e.path)
+        .filter(|p| std::fs::symlink_metadata(workdir.join(OsStr::from_bytes(p))).is_err())
+        .collect()
+}
+
+/// The index's skip-worktree entries that are on disk anyway, with their index
+/// (mode, id): libgit2's status never looks at them.
+fn present_skip_worktree(index: &git2::Index, workdir: &Path) -> Vec<(Vec<u8>, (u32, Oid))> {
+    index
+        .iter()
+        .filter(|e| e.flags_extended & SKIP_WORKTREE != 0 && (e.flags >> 12) & 0x3 == 0)
+        .filter(|e| std::fs::symlink_metadata(workdir.join(OsStr::from_bytes(&e.path))).is_ok())
+        .map(|e| (e.path, (e.mode, e.id)))
+        .collect()
+}
+
+/// Mark `paths` skip-worktree again in `index` (after `read_tree`, which drops the
+/// flag), so a sparse checkout stays sparse.
+pub(crate) fn restore_skip_worktree(
+    index: &mut git2::Index,
+    paths: &BTreeSet<Vec<u8>>,
+) -> Result<(), git2::Error> {
+    for p in paths {
+        let Some(mut e) = index.get_path(Path::new(OsStr::from_bytes(p)), 0) else {
+            continue;
+        };
+        if e.flags_extended & SKIP_WORKTREE == 0 {
+            e.flags_extended |= SKIP_WORKTREE;
+            index.add(&e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Worktree-side status bits: what a skip-worktree entry's status must not count.
+fn worktree_bits() -> Status {
+    Status::WT_NEW
+        | Status::WT_MODIFIED
+        | Status::WT_DELETED
+        | Status::WT_TYPECHANGE
+        | Status::WT_RENAMED
+        | Status::WT_UNREADABLE
+}
 
 /// The worktree's tree, and the files left out of it (with why).
 pub struct WorktreeTree {
@@ -48,6 +107,7 @@ pub(crate) fn worktree_tree(
     // Read-only use of the repository's index: it is never written here (its tree goes
     // to the object database through `staged`, like every object of a save).
     let mut index = repo.index()?;
+    let skipped = skip_worktree_paths(&index, &workdir);
     let index_tree = if index.has_conflicts() {
         None
     } else {
@@ -85,6 +145,10 @@ pub(crate) fn worktree_tree(
             // A trailing slash is a nested repository: saved on its own.
             continue;
         }
+        if skipped.contains(&path) {
+            // Not checked out on purpose: its index version stands.
+            continue;
+        }
         if st.intersects(from_disk) {
             changed += 1;
             let full = workdir.join(OsStr::from_bytes(&path));
@@ -111,6 +175,19 @@ pub(crate) fn worktree_tree(
             changed += 1;
             entries.remove(&path);
         }
+    }
+
+    for (path, tracked) in present_skip_worktree(&index, &workdir) {
+        let full = workdir.join(OsStr::from_bytes(&path));
+        match blob_from_disk(repo, staged, &full, Some(tracked), max_file_size) {
+            Ok(Some(entry)) if entry != tracked => {
+                changed += 1;
+                entries.insert(path, entry);
+            }
+            Ok(_) => {}
+            Err(why) => left_out.push(format!("{}: {why}", String::from_utf8_lossy(&path))),
+        }
+        staged.flush_if_full()?;
     }
 
     // Nothing differs from the index (the common checkpoint): the worktree's tree is the
@@ -161,11 +238,30 @@ pub fn pending_changes(repo: &Repository) -> Result<usize, git2::Error> {
         .recurse_untracked_dirs(true)
         .include_ignored(false)
         .exclude_submodules(false);
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?;
+    let index = repo.index()?;
+    let skipped = skip_worktree_paths(&index, workdir);
+    // Skip-worktree files on disk anyway: changed when their bytes differ (not written).
+    let present = present_skip_worktree(&index, workdir)
+        .into_iter()
+        .filter(|(path, (_, id))| {
+            let full = workdir.join(OsStr::from_bytes(path));
+            let is_file = std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_file());
+            !is_file || !Oid::hash_file(git2::ObjectType::Blob, &full).is_ok_and(|h| h == *id)
+        })
+        .count();
     let statuses = repo.statuses(Some(&mut opts))?;
-    Ok(statuses
-        .iter()
-        .filter(|s| !s.status().is_ignored() && !s.path_bytes().ends_with(b"/"))
-        .count())
+    Ok(present
+        + statuses
+            .iter()
+            .filter(|s| !s.status().is_ignored() && !s.path_bytes().ends_with(b"/"))
+            .filter(|s| {
+                // A skip-worktree entry counts only for what is staged.
+                !skipped.contains(s.path_bytes()) || !(s.status() - worktree_bits()).is_empty()
+            })
+            .count())
 }
 
 /// The entry for one path as it is on disk: `Ok(None)` when it is gone, `Err(why)` when

@@ -4,12 +4,14 @@
 //! in `~/.config/coderv2/dotfilesurl`, the paths `coder dotfiles` uses, so either tool
 //! can take over from the other. On later starts the clone is fast-forwarded (a failure
 //! is a warning: the old dotfiles still work); a changed URL moves the old clone aside to
-//! `dotfiles_backup_<RFC 3339 time>` first. Then the first existing install script of
-//! [`CANDIDATES`] runs with the repository as its working directory; unlike Coder (which
-//! compares directory entry names, so `script/bootstrap` can never match), the
-//! `script/...` candidates are looked up as real paths. Without a script, the top-level
-//! dotfiles are symlinked into HOME: a regular file in the way is renamed to `.bak`; a
-//! directory in the way is skipped with a warning naming it (Coder fails there).
+//! `dotfiles_backup_<RFC 3339 time>` first, and so does a missing URL file (as in Coder:
+//! a clone nobody recorded the URL of is not the configured repository). Then the first
+//! existing install script of [`CANDIDATES`] runs with the repository as its working
+//! directory; unlike Coder (which compares directory entry names, so `script/bootstrap`
+//! can never match), the `script/...` candidates are looked up as real paths. Without a
+//! script, the top-level dotfiles are symlinked into HOME: a regular file in the way is
+//! renamed to `.bak`; a directory in the way is skipped with a warning naming it (Coder
+//! fails there).
 //!
 //! The clone goes to a temporary directory renamed into place, so an interrupted clone
 //! never leaves a half repository that a later start would try to pull.
@@ -127,19 +129,23 @@ async fn run_inner(
 
     let exists = repo_dir.exists();
     let mut moved = false;
-    if exists
-        && let Ok(old) = std::fs::read_to_string(&url_file)
-        && old.trim() != url
-    {
+    // The URL the clone was made from; unknown (no URL file) counts as another one.
+    let recorded = std::fs::read_to_string(&url_file);
+    if exists && recorded.as_deref().map(str::trim).ok() != Some(url) {
         let backup = backup_path(&config_dir);
         std::fs::rename(&repo_dir, &backup).map_err(|source| DotfilesError::Backup {
             from: repo_dir.clone(),
             to: backup.clone(),
             source,
         })?;
-        tracing::info!(from = %repo_dir.display(), to = %backup.display(), "dotfiles URL changed: old clone moved aside");
+        let why = match &recorded {
+            Ok(_) => "URL changed".to_string(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "no URL file".to_string(),
+            Err(e) => format!("URL file unreadable ({e})"),
+        };
+        tracing::info!(from = %repo_dir.display(), to = %backup.display(), "dotfiles {why}: old clone moved aside");
         notes.push(format!(
-            "URL changed: old clone moved to {}",
+            "{why}: old clone moved to {}",
             show(&backup, &ctx.home)
         ));
         moved = true;

@@ -49,6 +49,16 @@ impl ServiceHandle {
         let _ = self.cmd.send(Cmd::Restart).await;
     }
 
+    /// Pass `sig` on to the running child's process group; false when the service has
+    /// no child now.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> bool {
+        let s = self.status();
+        if s.pid.is_none() || !matches!(s.state, ServiceState::Starting | ServiceState::Running) {
+            return false;
+        }
+        self.cmd.try_send(Cmd::Signal(sig)).is_ok()
+    }
+
     /// Stop and wait until the child is gone (bounded by `timeout` plus a little).
     pub async fn stop(&self, timeout: Duration) {
         let (done, rx) = oneshot::channel();
@@ -198,6 +208,15 @@ impl Supervisor {
             }
         }
         changes
+    }
+
+    /// Pass `sig` on to every running service (its process group); the names reached.
+    pub fn signal_all(&self, sig: nix::sys::signal::Signal) -> Vec<String> {
+        self.services
+            .values()
+            .filter(|h| h.signal(sig))
+            .map(|h| h.name.clone())
+            .collect()
     }
 
     /// Stop every service in stop order before `deadline`: groups by `stop_order`,

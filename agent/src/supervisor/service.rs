@@ -40,6 +40,8 @@ pub enum Cmd {
     },
     /// Stop (if running) then start at once.
     Restart,
+    /// Pass a signal on to the running child's process group (nothing when not running).
+    Signal(Signal),
 }
 
 type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
@@ -181,6 +183,7 @@ impl Task {
                         return self.wait_for_start().await;
                     }
                     Some(Cmd::Start | Cmd::Restart) => return true,
+                    Some(Cmd::Signal(_)) => {}
                 },
             }
         }
@@ -198,6 +201,7 @@ impl Task {
                     self.failures = Failures::default();
                     return true;
                 }
+                Some(Cmd::Signal(_)) => {}
             }
         }
     }
@@ -249,17 +253,24 @@ impl Task {
                         None,
                         Some(format!("{why}; restarting in {}", fmt_dur(delay))),
                     );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        cmd = self.cmds.recv() => match cmd {
-                            None => return,
-                            Some(Cmd::Stop { done, .. }) => {
-                                self.set(ServiceState::Stopped, Health::Unknown, None, Some("stopped".into()));
-                                let _ = done.send(());
-                                if !self.wait_for_start().await { return; }
-                            }
-                            Some(Cmd::Start | Cmd::Restart) => {}
-                        },
+                    let sleep = tokio::time::sleep(delay);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => {}
+                            cmd = self.cmds.recv() => match cmd {
+                                None => return,
+                                Some(Cmd::Stop { done, .. }) => {
+                                    self.set(ServiceState::Stopped, Health::Unknown, None, Some("stopped".into()));
+                                    let _ = done.send(());
+                                    if !self.wait_for_start().await { return; }
+                                }
+                                Some(Cmd::Start | Cmd::Restart) => {}
+                                // No child to pass it to; the backoff goes on.
+                                Some(Cmd::Signal(_)) => continue,
+                            },
+                        }
+                        break;
                     }
                     self.bump_restarts();
                 }
@@ -435,6 +446,7 @@ impl Task {
                         break RunEnd::Gone;
                     }
                     Some(Cmd::Start) => {}
+                    Some(Cmd::Signal(sig)) => child.signal_group(sig),
                     Some(Cmd::Restart) => {
                         let st = self.stop_child(&mut child, self.spec.cfg.stop_timeout).await;
                         self.record_exit(st);

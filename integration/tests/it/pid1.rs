@@ -137,3 +137,116 @@ fn sigusr1_is_handled_not_fatal() {
     });
     assert!(d.try_exit().is_none());
 }
+
+/// Started with SIGTERM, SIGCHLD and the other handled signals blocked and ignored (state
+/// a parent passes on through exec), wsagent still reaps its children and still runs its
+/// stop sequence on SIGTERM; its services start with a clean signal state.
+#[test]
+fn inherited_blocked_and_ignored_signals_do_not_stop_reaping_or_the_stop() {
+    let ws = Workspace::new();
+    let wrapper: Vec<String> = [
+        "python3",
+        "-c",
+        "import os, signal, sys\n\
+         sigs = [signal.SIGTERM, signal.SIGCHLD, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2]\n\
+         signal.pthread_sigmask(signal.SIG_BLOCK, sigs)\n\
+         for s in sigs: signal.signal(s, signal.SIG_IGN)\n\
+         os.execv(sys.argv[1], sys.argv[1:])\n",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut d = Daemon::start_wrapped(
+        &ws,
+        &config(
+            "[services.seven]\nshell = \"exit 7\"\nrestart = \"never\"\n\
+             [services.s]\ncommand = [\"sleep\", \"1000\"]\n",
+        ),
+        &wrapper,
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let exit = d
+        .wait_service("seven", |s| s.last_exit.is_some(), SHORT)
+        .last_exit
+        .unwrap();
+    assert_eq!((exit.code, exit.signal), (Some(7), None));
+    let s = d.wait_service("s", |s| s.state == ServiceState::Running, SHORT);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid.unwrap())).unwrap();
+    for field in ["SigBlk:", "SigIgn:"] {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        assert!(
+            line.trim_start_matches(field)
+                .trim()
+                .trim_start_matches('0')
+                .is_empty(),
+            "the service inherited {line}"
+        );
+    }
+    assert!(d.zombies().is_empty(), "{:?}", d.zombies());
+
+    d.signal(Signal::SIGTERM);
+
+    assert!(d.wait_exit(SHORT).success(), "{}", d.report());
+    assert!(
+        d.stderr().contains("stop sequence started"),
+        "{}",
+        d.stderr()
+    );
+    assert!(d.stderr().contains("service s: stopped"), "{}", d.stderr());
+}
+
+/// SIGUSR2 is forwarded to every running service (its process group), as tini does, and
+/// never ends wsagent; SIGQUIT runs the stop sequence like SIGTERM.
+#[test]
+fn sigusr2_is_forwarded_to_the_services_and_sigquit_stops() {
+    usr2_forwarded_and_quit_stops(false);
+}
+
+/// The same as PID 1 of a pid namespace, where a signal without a handler is dropped.
+#[test]
+fn as_pid1_sigusr2_is_forwarded_to_the_services_and_sigquit_stops() {
+    if !require_root("unshare --pid needs root") {
+        return;
+    }
+    usr2_forwarded_and_quit_stops(true);
+}
+
+fn usr2_forwarded_and_quit_stops(pid1: bool) {
+    let ws = Workspace::new();
+    let got = ws.path().join("got-usr2");
+    let cfg = config(&format!(
+        "[services.s]\nshell = \"trap 'echo usr2 >> {got}' USR2; while :; do sleep 0.05; done\"\n",
+        got = got.display()
+    ));
+    let mut d = if pid1 {
+        Daemon::start_pid1(&ws, &cfg)
+    } else {
+        Daemon::start(&ws, &cfg)
+    };
+    assert_eq!(d.is_pid1(), pid1);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    d.wait_service("s", |s| s.state == ServiceState::Running, SHORT);
+
+    d.signal(Signal::SIGUSR2);
+
+    wait_until(SHORT, "the service to get SIGUSR2", || {
+        std::fs::read_to_string(&got).is_ok_and(|t| t.contains("usr2"))
+    });
+    assert!(d.try_exit().is_none(), "{}", d.report());
+    assert!(
+        d.stderr()
+            .contains("SIGUSR2 received: forwarded to the services"),
+        "{}",
+        d.stderr()
+    );
+
+    d.signal(Signal::SIGQUIT);
+
+    assert!(d.wait_exit(SHORT).success(), "{}", d.report());
+    assert!(
+        d.stderr().contains("SIGQUIT received: stopping"),
+        "{}",
+        d.stderr()
+    );
+    assert!(d.stderr().contains("service s: stopped"), "{}", d.stderr());
+}

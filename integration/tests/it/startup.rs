@@ -586,6 +586,50 @@ fn a_changed_dotfiles_url_moves_the_old_clone_to_a_backup() {
 }
 
 #[test]
+fn a_dotfiles_clone_without_its_url_file_is_backed_up_and_the_configured_repo_cloned() {
+    // A clone whose URL nobody recorded is foreign: like Coder, it is moved aside, not kept.
+    let ws = Workspace::new();
+    let a = Repo::new(ws.dir.path(), "a", &[(".a-only", "a", false)]);
+    let b = Repo::new(ws.dir.path(), "b", &[(".b-only", "b", false)]);
+    let coder = ws.home().join(".config/coderv2");
+    std::fs::create_dir_all(&coder).unwrap();
+    git(
+        &coder,
+        &[
+            "clone",
+            "-q",
+            &a.url(),
+            coder.join("dotfiles").to_str().unwrap(),
+        ],
+    );
+    assert!(!coder.join("dotfilesurl").exists());
+
+    let d = ws.start(&dotfiles_config(&b.url()));
+
+    let backups: Vec<PathBuf> = std::fs::read_dir(&coder)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("dotfiles_backup_")
+        })
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(read(&backups[0].join(".a-only")), "a");
+    assert_eq!(read(&coder.join("dotfiles/.b-only")), "b");
+    assert!(!coder.join("dotfiles/.a-only").exists());
+    assert_eq!(read(&coder.join("dotfilesurl")), b.url());
+    assert_eq!(read(&ws.home().join(".b-only")), "b");
+    let step = d.step("dotfiles");
+    assert_eq!(step.outcome, "ok", "{step:?}");
+    let msg = step.message.unwrap_or_default();
+    assert!(msg.contains("no URL file: old clone moved to"), "{msg}");
+    d.stop();
+}
+
+#[test]
 fn the_skeleton_is_copied_but_never_overwrites_an_existing_file() {
     let ws = Workspace::new();
     std::fs::write(ws.skel().join(".profile"), "skel profile").unwrap();
