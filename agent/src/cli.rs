@@ -1094,7 +1094,11 @@ async fn wait_for_service(
                 );
                 return Ok(());
             }
-            if matches!(s.state, ServiceState::Failed | ServiceState::Absent) {
+            // Ran and ended (`restart = "never"`, or a clean exit under `on-failure`).
+            let ended_since = s.state == ServiceState::Stopped
+                && s.last_exit.as_ref().map(|e| &e.at)
+                    != before.and_then(|b| b.last_exit.as_ref().map(|e| &e.at));
+            if matches!(s.state, ServiceState::Failed | ServiceState::Absent) || ended_since {
                 return Err(why());
             }
         }

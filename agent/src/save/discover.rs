@@ -27,9 +27,23 @@ pub fn discover(
     explicit: &[PathBuf],
     exclude: &globset::GlobSet,
 ) -> Vec<Found> {
+    discover_checked(roots, depth, explicit, exclude).0
+}
+
+/// [`discover`], with the directories that could not be searched and why. A missing
+/// directory is not an error (a root may not exist), nor is one the daemon may not read;
+/// anything else (out of file descriptors, an I/O error) is: "no repository there" must
+/// never stand for "could not look".
+pub fn discover_checked(
+    roots: &[PathBuf],
+    depth: usize,
+    explicit: &[PathBuf],
+    exclude: &globset::GlobSet,
+) -> (Vec<Found>, Vec<(PathBuf, String)>) {
     let mut found: BTreeMap<PathBuf, Found> = BTreeMap::new();
+    let mut errors = Vec::new();
     for root in roots {
-        walk(root, depth, &mut found, exclude);
+        walk(root, depth, &mut found, exclude, &mut errors);
     }
     for p in explicit {
         if let Some(f) = probe(p) {
@@ -50,7 +64,16 @@ pub fn discover(
     for f in tops {
         submodules(&f.path, f.level + 1, &mut found, 0);
     }
-    found.into_values().collect()
+    (found.into_values().collect(), errors)
+}
+
+/// Whether an I/O error means "could not look" (reported) rather than "nothing there"
+/// or "not ours to read" (skipped).
+fn is_failure(e: &std::io::Error) -> bool {
+    !matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+    ) && e.raw_os_error() != Some(libc::ENOTDIR)
 }
 
 fn canonical(p: &Path) -> PathBuf {
@@ -76,6 +99,20 @@ fn add(found: &mut BTreeMap<PathBuf, Found>, f: Found) {
 
 /// What `dir` is: a worktree, a bare repository, or neither.
 fn probe(dir: &Path) -> Option<Found> {
+    probe_checked(dir).ok().flatten()
+}
+
+/// [`probe`], failing when the question could not be answered.
+fn probe_checked(dir: &Path) -> std::io::Result<Option<Found>> {
+    match dir.join(".git").try_exists() {
+        Ok(_) => {}
+        Err(e) if is_failure(&e) => return Err(e),
+        Err(_) => {}
+    }
+    Ok(probe_inner(dir))
+}
+
+fn probe_inner(dir: &Path) -> Option<Found> {
     if dir.join(".git").exists() {
         return Some(Found {
             path: dir.to_path_buf(),
@@ -97,33 +134,55 @@ fn walk(
     depth_left: usize,
     found: &mut BTreeMap<PathBuf, Found>,
     exclude: &globset::GlobSet,
+    errors: &mut Vec<(PathBuf, String)>,
 ) {
     if exclude.is_match(dir) {
         return;
     }
-    match probe(dir) {
-        Some(f) if f.bare => {
+    match probe_checked(dir) {
+        Ok(Some(f)) if f.bare => {
             add(found, f);
             return;
         }
-        Some(f) => add(found, f),
-        None => {}
+        Ok(Some(f)) => add(found, f),
+        Ok(None) => {}
+        Err(e) => {
+            errors.push((dir.to_path_buf(), e.to_string()));
+            return;
+        }
     }
     if depth_left == 0 {
         return;
     }
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if is_failure(&e) => {
+            errors.push((dir.to_path_buf(), e.to_string()));
+            return;
+        }
+        Err(_) => return,
     };
-    let mut children: Vec<PathBuf> = rd
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .filter(|e| e.file_name() != ".git")
-        .map(|e| e.path())
-        .collect();
+    let mut children: Vec<PathBuf> = Vec::new();
+    for e in rd {
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push((dir.to_path_buf(), e.to_string()));
+                return;
+            }
+        };
+        match e.file_type() {
+            Ok(t) if t.is_dir() && e.file_name() != ".git" => children.push(e.path()),
+            Ok(_) => {}
+            Err(err) if is_failure(&err) => {
+                errors.push((e.path(), err.to_string()));
+            }
+            Err(_) => {}
+        }
+    }
     children.sort();
     for c in children {
-        walk(&c, depth_left - 1, found, exclude);
+        walk(&c, depth_left - 1, found, exclude, errors);
     }
 }
 

@@ -368,7 +368,7 @@ pub async fn save_all_observed(
     let (template, workspace) = (cfg.ref_template.clone(), env.workspace.clone());
     let found = tokio::task::spawn_blocking(move || {
         // The whole set is needed even for `only`: ref suffixes depend on it.
-        let all = discover::discover(&roots, depth, &explicit, &exclude);
+        let (all, unsearched) = discover::discover_checked(&roots, depth, &explicit, &exclude);
         let mut found = match &only {
             Some(p) => only_repo(p),
             None => all.clone(),
@@ -386,27 +386,52 @@ pub async fn save_all_observed(
                 .collect::<Vec<_>>(),
         );
         let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
-        (found, journal::last_finished(&state_dir), suffixes)
+        (
+            found,
+            journal::last_finished(&state_dir),
+            suffixes,
+            unsearched,
+        )
     });
-    let (found, previous, ref_suffix) = match tokio::time::timeout_at(deadline, found).await {
-        Ok(Ok(f)) => f,
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "repository discovery failed");
-            if let Some(o) = &observer {
-                o.found(0);
+    let (found, previous, ref_suffix, unsearched) =
+        match tokio::time::timeout_at(deadline, found).await {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "repository discovery failed");
+                if let Some(o) = &observer {
+                    o.found(0);
+                }
+                return Vec::new();
             }
-            return Vec::new();
-        }
-        Err(_) => {
-            tracing::error!("deadline passed while looking for repositories");
-            if let Some(o) = &observer {
-                o.found(0);
+            Err(_) => {
+                tracing::error!("deadline passed while looking for repositories");
+                if let Some(o) = &observer {
+                    o.found(0);
+                }
+                return Vec::new();
             }
-            return Vec::new();
-        }
-    };
+        };
+    // A directory that could not be searched may hold unsaved work: a failure, by name.
+    let unsearched: Vec<RepoOutcome> = unsearched
+        .into_iter()
+        .map(|(path, e)| {
+            let mut o = outcome_base(&path, cfg.mode, req.reason);
+            o.result = "failed".into();
+            o.error = Some(format!(
+                "cannot search {} for repositories: {e}",
+                path.display()
+            ));
+            o
+        })
+        .collect();
     if let Some(o) = &observer {
-        o.found(found.len());
+        o.found(found.len() + unsearched.len());
+    }
+    for o in &unsearched {
+        report(env, o);
+        if let Some(obs) = &observer {
+            obs.saved(o);
+        }
     }
     tracing::info!(
         repos = found.len(),
@@ -525,6 +550,7 @@ pub async fn save_all_observed(
     }
 
     let mut outcomes = outcomes;
+    outcomes.extend(unsearched);
     tracing::info!(
         repos = outcomes.len(),
         took_ms = started.elapsed().as_millis() as u64,

@@ -312,3 +312,35 @@ async fn a_repo_without_a_pack_directory_gets_one_and_its_save_is_packed() {
     let c = o.commit.clone().unwrap();
     assert_eq!(fx.cloned_files("app.git", &c), worktree_files(&dir, &[]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_that_cannot_be_searched_is_a_failure_naming_it_not_no_repository() {
+    // "No repository there" must never stand for "could not look" (file descriptors
+    // exhausted, an I/O error, here a symlink loop): the save reports the directory as a
+    // failure, by name, and still saves what it could find.
+    let fx = Fixture::new();
+    let dir = fx.repo("app");
+    std::fs::write(dir.join("wip.txt"), "unsaved\n").unwrap();
+    let looped = fx.tmp.path().join("loop");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let mut cfg = fx.config();
+    cfg.roots.push(looped.display().to_string());
+
+    let outcomes = fx.save(&cfg, Duration::from_secs(30)).await;
+
+    assert_eq!(outcomes.len(), 2, "{outcomes:#?}");
+    assert_eq!(one(&outcomes, &dir).result, "pushed");
+    let bad = outcomes
+        .iter()
+        .find(|o| o.repo == looped.display().to_string())
+        .expect("the loop is reported");
+    assert_eq!(bad.result, "failed");
+    let err = bad.error.as_deref().unwrap_or_default();
+    assert!(
+        err.starts_with(&format!(
+            "cannot search {} for repositories: ",
+            looped.display()
+        )),
+        "{err}"
+    );
+}

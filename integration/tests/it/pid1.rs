@@ -40,7 +40,7 @@ restart = "never"
         .unwrap()
         .at;
     for i in 0..50 {
-        let out = d.cli(["start", "seven"]);
+        let out = d.cli(["start", "seven", "--no-wait"]);
         assert!(out.status.success(), "start #{i}: {out:?}");
         let s = d.wait_service(
             "seven",

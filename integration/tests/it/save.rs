@@ -775,10 +775,13 @@ fn a_deleted_repository_comes_back_from_its_checkpoint_byte_for_byte() {
     ));
     let mut d = Daemon::start(&ws, &cfg);
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
-    wait_until(SHORT, "a checkpoint to push", || {
+    // Pushed, and journaled as pushed (the journal line follows the push).
+    wait_until(SHORT, "a checkpoint to push and be journaled", || {
         server
             .ref_target("app.git", "refs/heads/wip/ws1/main")
             .is_some()
+            && std::fs::read_to_string(ws.state_dir().join("save-journal.jsonl"))
+                .is_ok_and(|j| j.contains("\"pushed\":true"))
     });
     d.signal(Signal::SIGKILL);
     d.wait_exit(SHORT);

@@ -54,7 +54,7 @@ window = "1m"
         "daemon used {cpu:?} of CPU supervising a crash loop for {took:?}"
     );
     // A failed service stays failed until started by hand; then it runs again.
-    let out = d.cli(["start", "crashy"]);
+    let out = d.cli(["start", "crashy", "--no-wait"]);
     assert!(out.status.success(), "{out:?}");
     d.wait_service("crashy", |s| s.restarts > 5, SHORT);
     assert!(d.service_log("crashy").matches("boom").count() >= 7);
