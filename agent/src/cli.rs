@@ -156,6 +156,10 @@ enum Cmd {
         repo: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+        /// Also what is on the remote (e.g. snapshots an earlier workspace pushed):
+        /// fetched, so `restore --snapshot` can use them.
+        #[arg(long)]
+        remote: bool,
     },
     /// Put a repository back to a snapshot: same branch, same commit, same staged
     /// changes, same files. Refuses over unsaved changes unless --force (which saves
@@ -265,7 +269,7 @@ pub fn main() -> ExitCode {
             println!("wsagent {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Cmd::Saves { repo, json } => saves_cmd(repo, json),
+        Cmd::Saves { repo, json, remote } => saves_cmd(repo, json, remote),
         Cmd::Restore {
             repo,
             snapshot,
@@ -456,7 +460,7 @@ fn limit_malloc_arenas() {
     }
 }
 
-fn saves_cmd(repo: Option<PathBuf>, json: bool) -> ExitCode {
+fn saves_cmd(repo: Option<PathBuf>, json: bool, remote: bool) -> ExitCode {
     let cfg = match load_or_exit() {
         Ok(c) => c,
         Err(code) => return code,
@@ -464,13 +468,22 @@ fn saves_cmd(repo: Option<PathBuf>, json: bool) -> ExitCode {
     let home = crate::daemon::home_dir();
     let journal = crate::save::journal::read_journal(&cfg.state_dir(&home));
     let repo = repo.unwrap_or_else(|| PathBuf::from("."));
-    let snaps = match crate::restore::list(&repo, &cfg.save.ref_template, &journal) {
+    let mut snaps = match crate::restore::list(&repo, &cfg.save.ref_template, &journal) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsagent: {e}");
             return ExitCode::from(EX_FAILED);
         }
     };
+    if remote {
+        match crate::restore::list_remote(&repo, &cfg.save.ref_template, &journal) {
+            Ok(r) => snaps = crate::restore::merge(snaps, r),
+            Err(e) => {
+                eprintln!("wsagent: the remote's snapshots: {e}");
+                return ExitCode::from(EX_FAILED);
+            }
+        }
+    }
     if json {
         println!(
             "{}",

@@ -89,6 +89,86 @@ pub fn list(
     Ok(out)
 }
 
+/// The snapshots on the repository's remote (`origin`, else its only remote): its
+/// snapshot refs are listed (`git ls-remote`) and fetched without naming them locally
+/// (only their objects arrive, so `restore --snapshot ID` works), then walked as the
+/// local ones are. Snapshots an earlier workspace of the same user pushed show up here.
+pub fn list_remote(
+    repo: &Path,
+    ref_template: &str,
+    journal: &[RepoOutcome],
+) -> Result<Vec<Snapshot>, String> {
+    let prefix = ref_template.split('{').next().unwrap_or("refs/heads/wip/");
+    let remotes = git(Some(repo), &["remote"])?;
+    let remote = if remotes.lines().any(|r| r == "origin") {
+        "origin".to_string()
+    } else {
+        remotes
+            .lines()
+            .next()
+            .map(str::to_string)
+            .ok_or_else(|| format!("{}: no remote", repo.display()))?
+    };
+    let pattern = format!("{prefix}*");
+    let listed = git(Some(repo), &["ls-remote", &remote, &pattern])?;
+    let refs: Vec<(String, String)> = listed
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(sha, name)| (sha.to_string(), name.to_string()))
+        .collect();
+    if refs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut args = vec!["fetch", "-q", "--no-write-fetch-head", remote.as_str()];
+    args.extend(refs.iter().map(|(_, n)| n.as_str()));
+    git(Some(repo), &args)?;
+    let r = git2::Repository::discover(repo).map_err(|e| e.message().to_string())?;
+    let workdir = r.workdir().unwrap_or(r.path()).to_path_buf();
+    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
+    let pushed: Vec<git2::Oid> = journal
+        .iter()
+        .filter(|o| o.pushed && Path::new(&o.repo) == workdir)
+        .filter_map(|o| {
+            o.commit
+                .as_deref()
+                .and_then(|c| git2::Oid::from_str(c).ok())
+        })
+        .collect();
+    let mut out = Vec::new();
+    for (sha, name) in refs {
+        let Ok(mut c) = git2::Oid::from_str(&sha).and_then(|id| r.find_commit(id)) else {
+            continue;
+        };
+        let label = format!("{remote}:{name}");
+        let mut seen = 0;
+        while is_snapshot(&c) && seen < 10_000 {
+            seen += 1;
+            let mut s = describe(&r, &c, &label, &pushed);
+            // On the remote: pushed, whoever pushed it.
+            s.pushed = true;
+            out.push(s);
+            match previous(&c) {
+                Some(p) => c = p,
+                None => break,
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Local and remote snapshots together, newest first, each once (a local one that is
+/// also on the remote keeps its local ref name and counts as pushed).
+pub fn merge(mut local: Vec<Snapshot>, remote: Vec<Snapshot>) -> Vec<Snapshot> {
+    for r in remote {
+        match local.iter_mut().find(|l| l.commit == r.commit) {
+            Some(l) => l.pushed = true,
+            None => local.push(r),
+        }
+    }
+    local.sort_by(|a, b| b.at.cmp(&a.at).then(a.commit.cmp(&b.commit)));
+    local
+}
+
 fn is_snapshot(c: &git2::Commit<'_>) -> bool {
     c.message_bytes()
         .starts_with(b"wsagent: save of workspace ")
@@ -217,7 +297,15 @@ fn restore_inner(
     if !path.exists() {
         clone_for_restore(req, &path, ref_template, journal)?;
     }
-    let snaps = list(&path, ref_template, journal)?;
+    let mut snaps = list(&path, ref_template, journal)?;
+    // Not here (a fresh clone, an earlier workspace's snapshot): look on the remote.
+    let wanted_missing = req
+        .snapshot
+        .as_ref()
+        .is_some_and(|id| !snaps.iter().any(|s| s.commit.starts_with(id.as_str())));
+    if snaps.is_empty() || wanted_missing {
+        snaps = merge(snaps, list_remote(&path, ref_template, journal)?);
+    }
     let pick = choose(&snaps, req, &path)?;
     let short = &pick.commit[..12.min(pick.commit.len())];
     println!(

@@ -916,3 +916,48 @@ fn user_commits_racing_checkpoints_all_succeed_and_fsck_is_clean() {
     git(&repo, &["fsck", "--strict", "--no-progress"]);
     assert!(!d.stderr().contains("could not save"), "{}", d.stderr());
 }
+
+/// `wsagent saves --remote` in a fresh clone (a new workspace, a new volume) lists the
+/// snapshots an earlier workspace pushed, and `restore --snapshot` brings one back.
+#[test]
+fn saves_remote_lists_an_earlier_workspaces_snapshots_and_restore_brings_one_back() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws-old");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    assert!(d.cli(["save"]).status.success());
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    let snap = server
+        .ref_target("app.git", "refs/heads/wip/ws-old/main")
+        .unwrap();
+    let fresh = ws.home().join("projects/app-new");
+    git(
+        ws.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url("app.git"),
+            fresh.to_str().unwrap(),
+        ],
+    );
+
+    let listed = ws.cli(["saves", "--remote", "--repo", fresh.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(
+        text.contains(&snap[..12]) && text.contains("origin:refs/heads/wip/ws-old/main"),
+        "{text}"
+    );
+    let restored = ws.cli([
+        "restore",
+        "--repo",
+        fresh.to_str().unwrap(),
+        "--snapshot",
+        &snap[..12],
+    ]);
+    assert!(restored.status.success(), "{restored:?}");
+    assert_eq!(worktree_files(&fresh), worktree_files(&repo));
+}
