@@ -446,7 +446,13 @@ pub async fn save_all_observed(
         .map(|p| p.host.to_ascii_lowercase())
         .collect();
     let ctx = Arc::new(repo::Ctx {
-        mode: cfg.mode,
+        // A checkpoint never commits on the user's branch while they work: it saves the
+        // snapshot ref, whatever the mode (branch mode commits at the stop).
+        mode: if req.reason == Reason::Checkpoint {
+            SaveMode::Snapshot
+        } else {
+            cfg.mode
+        },
         ref_template: cfg.ref_template.clone(),
         max_file_size: cfg.max_file_size,
         workspace: env.workspace.clone(),

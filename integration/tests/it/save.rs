@@ -961,3 +961,42 @@ fn saves_remote_lists_an_earlier_workspaces_snapshots_and_restore_brings_one_bac
     assert!(restored.status.success(), "{restored:?}");
     assert_eq!(worktree_files(&fresh), worktree_files(&repo));
 }
+
+/// In `branch` mode a checkpoint still never commits on the user's branch while they
+/// work (it pushes the snapshot ref); the stop then commits on the branch.
+#[test]
+fn in_branch_mode_checkpoints_leave_the_branch_alone_and_the_stop_commits_on_it() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    git(&repo, &["fetch", "-q", "origin"]);
+    git(&repo, &["branch", "-q", "--set-upstream-to=origin/main"]);
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\nmode = \"branch\"\ncheckpoint = \"200ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "a checkpoint to push the snapshot ref", || {
+        server
+            .ref_target("app.git", "refs/heads/wip/ws1/main")
+            .is_some()
+    });
+    assert_eq!(
+        git(&repo, &["rev-parse", "HEAD"]),
+        head,
+        "a checkpoint committed"
+    );
+    assert_eq!(
+        server.ref_target("app.git", "refs/heads/main"),
+        Some(head.clone())
+    );
+
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    let after = git(&repo, &["rev-parse", "HEAD"]);
+    assert_ne!(after, head, "the stop did not commit on the branch");
+    assert_eq!(server.ref_target("app.git", "refs/heads/main"), Some(after));
+}
