@@ -873,6 +873,8 @@ async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) 
     if let Some(c) = shared.control() {
         c.stopping();
     }
+    // A checkpoint in flight becomes the stop's save: full priority again.
+    crate::save::boost_checkpoints();
     shared.set_lifecycle(Lifecycle::ShuttingDown);
     tracing::info!(budget = %fmt_dur(budget), "stop sequence started");
     // Time kept back for later phases, so one slow phase cannot starve the rest.

@@ -652,12 +652,53 @@ async fn blocking<T: Send + 'static>(
     std::thread::Builder::new()
         .name("wsagent-checkpoint".into())
         .spawn(move || {
-            lower_this_threads_priority();
-            let _ = tx.send(f());
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::gettid() };
+            LOW_THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(tid);
+            if !BOOSTED.load(std::sync::atomic::Ordering::SeqCst) {
+                lower_this_threads_priority();
+            }
+            let r = f();
+            LOW_THREADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|t| *t != tid);
+            let _ = tx.send(r);
         })
         .map_err(|e| format!("cannot start a checkpoint thread: {e}"))?;
     rx.await
         .map_err(|_| "the checkpoint thread ended without an answer".to_string())
+}
+
+/// The checkpoint threads at work (their thread ids), for [`boost_checkpoints`].
+static LOW_THREADS: std::sync::Mutex<Vec<libc::pid_t>> = std::sync::Mutex::new(Vec::new());
+/// Set once the stop begins: checkpoint threads started after it keep full priority.
+static BOOSTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The stop has begun: a checkpoint in flight is now the stop's save (it joins it), so
+/// its threads get back the normal CPU and I/O priority (as root; a daemon without
+/// CAP_SYS_NICE cannot lower a nice value and leaves them as they are).
+pub fn boost_checkpoints() {
+    BOOSTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    for tid in LOW_THREADS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // SAFETY: plain syscalls naming one of our own threads; a thread that has just
+        // ended makes them fail with ESRCH, which changes nothing.
+        unsafe {
+            let _ = libc::setpriority(libc::PRIO_PROCESS, *tid as libc::id_t, 0);
+            let _ = libc::syscall(
+                libc::SYS_ioprio_set,
+                IOPRIO_WHO_PROCESS,
+                *tid as libc::c_long,
+                (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 4,
+            );
+        }
+    }
 }
 
 /// Nice 19 and the idle I/O class, for the calling thread only.

@@ -1000,3 +1000,63 @@ fn in_branch_mode_checkpoints_leave_the_branch_alone_and_the_stop_commits_on_it(
     assert_ne!(after, head, "the stop did not commit on the branch");
     assert_eq!(server.ref_target("app.git", "refs/heads/main"), Some(after));
 }
+
+/// Nice value of each thread of `pid` named `name` (from `/proc/PID/task/*/stat`).
+fn thread_nices(pid: u32, name: &str) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(name) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        if let Some(n) = fields.get(16).and_then(|n| n.parse().ok()) {
+            out.push((e.file_name().to_string_lossy().into_owned(), n));
+        }
+    }
+    out
+}
+
+/// A checkpoint works at the lowest priority (nice 19) while the workspace runs; when
+/// the stop arrives during it, its threads get full priority back (the stop's save is
+/// that checkpoint), and the work reaches the remote.
+#[test]
+fn a_stop_during_a_checkpoint_takes_it_over_at_full_priority() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\ncheckpoint = \"200ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    server.set_latency(Duration::from_secs(3));
+    wait_until(SHORT, "a checkpoint thread at nice 19", || {
+        thread_nices(d.pid(), "wsagent-checkpo")
+            .iter()
+            .any(|(_, n)| *n == 19)
+    });
+
+    d.signal(Signal::SIGTERM);
+
+    wait_until(SHORT, "the checkpoint threads back at nice 0", || {
+        let t = thread_nices(d.pid(), "wsagent-checkpo");
+        !t.is_empty() && t.iter().all(|(_, n)| *n == 0)
+    });
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/ws1/main"),
+        worktree_files(&repo)
+    );
+}
