@@ -116,6 +116,7 @@ impl Shared {
             }),
             owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
             owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
+            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
             tokens,
             events: self.events.clone(),
         }
@@ -412,6 +413,24 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
             " (child subreaper)"
         }
     );
+
+    if std::env::var("CODER_WORKSPACE_NAME").is_ok_and(|v| v.trim().is_empty())
+        || std::env::var_os("CODER_WORKSPACE_NAME").is_none()
+    {
+        let host = shared.save_env().workspace;
+        tracing::warn!(
+            host = %host,
+            "CODER_WORKSPACE_NAME is not set: snapshot refs are named after the host name \
+             ({host}), which a Kubernetes pod changes at every start, so earlier snapshots are \
+             hard to find; pass it to the container (see images/coder-template)"
+        );
+        shared.events.note(
+            Level::Warn,
+            format!(
+                "CODER_WORKSPACE_NAME is not set: snapshots are named after the host name {host}"
+            ),
+        );
+    }
 
     let socket = socket_path(opts.socket.clone(), Some(&config));
     let api = match crate::api::serve(&socket, shared.clone(), &tracker, cancel.clone()) {

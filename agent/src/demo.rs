@@ -137,6 +137,8 @@ interval = "500ms"
         .env("HOME", &home)
         .env("WSAGENT_SYSTEM_CONFIG", dir.join("no-system-config"))
         .env("CODER_WORKSPACE_NAME", "demo")
+        // The demo's snapshot ref is wip/demo/main, in a real workspace too.
+        .env_remove("CODER_WORKSPACE_OWNER_NAME")
         .env_remove("WSAGENT_SOCKET")
         .env_remove("CODER_AGENT_TOKEN")
         .stdin(std::process::Stdio::null())

@@ -155,7 +155,7 @@ impl Default for SaveConfig {
             roots: vec!["~/projects".into(), "/workspaces".into()],
             depth: 3,
             repos: Vec::new(),
-            ref_template: "refs/heads/wip/{workspace}/{branch}".into(),
+            ref_template: "refs/heads/wip/{owner}/{workspace}/{branch}".into(),
             max_file_size: 95 * 1024 * 1024,
             parallelism: 8,
             exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
@@ -215,7 +215,10 @@ pub fn validate(cfg: &SaveConfig) -> Vec<(String, String)> {
         }
     }
     let t = &cfg.ref_template;
-    let rest = t.replace("{workspace}", "").replace("{branch}", "");
+    let rest = t
+        .replace("{owner}", "")
+        .replace("{workspace}", "")
+        .replace("{branch}", "");
     if !t.starts_with("refs/") {
         out.push((
             "save.ref_template".into(),
@@ -229,10 +232,14 @@ pub fn validate(cfg: &SaveConfig) -> Vec<(String, String)> {
     } else if rest.contains('{') || rest.contains('}') {
         out.push((
             "save.ref_template".into(),
-            format!("{t:?} has an unknown placeholder (known: {{workspace}}, {{branch}})"),
+            format!(
+                "{t:?} has an unknown placeholder (known: {{owner}}, {{workspace}}, {{branch}})"
+            ),
         ));
     } else if !git2::Reference::is_valid_name(
-        &t.replace("{workspace}", "ws").replace("{branch}", "main"),
+        &t.replace("{owner}", "me")
+            .replace("{workspace}", "ws")
+            .replace("{branch}", "main"),
     ) {
         out.push((
             "save.ref_template".into(),
@@ -277,6 +284,10 @@ pub struct SaveEnv {
     pub owner_name: Option<String>,
     /// `CODER_WORKSPACE_OWNER_EMAIL`.
     pub owner_email: Option<String>,
+    /// The owner's user name for `{owner}` in the snapshot ref (`CODER_WORKSPACE_OWNER_NAME`):
+    /// workspace names are unique per owner only, so two owners' `dev` workspaces must not
+    /// share a ref. `None`: `{owner}/` is left out.
+    pub ref_owner: Option<String>,
     pub tokens: crate::tokens::Tokens,
     pub events: crate::events::Events,
 }
@@ -288,6 +299,27 @@ pub struct SaveRequest {
     pub only: Option<PathBuf>,
     /// Report what would be saved; write nothing (no commit, no push, no journal).
     pub dry_run: bool,
+}
+
+/// `{owner}` of a ref template filled with the owner's name (made ref-safe), or left out
+/// with its slash when there is none.
+pub fn fill_owner(template: &str, owner: Option<&str>) -> String {
+    match owner.map(str::trim).filter(|o| !o.is_empty()) {
+        Some(o) => {
+            let safe: String = o
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                        c
+                    } else {
+                        '-'
+                    }
+                })
+                .collect();
+            template.replace("{owner}", safe.trim_matches('.'))
+        }
+        None => template.replace("{owner}/", "").replace("{owner}", ""),
+    }
 }
 
 /// Told of a save's progress as it happens: how many repositories it found, then each
@@ -365,7 +397,8 @@ pub async fn save_all_observed(
     };
     let (depth, only) = (cfg.depth, req.only.clone());
     let state_dir = env.state_dir.clone();
-    let (template, workspace) = (cfg.ref_template.clone(), env.workspace.clone());
+    let ref_template = fill_owner(&cfg.ref_template, env.ref_owner.as_deref());
+    let (template, workspace) = (ref_template.clone(), env.workspace.clone());
     let found = tokio::task::spawn_blocking(move || {
         // The whole set is needed even for `only`: ref suffixes depend on it.
         let (all, unsearched) = discover::discover_checked(&roots, depth, &explicit, &exclude);
@@ -453,7 +486,14 @@ pub async fn save_all_observed(
         } else {
             cfg.mode
         },
-        ref_template: cfg.ref_template.clone(),
+        ref_template,
+        // Every snapshot ref, whoever's, starts here: never taken for a user's branch.
+        ref_prefix: cfg
+            .ref_template
+            .split('{')
+            .next()
+            .unwrap_or_default()
+            .to_string(),
         max_file_size: cfg.max_file_size,
         workspace: env.workspace.clone(),
         owner_name: env.owner_name.clone(),

@@ -28,6 +28,9 @@ const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 pub(crate) struct Ctx {
     pub mode: SaveMode,
     pub ref_template: String,
+    /// The fixed start of the configured template (`refs/heads/wip/`): local branches
+    /// under it are snapshot refs, never the user's branches.
+    pub ref_prefix: String,
     pub max_file_size: u64,
     pub workspace: String,
     pub owner_name: Option<String>,
@@ -203,6 +206,7 @@ fn prepare_inner(
             &repo,
             branch.as_deref().or(rebased.as_deref()),
             &ctx.ref_template,
+            &ctx.ref_prefix,
             &ctx.workspace,
             &suffix,
             name,
@@ -516,11 +520,11 @@ fn other_unpushed_branches(
     repo: &Repository,
     current: Option<&str>,
     template: &str,
+    prefix: &str,
     workspace: &str,
     suffix: &str,
     remote_name: &str,
 ) -> Vec<ExtraPush> {
-    let prefix = template.split('{').next().unwrap_or(template);
     if prefix.len() <= "refs/heads/".len() || !prefix.starts_with("refs/heads/") {
         return Vec::new();
     }

@@ -89,6 +89,7 @@ impl Fixture {
             workspace: WORKSPACE.into(),
             owner_name: Some("Owner".into()),
             owner_email: Some("owner@example.com".into()),
+            ref_owner: None,
             tokens: Tokens::new(providers, self.home.clone()),
             events: self.events.clone(),
         }

@@ -1060,3 +1060,48 @@ fn a_stop_during_a_checkpoint_takes_it_over_at_full_priority() {
         worktree_files(&repo)
     );
 }
+
+/// Coder workspace names are unique per owner only: alice's `dev` and bob's `dev`, both
+/// working on one repository, save to their own snapshot refs; neither overwrites the
+/// other's work.
+#[test]
+fn two_owners_workspaces_of_the_same_name_keep_their_own_snapshots() {
+    let alice = Workspace::new()
+        .with_env("CODER_WORKSPACE_NAME", "dev")
+        .with_env("CODER_WORKSPACE_OWNER_NAME", "alice");
+    let server = setup(&alice);
+    let a_repo = dirty_repo(&server, &alice.home(), "app");
+    cache_token(&alice.home(), TOKEN);
+    let bob = Workspace::new()
+        .with_env("CODER_WORKSPACE_NAME", "dev")
+        .with_env("CODER_WORKSPACE_OWNER_NAME", "bob");
+    let b_repo = bob.home().join("projects/app");
+    std::fs::create_dir_all(b_repo.parent().unwrap()).unwrap();
+    git(
+        bob.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url("app.git"),
+            b_repo.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(b_repo.join("bob.txt"), "bob's work\n").unwrap();
+    cache_token(&bob.home(), TOKEN);
+
+    for ws in [&alice, &bob] {
+        let mut d = Daemon::start(ws, &config(&provider_for(&server)));
+        d.wait_lifecycle(Lifecycle::Ready, SHORT);
+        d.signal(Signal::SIGTERM);
+        assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    }
+
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/alice/dev/main"),
+        worktree_files(&a_repo)
+    );
+    assert_eq!(
+        server_files(&server, "app", "refs/heads/wip/bob/dev/main"),
+        worktree_files(&b_repo)
+    );
+}
