@@ -133,6 +133,8 @@ pub(crate) fn worktree_tree(
     let statuses = repo.statuses(Some(&mut opts))?;
     let mut left_out = Vec::new();
     let mut changed = 0;
+    // The paths whose entry differs from the index's.
+    let mut touched: Vec<Vec<u8>> = Vec::new();
     let from_disk = Status::WT_NEW
         | Status::WT_MODIFIED
         | Status::WT_TYPECHANGE
@@ -153,6 +155,7 @@ pub(crate) fn worktree_tree(
             changed += 1;
             let full = workdir.join(OsStr::from_bytes(&path));
             let tracked = entries.get(&path).copied();
+            touched.push(path.clone());
             match blob_from_disk(repo, staged, &full, tracked, max_file_size) {
                 Ok(Some(entry)) => {
                     entries.insert(path, entry);
@@ -174,6 +177,7 @@ pub(crate) fn worktree_tree(
         } else if st.contains(Status::WT_DELETED) {
             changed += 1;
             entries.remove(&path);
+            touched.push(path);
         }
     }
 
@@ -182,7 +186,8 @@ pub(crate) fn worktree_tree(
         match blob_from_disk(repo, staged, &full, Some(tracked), max_file_size) {
             Ok(Some(entry)) if entry != tracked => {
                 changed += 1;
-                entries.insert(path, entry);
+                entries.insert(path.clone(), entry);
+                touched.push(path);
             }
             Ok(_) => {}
             Err(why) => left_out.push(format!("{}: {why}", String::from_utf8_lossy(&path))),
@@ -203,23 +208,31 @@ pub(crate) fn worktree_tree(
             index_tree,
         });
     }
+    // A few changes in a big repository: a copy of the index with just those entries
+    // changed keeps its cached trees for every untouched directory, so only the changed
+    // directories' trees are written (as `git write-tree` after `git add` does).
+    if index_tree.is_some()
+        && let Ok(mut copy) = git2::Index::open(&repo.path().join("index"))
+    {
+        for path in &touched {
+            match entries.get(path) {
+                Some((mode, id)) => copy.add(&entry(path.clone(), *mode, *id))?,
+                None => {
+                    let _ = copy.remove_path(Path::new(OsStr::from_bytes(path)));
+                }
+            }
+        }
+        let tree = copy.write_tree_to(repo)?;
+        return Ok(WorktreeTree {
+            tree,
+            left_out,
+            changed,
+            index_tree,
+        });
+    }
     let mut mem = git2::Index::new()?;
     for (path, (mode, id)) in entries {
-        let zero = IndexTime::new(0, 0);
-        mem.add(&IndexEntry {
-            ctime: zero,
-            mtime: zero,
-            dev: 0,
-            ino: 0,
-            mode,
-            uid: 0,
-            gid: 0,
-            file_size: 0,
-            id,
-            flags: path.len().min(0xfff) as u16,
-            flags_extended: 0,
-            path,
-        })?;
+        mem.add(&entry(path, mode, id))?;
     }
     let tree = mem.write_tree_to(repo)?;
     Ok(WorktreeTree {
@@ -228,6 +241,25 @@ pub(crate) fn worktree_tree(
         changed,
         index_tree,
     })
+}
+
+/// An index entry for a tree only: no stat data.
+fn entry(path: Vec<u8>, mode: u32, id: Oid) -> IndexEntry {
+    let zero = IndexTime::new(0, 0);
+    IndexEntry {
+        ctime: zero,
+        mtime: zero,
+        dev: 0,
+        ino: 0,
+        mode,
+        uid: 0,
+        gid: 0,
+        file_size: 0,
+        id,
+        flags: path.len().min(0xfff) as u16,
+        flags_extended: 0,
+        path,
+    }
 }
 
 /// How many paths differ between the worktree and the index or HEAD (untracked
