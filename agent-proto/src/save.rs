@@ -27,6 +27,10 @@ pub struct RepoOutcome {
     /// Files left out of the commit (too large, unreadable), with the reason.
     #[serde(default)]
     pub left_out: Vec<String>,
+    /// A dry run: the paths that would be saved, each after `git status --short`'s two
+    /// letters (at most 200, then a count). Never journaled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
     pub error: Option<String>,
     pub duration_ms: u64,
     /// Tree of the saved worktree (what the idempotence check compares).

@@ -938,7 +938,10 @@ fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
         "failed" => format!("failed      {}: {}", o.repo, why("unknown error")),
         "clean" => format!("clean       {} (nothing to save)", o.repo),
         "unchanged" => format!("unchanged   {} (already saved)", o.repo),
-        "would-save" => format!("would save  {}", o.repo),
+        "would-save" => match (&o.r#ref, &o.remote) {
+            (Some(r), Some(remote)) => format!("would save  {} -> {r} on {remote}", o.repo),
+            _ => format!("would save  {} (no remote: locally only)", o.repo),
+        },
         other => format!("{other:<11} {}", o.repo),
     };
     if o.result != "committed"
@@ -946,6 +949,9 @@ fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
         && let Some(n) = &o.note
     {
         line.push_str(&format!(" [{n}]"));
+    }
+    for f in &o.files {
+        line.push_str(&format!("\n              {f}"));
     }
     line
 }

@@ -216,13 +216,33 @@ fn prepare_inner(
     outcome.head = head.map(|h| h.to_string());
     if ctx.dry_run {
         // Read-only: the status alone, no blob written.
-        let changed = pending_changes(&repo).map_err(|source| SaveError::Worktree {
+        let files = pending_changes(&repo).map_err(|source| SaveError::Worktree {
             path: path.clone(),
             source,
         })?;
+        let changed = files.len();
         let mut pending = Vec::new();
         if changed > 0 {
             pending.push(format!("{changed} changed paths"));
+        }
+        // What would go, and where.
+        const SHOWN: usize = 200;
+        outcome.files = files.iter().take(SHOWN).cloned().collect();
+        if changed > SHOWN {
+            outcome
+                .files
+                .push(format!("... and {} more", changed - SHOWN));
+        }
+        if let Some((_, u)) = &remote {
+            outcome.remote = Some(push_url(u, &ctx.known_hosts).1);
+            let mut r = snapshot_ref(
+                &ctx.ref_template,
+                &ctx.workspace,
+                branch.as_deref().or(rebased.as_deref()),
+                head,
+            );
+            r.push_str(&suffix);
+            outcome.r#ref = Some(r);
         }
         if unpushed {
             pending.push("unpushed commits".to_string());

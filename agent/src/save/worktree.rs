@@ -264,7 +264,7 @@ fn entry(path: Vec<u8>, mode: u32, id: Oid) -> IndexEntry {
 
 /// How many paths differ between the worktree and the index or HEAD (untracked
 /// included, ignored not): a read-only look for dry runs.
-pub fn pending_changes(repo: &Repository) -> Result<usize, git2::Error> {
+pub fn pending_changes(repo: &Repository) -> Result<Vec<String>, git2::Error> {
     let mut opts = StatusOptions::new();
     opts.include_untracked(true)
         .recurse_untracked_dirs(true)
@@ -276,24 +276,60 @@ pub fn pending_changes(repo: &Repository) -> Result<usize, git2::Error> {
     let index = repo.index()?;
     let skipped = skip_worktree_paths(&index, workdir);
     // Skip-worktree files on disk anyway: changed when their bytes differ (not written).
-    let present = present_skip_worktree(&index, workdir)
+    let mut out: Vec<String> = present_skip_worktree(&index, workdir)
         .into_iter()
         .filter(|(path, (_, id))| {
             let full = workdir.join(OsStr::from_bytes(path));
             let is_file = std::fs::symlink_metadata(&full).is_ok_and(|m| m.is_file());
             !is_file || !Oid::hash_file(git2::ObjectType::Blob, &full).is_ok_and(|h| h == *id)
         })
-        .count();
+        .map(|(path, _)| format!("M  {}", String::from_utf8_lossy(&path)))
+        .collect();
     let statuses = repo.statuses(Some(&mut opts))?;
-    Ok(present
-        + statuses
-            .iter()
-            .filter(|s| !s.status().is_ignored() && !s.path_bytes().ends_with(b"/"))
-            .filter(|s| {
-                // A skip-worktree entry counts only for what is staged.
-                !skipped.contains(s.path_bytes()) || !(s.status() - worktree_bits()).is_empty()
-            })
-            .count())
+    for s in statuses.iter() {
+        let st = s.status();
+        if st.is_ignored() || s.path_bytes().ends_with(b"/") {
+            continue;
+        }
+        // A skip-worktree entry counts only for what is staged.
+        if skipped.contains(s.path_bytes()) && (st - worktree_bits()).is_empty() {
+            continue;
+        }
+        out.push(format!(
+            "{} {}",
+            short_status(st),
+            String::from_utf8_lossy(s.path_bytes())
+        ));
+    }
+    Ok(out)
+}
+
+/// `git status --short`'s two letters for a status.
+fn short_status(st: Status) -> String {
+    if st.contains(Status::WT_NEW) && !st.intersects(Status::INDEX_NEW) {
+        return "??".into();
+    }
+    let index = if st.contains(Status::INDEX_NEW) {
+        'A'
+    } else if st.contains(Status::INDEX_DELETED) {
+        'D'
+    } else if st.intersects(Status::INDEX_MODIFIED | Status::INDEX_TYPECHANGE) {
+        'M'
+    } else if st.contains(Status::INDEX_RENAMED) {
+        'R'
+    } else {
+        ' '
+    };
+    let wt = if st.contains(Status::WT_DELETED) {
+        'D'
+    } else if st.intersects(Status::WT_MODIFIED | Status::WT_TYPECHANGE) {
+        'M'
+    } else if st.contains(Status::CONFLICTED) {
+        'U'
+    } else {
+        ' '
+    };
+    format!("{index}{wt}")
 }
 
 /// The entry for one path as it is on disk: `Ok(None)` when it is gone, `Err(why)` when

@@ -1105,3 +1105,49 @@ fn two_owners_workspaces_of_the_same_name_keep_their_own_snapshots() {
         worktree_files(&b_repo)
     );
 }
+
+/// `wsagent save --dry-run` shows, per repository, the files that would go (as `git
+/// status --short` names them), the remote and the ref, and changes nothing.
+#[test]
+fn save_dry_run_lists_the_files_the_remote_and_the_ref() {
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    std::fs::write(repo.join("staged.txt"), "staged\n").unwrap();
+    git(&repo, &["add", "staged.txt"]);
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    server.clear_requests();
+
+    let out = d.cli(["save", "--dry-run"]);
+
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let app = std::fs::canonicalize(&repo).unwrap();
+    assert!(
+        text.contains(&format!(
+            "would save  {} -> refs/heads/wip/ws1/main on {}",
+            app.display(),
+            server.url("app.git")
+        )),
+        "{text}"
+    );
+    for f in [" M tracked.txt", "?? new file.txt", "A  staged.txt"] {
+        assert!(
+            text.contains(&format!("              {f}\n")),
+            "{f:?} in {text}"
+        );
+    }
+    assert!(
+        server.requests().is_empty(),
+        "a dry run sent {:?}",
+        server.requests()
+    );
+    assert_eq!(
+        server.ref_target("app.git", "refs/heads/wip/ws1/main"),
+        None
+    );
+    d.signal(Signal::SIGTERM);
+    d.wait_exit(LONG);
+}
