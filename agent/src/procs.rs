@@ -271,8 +271,8 @@ pub fn spawn(spec: Spec) -> io::Result<Child> {
                 return Err(io::Error::last_os_error());
             }
             if let Some(r) = &run_as {
-                let groups: Vec<libc::gid_t> = r.groups.clone();
-                if libc::setgroups(groups.len() as _, groups.as_ptr()) < 0 {
+                // The list prepared before the fork: no allocation here.
+                if libc::setgroups(r.groups.len() as _, r.groups.as_ptr()) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 if libc::setgid(r.gid) < 0 {

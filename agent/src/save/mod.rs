@@ -13,9 +13,9 @@
 //! Invariants: `.git/config` is never written (pushes go through an anonymous remote
 //! whose credentials come from a callback); in `snapshot` mode HEAD, the index and the
 //! worktree are never written; a token appears nowhere but in the callback's answer.
-//! Process-wide libgit2 settings made here: the socket timeouts (the save's remaining
-//! budget, at least 1 s), and, when running as root, no owner check and the global
-//! config read from the user's HOME ([`fsids::prepare_for_root`]).
+//! Process-wide libgit2 settings made here: when running as root, no owner check and the
+//! global config read from the user's HOME ([`fsids::prepare_for_root`]). (Pushes go
+//! through our own HTTP transport, `githttp`, which takes the deadline itself.)
 
 pub mod discover;
 pub mod fsids;
@@ -506,7 +506,6 @@ pub async fn save_all_observed(
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
-    set_socket_timeouts(deadline);
 
     // A checkpoint's outcome is only worth a line when it changed something.
     let quiet = req.reason == Reason::Checkpoint;
@@ -811,18 +810,6 @@ async fn push_one(
     }
     outcome.duration_ms += t0.elapsed().as_millis() as u64;
     outcome
-}
-
-/// A push blocked on a silent server must not outlive the deadline by much: libgit2
-/// gives up on a socket operation after this long. The setting is process-wide.
-fn set_socket_timeouts(deadline: tokio::time::Instant) {
-    let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let ms = remaining.as_millis().clamp(1000, i32::MAX as u128) as i32;
-    // SAFETY: plain integer settings of libgit2, read when a connection is opened.
-    unsafe {
-        let _ = git2::opts::set_server_timeout_in_milliseconds(ms);
-        let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms);
-    }
 }
 
 /// Credentials per host, fetched once, on first use.

@@ -809,15 +809,21 @@ pub(crate) fn sync_filesystems(dirs: &[PathBuf]) {
     }
 }
 
+/// One `syncfs` of the filesystem holding `dir`; a failure is said, naming the place
+/// (the commits are then only as durable as the kernel's own writeback makes them).
 fn sync_dir(dir: &Path) {
     use std::os::fd::AsRawFd;
-    match std::fs::File::open(dir) {
-        // SAFETY: the fd is valid for the lifetime of `f`.
-        Ok(f) => unsafe {
-            libc::syncfs(f.as_raw_fd());
-        },
-        // SAFETY: sync has no preconditions.
-        Err(_) => unsafe { libc::sync() },
+    let f = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot open to sync its filesystem: the new commits are not flushed");
+            return;
+        }
+    };
+    // SAFETY: the fd is valid for the lifetime of `f`.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } < 0 {
+        let e = std::io::Error::last_os_error();
+        tracing::warn!(dir = %dir.display(), error = %e, "syncfs failed: the new commits may not be on disk yet");
     }
 }
 
