@@ -476,7 +476,7 @@ fn saves_cmd(repo: Option<PathBuf>, json: bool, remote: bool) -> ExitCode {
         }
     };
     if remote {
-        match crate::restore::list_remote(&repo, &cfg.save.ref_template, &journal) {
+        match crate::restore::list_remote(&repo, &cfg.save.ref_template) {
             Ok(r) => snaps = crate::restore::merge(snaps, r),
             Err(e) => {
                 eprintln!("wsagent: the remote's snapshots: {e}");

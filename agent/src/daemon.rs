@@ -414,9 +414,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     );
 
-    if std::env::var("CODER_WORKSPACE_NAME").is_ok_and(|v| v.trim().is_empty())
-        || std::env::var_os("CODER_WORKSPACE_NAME").is_none()
-    {
+    if std::env::var("CODER_WORKSPACE_NAME").map_or(true, |v| v.trim().is_empty()) {
         let host = shared.save_env().workspace;
         tracing::warn!(
             host = %host,

@@ -43,14 +43,29 @@ pub fn list(
 ) -> Result<Vec<Snapshot>, String> {
     let r = git2::Repository::discover(repo)
         .map_err(|e| format!("{}: not a git repository: {}", repo.display(), e.message()))?;
-    let prefix = ref_template
-        .split('{')
-        .next()
-        .unwrap_or("refs/heads/wip/")
-        .to_string();
+    let pushed = pushed_commits(&r, journal);
+    let prefix = crate::save::ref_prefix(ref_template);
+    let refs = r
+        .references_glob(&format!("{prefix}*"))
+        .map_err(|e| format!("{}: {}", repo.display(), e.message()))?;
+    let tips: Vec<(String, git2::Oid)> = refs
+        .flatten()
+        .filter_map(|rf| Some((rf.name().ok()?.to_string(), rf.peel_to_commit().ok()?.id())))
+        .collect();
+    let mut out = Vec::new();
+    for (name, tip) in tips {
+        walk(&r, tip, &name, &pushed, &mut out);
+    }
+    out.sort_by(|a, b| b.at.cmp(&a.at).then(a.commit.cmp(&b.commit)));
+    out.dedup_by(|a, b| a.commit == b.commit);
+    Ok(out)
+}
+
+/// The commits the journal says a save of this repository pushed.
+fn pushed_commits(r: &git2::Repository, journal: &[RepoOutcome]) -> Vec<git2::Oid> {
     let workdir = r.workdir().unwrap_or(r.path()).to_path_buf();
     let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
-    let pushed: Vec<git2::Oid> = journal
+    journal
         .iter()
         .filter(|o| o.pushed && Path::new(&o.repo) == workdir)
         .filter_map(|o| {
@@ -58,47 +73,32 @@ pub fn list(
                 .as_deref()
                 .and_then(|c| git2::Oid::from_str(c).ok())
         })
-        .collect();
-    let mut out = Vec::new();
-    let refs = r
-        .references_glob(&format!("{prefix}*"))
-        .map_err(|e| format!("{}: {}", repo.display(), e.message()))?;
-    let names: Vec<String> = refs
-        .flatten()
-        .filter_map(|rf| rf.name().ok().map(str::to_string))
-        .collect();
-    for name in names {
-        let Ok(mut c) = r.find_reference(&name).and_then(|rf| rf.peel_to_commit()) else {
-            continue;
-        };
-        let mut seen = 0;
-        loop {
-            if !is_snapshot(&c) || seen > 10_000 {
-                break;
-            }
-            seen += 1;
-            out.push(describe(&r, &c, &name, &pushed));
-            match previous(&c) {
-                Some(p) => c = p,
-                None => break,
-            }
-        }
+        .collect()
+}
+
+/// The snapshot chain from `tip` back (bounded), described, onto `out`.
+fn walk(
+    r: &git2::Repository,
+    tip: git2::Oid,
+    label: &str,
+    pushed: &[git2::Oid],
+    out: &mut Vec<Snapshot>,
+) {
+    let mut next = r.find_commit(tip).ok();
+    let mut seen = 0;
+    while let Some(c) = next.filter(|c| is_snapshot(c) && seen < 10_000) {
+        seen += 1;
+        out.push(describe(r, &c, label, pushed));
+        next = previous(&c);
     }
-    out.sort_by(|a, b| b.at.cmp(&a.at).then(a.commit.cmp(&b.commit)));
-    out.dedup_by(|a, b| a.commit == b.commit);
-    Ok(out)
 }
 
 /// The snapshots on the repository's remote (`origin`, else its only remote): its
 /// snapshot refs are listed (`git ls-remote`) and fetched without naming them locally
 /// (only their objects arrive, so `restore --snapshot ID` works), then walked as the
 /// local ones are. Snapshots an earlier workspace of the same user pushed show up here.
-pub fn list_remote(
-    repo: &Path,
-    ref_template: &str,
-    journal: &[RepoOutcome],
-) -> Result<Vec<Snapshot>, String> {
-    let prefix = ref_template.split('{').next().unwrap_or("refs/heads/wip/");
+pub fn list_remote(repo: &Path, ref_template: &str) -> Result<Vec<Snapshot>, String> {
+    let prefix = crate::save::ref_prefix(ref_template);
     let remotes = git(Some(repo), &["remote"])?;
     let remote = if remotes.lines().any(|r| r == "origin") {
         "origin".to_string()
@@ -123,35 +123,15 @@ pub fn list_remote(
     args.extend(refs.iter().map(|(_, n)| n.as_str()));
     git(Some(repo), &args)?;
     let r = git2::Repository::discover(repo).map_err(|e| e.message().to_string())?;
-    let workdir = r.workdir().unwrap_or(r.path()).to_path_buf();
-    let workdir = std::fs::canonicalize(&workdir).unwrap_or(workdir);
-    let pushed: Vec<git2::Oid> = journal
-        .iter()
-        .filter(|o| o.pushed && Path::new(&o.repo) == workdir)
-        .filter_map(|o| {
-            o.commit
-                .as_deref()
-                .and_then(|c| git2::Oid::from_str(c).ok())
-        })
-        .collect();
     let mut out = Vec::new();
     for (sha, name) in refs {
-        let Ok(mut c) = git2::Oid::from_str(&sha).and_then(|id| r.find_commit(id)) else {
-            continue;
-        };
-        let label = format!("{remote}:{name}");
-        let mut seen = 0;
-        while is_snapshot(&c) && seen < 10_000 {
-            seen += 1;
-            let mut s = describe(&r, &c, &label, &pushed);
-            // On the remote: pushed, whoever pushed it.
-            s.pushed = true;
-            out.push(s);
-            match previous(&c) {
-                Some(p) => c = p,
-                None => break,
-            }
+        if let Ok(tip) = git2::Oid::from_str(&sha) {
+            walk(&r, tip, &format!("{remote}:{name}"), &[], &mut out);
         }
+    }
+    // On the remote: pushed, whoever pushed it.
+    for s in &mut out {
+        s.pushed = true;
     }
     Ok(out)
 }
@@ -304,7 +284,7 @@ fn restore_inner(
         .as_ref()
         .is_some_and(|id| !snaps.iter().any(|s| s.commit.starts_with(id.as_str())));
     if snaps.is_empty() || wanted_missing {
-        snaps = merge(snaps, list_remote(&path, ref_template, journal)?);
+        snaps = merge(snaps, list_remote(&path, ref_template)?);
     }
     let pick = choose(&snaps, req, &path)?;
     let short = &pick.commit[..12.min(pick.commit.len())];
@@ -452,7 +432,7 @@ fn clone_for_restore(
     let p = path.display().to_string();
     println!("cloning {url} into {p}");
     git(None, &["clone", "-q", &url, &p])?;
-    let prefix = ref_template.split('{').next().unwrap_or("refs/heads/wip/");
+    let prefix = crate::save::ref_prefix(ref_template);
     let spec = format!("+{prefix}*:{prefix}*");
     git(Some(path), &["fetch", "-q", "origin", &spec])?;
     Ok(())

@@ -301,6 +301,12 @@ pub struct SaveRequest {
     pub dry_run: bool,
 }
 
+/// The fixed start of a ref template, before its first placeholder (`refs/heads/wip/`):
+/// every snapshot ref, whoever's, starts with it.
+pub fn ref_prefix(template: &str) -> &str {
+    template.split('{').next().unwrap_or(template)
+}
+
 /// `{owner}` of a ref template filled with the owner's name (made ref-safe), or left out
 /// with its slash when there is none.
 pub fn fill_owner(template: &str, owner: Option<&str>) -> String {
@@ -488,12 +494,7 @@ pub async fn save_all_observed(
         },
         ref_template,
         // Every snapshot ref, whoever's, starts here: never taken for a user's branch.
-        ref_prefix: cfg
-            .ref_template
-            .split('{')
-            .next()
-            .unwrap_or_default()
-            .to_string(),
+        ref_prefix: ref_prefix(&cfg.ref_template).to_string(),
         max_file_size: cfg.max_file_size,
         workspace: env.workspace.clone(),
         owner_name: env.owner_name.clone(),
