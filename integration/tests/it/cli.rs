@@ -59,7 +59,7 @@ fn socket_is_private_and_other_uids_are_refused() {
     }
     std::fs::set_permissions(ws.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(wsagent_bin())
+    let out = std::process::Command::new(bin_for_other_uids(&ws))
         .args([
             "--socket".as_ref(),
             ws.socket().as_os_str(),
@@ -300,9 +300,22 @@ fn logs_tail_and_follow_a_service() {
     let _ = child.wait();
 }
 
+/// The wsagent binary at a path any uid can reach: the build's own may sit under a
+/// directory only root may search (a `mktemp -d` target dir), where another uid gets
+/// "Permission denied" before the binary even runs. A hard link (or copy) in the
+/// workspace, which the caller makes 0755.
+fn bin_for_other_uids(ws: &Workspace) -> std::path::PathBuf {
+    let dst = ws.path().join("wsagent-any-uid");
+    if !dst.exists() && std::fs::hard_link(wsagent_bin(), &dst).is_err() {
+        std::fs::copy(wsagent_bin(), &dst).expect("copy wsagent");
+    }
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dst
+}
+
 /// `wsagent status --json` against `ws`'s socket, run as `uid` (gid the same).
 fn status_as(ws: &Workspace, uid: u32) -> std::process::Output {
-    std::process::Command::new(wsagent_bin())
+    std::process::Command::new(bin_for_other_uids(ws))
         .args([
             "--socket".as_ref(),
             ws.socket().as_os_str(),
