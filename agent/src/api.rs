@@ -28,7 +28,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::daemon::Shared;
+use crate::state::Shared;
 
 /// Peer credentials of a connection.
 #[derive(Clone, Debug)]
@@ -667,5 +667,26 @@ impl Client {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+}
+
+/// The socket path: `--socket`, config `daemon.socket`/`WSAGENT_SOCKET`, else
+/// `/run/wsagent/wsagent.sock` as root, `$XDG_RUNTIME_DIR/wsagent.sock` otherwise.
+pub fn socket_path(explicit: Option<PathBuf>, config: Option<&crate::config::Config>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Some(s) = config.and_then(|c| c.daemon.socket.clone()) {
+        return crate::paths::expand_home(&s, &crate::paths::home_dir());
+    }
+    if let Some(s) = std::env::var_os("WSAGENT_SOCKET") {
+        return PathBuf::from(s);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/wsagent/wsagent.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("wsagent.sock"),
+        None => std::env::temp_dir().join(format!("wsagent-{}.sock", nix::unistd::geteuid())),
     }
 }

@@ -10,9 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use agent_proto::local::{
-    EventKind, Level, Lifecycle, ServiceState, ServiceStatus, Status, StepStatus,
-};
+use agent_proto::local::{Level, Lifecycle, ServiceState, ServiceStatus};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,280 +18,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Loaded, Sources};
 use crate::events::Events;
 use crate::signals::Signal;
+use crate::state::Shared;
 use crate::supervisor::Supervisor;
 use crate::supervisor::service::fmt_dur;
-
-/// Daemon state shared with the local API.
-pub struct Shared {
-    pub started: Instant,
-    pub pid1: bool,
-    pub lifecycle: watch::Sender<Lifecycle>,
-    pub supervisor: tokio::sync::Mutex<Supervisor>,
-    /// Status watches of the services, readable without the supervisor lock.
-    pub service_watch: Mutex<BTreeMap<String, watch::Receiver<ServiceStatus>>>,
-    pub config: RwLock<Loaded>,
-    pub sources: Sources,
-    pub startup: Mutex<Vec<StepStatus>>,
-    pub shutdown: Mutex<Vec<StepStatus>>,
-    pub events: Events,
-    /// Cancelled to start the stop sequence.
-    pub stop: CancellationToken,
-    /// Cancelled when the daemon exits: ends API streams and background tasks.
-    pub exit: CancellationToken,
-    pub home: PathBuf,
-    pub state_dir: PathBuf,
-    pub log_dir: PathBuf,
-    /// The control-plane reporter (standalone when Coder is not configured).
-    pub control: Mutex<Option<crate::control::ControlHandle>>,
-    /// Every background task of the daemon, joined at exit.
-    pub tracker: TaskTracker,
-    /// One save at a time (stop, `wsagent save`, SIGUSR1).
-    pub save_lock: tokio::sync::Mutex<()>,
-    /// The save running now, or the last one: a request it covers joins it.
-    pub current_save: Mutex<Option<Arc<crate::saverun::SaveRun>>>,
-    /// The stop sequence's save, once it has begun: a save asked for during the stop
-    /// joins it, or gets its result when it has ended.
-    pub stop_save: watch::Sender<Option<Arc<crate::saverun::SaveRun>>>,
-    /// The latest save outcome of each repository (read from the journal at start, then
-    /// kept current by each save), so `status` never re-reads the journal.
-    pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
-    /// A fresh-token fetch from the control plane, when there is one.
-    pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
-    /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
-    pub tasks: crate::startup::State,
-    /// Event streams of the local API still open (`shutdown --wait`, `events`):
-    /// the exit waits a little for them to be read, and not at all when there are none.
-    pub open_streams: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Shared {
-    pub fn status(&self) -> Status {
-        let services = self
-            .service_watch
-            .lock()
-            .expect("lock")
-            .values()
-            .map(|w| w.borrow().clone())
-            .collect();
-        let config = self.config.read().expect("lock");
-        Status {
-            version: env!("CARGO_PKG_VERSION").into(),
-            pid: std::process::id(),
-            pid1: self.pid1,
-            lifecycle: *self.lifecycle.borrow(),
-            uptime_ms: self.started.elapsed().as_millis() as u64,
-            config_files: config.files.clone(),
-            services,
-            startup: self.startup.lock().expect("lock").clone(),
-            shutdown: self.shutdown.lock().expect("lock").clone(),
-            control_plane: Some(
-                self.control
-                    .lock()
-                    .expect("lock")
-                    .as_ref()
-                    .map(|c| c.status())
-                    .unwrap_or_else(|| "standalone".into()),
-            ),
-            last_save: self.last_save.lock().expect("lock").clone(),
-        }
-    }
-
-    /// What the save needs to know about this workspace.
-    pub fn save_env(&self) -> crate::save::SaveEnv {
-        let config = self.config.read().expect("lock").config.clone();
-        let mut tokens =
-            crate::tokens::Tokens::new(config.git_providers.clone(), self.home.clone());
-        tokens.fresh = self.fresh_token.lock().expect("lock").clone();
-        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        crate::save::SaveEnv {
-            home: self.home.clone(),
-            state_dir: self.state_dir.clone(),
-            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
-                nix::unistd::gethostname()
-                    .ok()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "workspace".into())
-            }),
-            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
-            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
-            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
-            tokens,
-            events: self.events.clone(),
-        }
-    }
-
-    /// Save git work, returning by `deadline`: joins the save already running when it
-    /// covers the same repositories, else starts one (which waits for the running one).
-    pub async fn save(
-        self: &Arc<Self>,
-        reason: crate::save::Reason,
-        only: Option<PathBuf>,
-        dry_run: bool,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
-        let (run, _joined) = self.start_save(reason, only, dry_run, deadline);
-        match tokio::time::timeout_at(deadline, run.wait()).await {
-            Ok(r) => r,
-            Err(_) => Err("the deadline passed before the save ended".into()),
-        }
-    }
-
-    /// The save for this request: the running one when it covers it (`true`: joined),
-    /// else a new one, started on the daemon's tracker. A stop's save is recorded as the
-    /// stop sequence's.
-    pub fn start_save(
-        self: &Arc<Self>,
-        reason: crate::save::Reason,
-        only: Option<PathBuf>,
-        dry_run: bool,
-        deadline: tokio::time::Instant,
-    ) -> (Arc<crate::saverun::SaveRun>, bool) {
-        let mut current = self.current_save.lock().expect("lock");
-        let running = current
-            .as_ref()
-            .filter(|r| !dry_run && !r.is_done() && r.covers(only.as_deref()))
-            .cloned();
-        let (run, joined) = match running {
-            Some(r) => (r, true),
-            None => {
-                let run = crate::saverun::SaveRun::new(reason, only, dry_run);
-                if !dry_run {
-                    *current = Some(run.clone());
-                }
-                let (s, r) = (self.clone(), run.clone());
-                self.tracker.spawn(async move {
-                    let result = s.run_save(&r, deadline).await;
-                    r.finish(result);
-                });
-                (run, false)
-            }
-        };
-        drop(current);
-        if reason == crate::save::Reason::Stop {
-            self.stop_save.send_replace(Some(run.clone()));
-        }
-        (run, joined)
-    }
-
-    /// One save, after the one before it.
-    async fn run_save(
-        &self,
-        run: &Arc<crate::saverun::SaveRun>,
-        deadline: tokio::time::Instant,
-    ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
-        let Ok(_guard) = tokio::time::timeout_at(deadline, self.save_lock.lock()).await else {
-            return Err("another save was still running at the deadline".into());
-        };
-        let cfg = self.config.read().expect("lock").config.save.clone();
-        let req = crate::save::SaveRequest {
-            reason: run.reason,
-            only: run.only.clone(),
-            dry_run: run.dry_run,
-        };
-        let observer: Arc<dyn crate::save::Observer> = run.clone();
-        let outcomes =
-            crate::save::save_all_observed(&cfg, &self.save_env(), &req, deadline, Some(observer))
-                .await;
-        if !run.dry_run {
-            let mut last = self.last_save.lock().expect("lock");
-            for o in &outcomes {
-                last.retain(|l| l.repo != o.repo);
-                last.push(o.clone());
-            }
-            last.sort_by(|a, b| a.repo.cmp(&b.repo));
-        }
-        Ok(outcomes)
-    }
-
-    pub fn set_lifecycle(&self, state: Lifecycle) {
-        let changed = self.lifecycle.send_if_modified(|l| {
-            if *l != state {
-                *l = state;
-                true
-            } else {
-                false
-            }
-        });
-        if changed {
-            let level = match state {
-                Lifecycle::StartError | Lifecycle::ShutdownError => Level::Error,
-                Lifecycle::StartTimeout | Lifecycle::ShutdownTimeout => Level::Warn,
-                _ => Level::Info,
-            };
-            tracing::info!(lifecycle = %state, "lifecycle {state}");
-            self.events.emit(
-                level,
-                EventKind::Lifecycle { state },
-                format!("lifecycle: {state}"),
-            );
-        }
-    }
-
-    fn refresh_watches(&self, sup: &Supervisor) {
-        let mut w = self.service_watch.lock().expect("lock");
-        w.clear();
-        for n in sup.names() {
-            if let Some(h) = sup.get(&n) {
-                w.insert(n, h.watch());
-            }
-        }
-    }
-
-    pub(crate) fn record(
-        &self,
-        stage: &str,
-        name: &str,
-        outcome: &str,
-        took: Option<Duration>,
-        message: Option<String>,
-    ) {
-        let list = if stage == "startup" {
-            &self.startup
-        } else {
-            &self.shutdown
-        };
-        let step = StepStatus {
-            name: name.into(),
-            outcome: outcome.into(),
-            duration_ms: took.map(|d| d.as_millis() as u64),
-            message: message.clone(),
-        };
-        {
-            let mut l = list.lock().expect("lock");
-            match l.iter_mut().find(|s| s.name == name) {
-                Some(s) => *s = step,
-                None => l.push(step),
-            }
-        }
-        let mut line = format!("{stage} {name}: {outcome}");
-        if let Some(d) = took {
-            line.push_str(&format!(" in {}", fmt_dur(d)));
-        }
-        if let Some(m) = &message {
-            line.push_str(&format!(" ({m})"));
-        }
-        let level = match outcome {
-            "failed" => Level::Error,
-            "cut" => Level::Warn,
-            _ => Level::Info,
-        };
-        match level {
-            Level::Error => tracing::error!(stage, step = name, outcome, "{line}"),
-            Level::Warn => tracing::warn!(stage, step = name, outcome, "{line}"),
-            _ => tracing::info!(stage, step = name, outcome, "{line}"),
-        }
-        self.events.emit(
-            level,
-            EventKind::Step {
-                stage: stage.into(),
-                name: name.into(),
-                outcome: outcome.into(),
-                duration_ms: took.map(|d| d.as_millis() as u64),
-            },
-            line,
-        );
-    }
-}
 
 /// The running stop sequence: its exit code and the budget's deadline.
 type StopFuture =
@@ -304,34 +31,6 @@ type StopFuture =
 pub struct Options {
     pub sources: Sources,
     pub socket: Option<PathBuf>,
-}
-
-/// Home directory of the daemon.
-pub fn home_dir() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
-}
-
-/// The socket path: `--socket`, config `daemon.socket`/`WSAGENT_SOCKET`, else
-/// `/run/wsagent/wsagent.sock` as root, `$XDG_RUNTIME_DIR/wsagent.sock` otherwise.
-pub fn socket_path(explicit: Option<PathBuf>, config: Option<&crate::config::Config>) -> PathBuf {
-    if let Some(p) = explicit {
-        return p;
-    }
-    if let Some(s) = config.and_then(|c| c.daemon.socket.clone()) {
-        return crate::config::expand_home(&s, &home_dir());
-    }
-    if let Some(s) = std::env::var_os("WSAGENT_SOCKET") {
-        return PathBuf::from(s);
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/run/wsagent/wsagent.sock");
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) => PathBuf::from(d).join("wsagent.sock"),
-        None => std::env::temp_dir().join(format!("wsagent-{}.sock", nix::unistd::geteuid())),
-    }
 }
 
 /// Run the daemon until the stop sequence ends. The config has been loaded and
@@ -348,7 +47,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    let home = home_dir();
+    let home = crate::paths::home_dir();
     let config = loaded.config.clone();
     let state_dir = config.state_dir(&home);
     let log_dir = config.log_dir(&home);
@@ -384,7 +83,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         stop_save: watch::Sender::new(None),
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
         fresh_token: Mutex::new(None),
-        tasks: crate::startup::State::default(),
+        tasks: crate::state::tasks::State::default(),
         open_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
     });
     // The reporter subscribes first, so the dashboard gets every line from here on.
@@ -430,7 +129,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         );
     }
 
-    let socket = socket_path(opts.socket.clone(), Some(&config));
+    let socket = crate::api::socket_path(opts.socket.clone(), Some(&config));
     let api = match crate::api::serve(&socket, shared.clone(), &tracker, cancel.clone()) {
         Ok(()) => true,
         Err(e) => {
@@ -780,25 +479,6 @@ fn start_only_changes(old: &crate::config::Config, new: &crate::config::Config) 
     out
 }
 
-/// Startup waits briefly (bounded) for a fresh git token before services that need it.
-pub(crate) async fn git_token_step(shared: &Arc<Shared>) {
-    let Some(c) = shared.control() else { return };
-    if c.status().starts_with("standalone") {
-        shared.record(
-            "startup",
-            "git token",
-            "skipped",
-            None,
-            Some("standalone".into()),
-        );
-        return;
-    }
-    let t = Instant::now();
-    shared.record("startup", "git token", "running", None, None);
-    c.refresh_tokens_once(Duration::from_secs(5)).await;
-    shared.record("startup", "git token", "ok", Some(t.elapsed()), None);
-}
-
 enum Settled {
     AllUp,
     Failed(Vec<String>),
@@ -1039,10 +719,4 @@ async fn flush_phase(shared: Arc<Shared>, deadline: tokio::time::Instant) -> Pha
         c.flush(deadline).await;
     }
     Phase::Ok(None)
-}
-
-impl Shared {
-    fn control(&self) -> Option<crate::control::ControlHandle> {
-        self.control.lock().expect("lock").clone()
-    }
 }

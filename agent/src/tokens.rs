@@ -11,35 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
+pub use crate::config::providers::GitProvider;
 use crate::secrets::Secret;
-
-/// One git provider (`[git_providers.<id>]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GitProvider {
-    /// Git host served by this provider, e.g. `github.com`.
-    pub host: String,
-    /// Basic-auth user name sent with the token. Default by host: GitHub
-    /// `x-access-token`, GitLab `oauth2`, Bitbucket `x-token-auth`, others
-    /// `x-access-token`.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Where the token is cached; default `~/.cache/coder/<id>_token`.
-    #[serde(default)]
-    pub cache_file: Option<String>,
-    /// The `match` sent to Coder's external-auth route; default `https://<host>`.
-    #[serde(default, rename = "match")]
-    pub match_url: Option<String>,
-    /// How often the cached token is refreshed from the control plane.
-    #[serde(default = "default_refresh", with = "humantime_serde")]
-    pub refresh_interval: std::time::Duration,
-}
-
-fn default_refresh() -> std::time::Duration {
-    std::time::Duration::from_secs(30 * 60)
-}
 
 impl GitProvider {
     pub fn username(&self) -> String {
@@ -58,7 +31,7 @@ impl GitProvider {
 
     pub fn cache_path(&self, id: &str, home: &Path) -> PathBuf {
         match &self.cache_file {
-            Some(p) => crate::config::expand_home(p, home),
+            Some(p) => crate::paths::expand_home(p, home),
             None => home.join(".cache/coder").join(format!("{id}_token")),
         }
     }
@@ -157,7 +130,7 @@ pub fn default_providers() -> BTreeMap<String, GitProvider> {
             username: None,
             cache_file: Some("~/.cache/coder/github_token".into()),
             match_url: Some("https://github.com".into()),
-            refresh_interval: default_refresh(),
+            refresh_interval: crate::config::providers::default_refresh(),
         },
     );
     m

@@ -990,9 +990,7 @@ fn push_once(
     // request and the next one after each 401; the list running out is an auth failure.
     let http = repo
         .config()
-        .map(|c| {
-            crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::daemon::home_dir())
-        })
+        .map(|c| crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::paths::home_dir()))
         .unwrap_or_default();
     let scope = crate::githttp::Scope::new(creds, Some(deadline)).with_http(http);
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());

@@ -14,243 +14,23 @@
 //! runtime goes away first, a drop guard sends SIGKILL. Every task runs on the registry's
 //! tracker.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_proto::local::{TaskKind, TaskState, TaskStatus};
-use bytes::Bytes;
+use agent_proto::local::{TaskKind, TaskState};
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{broadcast, watch};
-use tokio_util::task::TaskTracker;
 
 use super::{Ctx, OnceConfig, TaskConfig, argv_of};
-use crate::daemon::Shared;
 use crate::procs::{ExitStatus, Io, Spec};
+use crate::state::Shared;
+use crate::state::tasks::set_winsize;
+pub use crate::state::tasks::{INITIAL_SIZE, RING_BYTES, Ring, State, Task};
 
-/// Output kept per task for `wsagent attach` to replay.
-pub const RING_BYTES: usize = 256 * 1024;
 /// Between SIGHUP and SIGKILL when the daemon stops or a task times out.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
-/// Initial terminal size of a task (until a client attaches and resizes it).
-pub const INITIAL_SIZE: (u16, u16) = (120, 40);
-
-/// The registry of tasks: `Shared::tasks`.
-pub struct State {
-    tasks: Mutex<Vec<Arc<Task>>>,
-    tracker: TaskTracker,
-}
-
-impl Default for State {
-    fn default() -> Self {
-        State {
-            tasks: Mutex::new(Vec::new()),
-            tracker: TaskTracker::new(),
-        }
-    }
-}
-
-impl State {
-    pub fn list(&self) -> Vec<TaskStatus> {
-        self.tasks
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|t| t.status())
-            .collect()
-    }
-
-    pub fn get(&self, name: &str) -> Option<Arc<Task>> {
-        self.tasks
-            .lock()
-            .expect("lock")
-            .iter()
-            .find(|t| t.name == name)
-            .cloned()
-    }
-
-    /// The tracker every task (and attach session) runs on.
-    pub fn tracker(&self) -> &TaskTracker {
-        &self.tracker
-    }
-
-    fn register(&self, task: Arc<Task>) {
-        let mut l = self.tasks.lock().expect("lock");
-        l.retain(|t| t.name != task.name);
-        l.push(task);
-    }
-}
-
-/// A fixed-size byte ring: keeps the newest [`RING_BYTES`] bytes.
-#[derive(Debug, Default)]
-pub struct Ring {
-    buf: VecDeque<u8>,
-    cap: usize,
-}
-
-impl Ring {
-    pub fn new(cap: usize) -> Ring {
-        Ring {
-            buf: VecDeque::with_capacity(cap.min(64 * 1024)),
-            cap,
-        }
-    }
-
-    pub fn push(&mut self, data: &[u8]) {
-        let data = if data.len() > self.cap {
-            &data[data.len() - self.cap..]
-        } else {
-            data
-        };
-        let over = (self.buf.len() + data.len()).saturating_sub(self.cap);
-        self.buf.drain(..over);
-        self.buf.extend(data);
-    }
-
-    pub fn contents(&self) -> Vec<u8> {
-        self.buf.iter().copied().collect()
-    }
-}
-
-struct Output {
-    ring: Ring,
-    log: crate::supervisor::output::RotatingFile,
-}
-
-/// One task: its status, output and (for tty tasks) terminal.
-pub struct Task {
-    pub name: String,
-    status: watch::Sender<TaskStatus>,
-    started: Mutex<Option<Instant>>,
-    output: Mutex<Output>,
-    live: broadcast::Sender<Bytes>,
-    master: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
-    pub log_path: PathBuf,
-}
-
-impl Task {
-    fn new(
-        name: &str,
-        kind: TaskKind,
-        blocks_ready: bool,
-        tty: bool,
-        log_path: PathBuf,
-        max_bytes: u64,
-    ) -> Arc<Task> {
-        let (status, _) = watch::channel(TaskStatus {
-            name: name.into(),
-            kind,
-            state: TaskState::Pending,
-            pid: None,
-            exit_code: None,
-            signal: None,
-            started_at: None,
-            duration_ms: None,
-            blocks_ready,
-            tty,
-            message: None,
-        });
-        let (live, _) = broadcast::channel(256);
-        Arc::new(Task {
-            name: name.into(),
-            status,
-            started: Mutex::new(None),
-            output: Mutex::new(Output {
-                ring: Ring::new(RING_BYTES),
-                log: crate::supervisor::output::RotatingFile::new(
-                    log_path.clone(),
-                    max_bytes.max(64 * 1024),
-                    1,
-                ),
-            }),
-            live,
-            master: Mutex::new(None),
-            log_path,
-        })
-    }
-
-    pub fn status(&self) -> TaskStatus {
-        let mut s = self.status.borrow().clone();
-        if s.state == TaskState::Running
-            && let Some(t) = *self.started.lock().expect("lock")
-        {
-            s.duration_ms = Some(t.elapsed().as_millis() as u64);
-        }
-        s
-    }
-
-    /// A receiver that sees every status change (e.g. the exit).
-    pub fn watch(&self) -> watch::Receiver<TaskStatus> {
-        self.status.subscribe()
-    }
-
-    fn output(&self, data: &[u8]) {
-        let mut o = self.output.lock().expect("lock");
-        o.ring.push(data);
-        o.log.write_bytes(data);
-        // Sent under the lock, so `subscribe` sees each byte exactly once.
-        let _ = self.live.send(Bytes::copy_from_slice(data));
-    }
-
-    /// The buffered output and a receiver of what comes after it (no gap, no overlap).
-    pub fn subscribe(&self) -> (Vec<u8>, broadcast::Receiver<Bytes>) {
-        let o = self.output.lock().expect("lock");
-        (o.ring.contents(), self.live.subscribe())
-    }
-
-    fn header(&self, line: &str) {
-        let mut o = self.output.lock().expect("lock");
-        o.log.write_bytes(line.as_bytes());
-    }
-
-    fn master(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {
-        self.master.lock().expect("lock").clone()
-    }
-
-    /// Type into the task's terminal. Ignored for tasks without one or that ended.
-    pub async fn input(&self, mut data: &[u8]) {
-        let Some(m) = self.master() else { return };
-        while !data.is_empty() {
-            let Ok(mut guard) = m.writable().await else {
-                return;
-            };
-            match guard.try_io(|fd| {
-                nix::unistd::write(fd.get_ref().as_fd(), data).map_err(std::io::Error::from)
-            }) {
-                Ok(Ok(n)) => data = &data[n..],
-                Ok(Err(_)) => return,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    /// Resize the task's terminal (the kernel sends SIGWINCH to its foreground group).
-    pub fn resize(&self, cols: u16, rows: u16) {
-        if let Some(m) = self.master() {
-            set_winsize(m.get_ref(), cols, rows);
-        }
-    }
-
-    fn set_status(&self, f: impl FnOnce(&mut TaskStatus)) {
-        self.status.send_modify(f);
-    }
-}
-
-fn set_winsize(fd: &OwnedFd, cols: u16, rows: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which outlives the call.
-    unsafe {
-        libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws);
-    }
-}
 
 /// A pseudo-terminal pair, both ends close-on-exec (no other child inherits them).
 pub fn open_pty(cols: u16, rows: u16) -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -655,7 +435,7 @@ pub async fn run_once_tasks(
             // pipeline when the stop sequence starts, and the task must still see it.
             let r = shared
                 .tasks
-                .tracker
+                .tracker()
                 .spawn(job)
                 .await
                 .unwrap_or_else(|e| Err(format!("{step}: panicked: {e}")));
@@ -665,7 +445,7 @@ pub async fn run_once_tasks(
                 first_err = Some(e);
             }
         } else {
-            shared.tasks.tracker.spawn(job);
+            shared.tasks.tracker().spawn(job);
         }
     }
     match first_err {
@@ -723,7 +503,7 @@ pub async fn run_startup_tasks(
                 Ok(())
             }
         };
-        let handle = shared.tasks.tracker.spawn(job);
+        let handle = shared.tasks.tracker().spawn(job);
         if tc.blocks_ready {
             blocking.push(handle);
         }

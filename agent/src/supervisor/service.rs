@@ -330,7 +330,7 @@ impl Task {
                 .or_else(|| self.spec.run_as.as_ref().map(|r| r.home.clone()))
                 .or_else(|| std::env::var_os("HOME").map(Into::into))
                 .unwrap_or_else(|| "/".into());
-            crate::config::expand_home(cwd, &home)
+            crate::paths::expand_home(cwd, &home)
         });
         spec.run_as = self.spec.run_as.clone();
         spec.stdout = procs::Io::Piped;

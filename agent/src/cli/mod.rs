@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+pub mod attach;
+
 use agent_proto::local::{Event, EventKind, Health, Lifecycle, ServiceState, Status};
 use clap::{Parser, Subcommand};
 
@@ -282,7 +284,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let home = crate::daemon::home_dir();
+            let home = crate::paths::home_dir();
             let journal = crate::save::journal::read_journal(&cfg.state_dir(&home));
             let req = crate::restore::RestoreRequest {
                 repo: repo.unwrap_or_else(|| PathBuf::from(".")),
@@ -395,7 +397,7 @@ fn client_socket(explicit: Option<PathBuf>) -> PathBuf {
     let cfg = config::load(&Sources::standard(None))
         .ok()
         .map(|l| l.config);
-    crate::daemon::socket_path(explicit, cfg.as_ref())
+    crate::api::socket_path(explicit, cfg.as_ref())
 }
 
 fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode {
@@ -411,7 +413,7 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
         }
     };
     // One daemon per socket, decided before anything is started or logged.
-    let socket_file = crate::daemon::socket_path(socket.clone(), Some(&loaded.config));
+    let socket_file = crate::api::socket_path(socket.clone(), Some(&loaded.config));
     let _lock = match lock_socket(&socket_file) {
         Ok(l) => l,
         Err(e) => {
@@ -426,7 +428,7 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
         }
     }
     limit_malloc_arenas();
-    let home = crate::daemon::home_dir();
+    let home = crate::paths::home_dir();
     let _guard = crate::logging::init_daemon(
         &loaded.config.daemon.log_level,
         &loaded.config.state_dir(&home),
@@ -465,7 +467,7 @@ fn saves_cmd(repo: Option<PathBuf>, json: bool, remote: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let home = crate::daemon::home_dir();
+    let home = crate::paths::home_dir();
     let journal = crate::save::journal::read_journal(&cfg.state_dir(&home));
     let repo = repo.unwrap_or_else(|| PathBuf::from("."));
     let mut snaps = match crate::restore::list(&repo, &cfg.save.ref_template, &journal) {
@@ -717,8 +719,8 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
             }
         }
         Cmd::Events { json, since } => events_cmd(&client, json, since).await,
-        Cmd::Tasks { json } => crate::startup::cli_tasks(&client, json).await,
-        Cmd::Attach { name } => crate::startup::cli_attach(&client, &name).await,
+        Cmd::Tasks { json } => attach::cli_tasks(&client, json).await,
+        Cmd::Attach { name } => attach::cli_attach(&client, &name).await,
         Cmd::Save {
             repo,
             dry_run,

@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod control;
+pub mod providers;
+pub mod save;
+pub mod startup;
+
 /// The embedded defaults.
 pub const DEFAULTS: &str = include_str!("default-config.toml");
 /// The system-wide config file, read when it exists.
@@ -35,16 +40,16 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub logs: LogsConfig,
     pub services: BTreeMap<String, ServiceConfig>,
-    pub save: crate::save::SaveConfig,
-    pub control_plane: crate::control::ControlPlaneConfig,
+    pub save: save::SaveConfig,
+    pub control_plane: control::ControlPlaneConfig,
     /// Git hosts whose tokens wsagent caches and pushes with, by Coder provider id.
-    pub git_providers: BTreeMap<String, crate::tokens::GitProvider>,
-    pub startup: crate::startup::StartupConfig,
-    pub dotfiles: crate::startup::DotfilesConfig,
+    pub git_providers: BTreeMap<String, providers::GitProvider>,
+    pub startup: startup::StartupConfig,
+    pub dotfiles: startup::DotfilesConfig,
     /// `[[once]]`: one-time tasks guarded by marker files.
-    pub once: Vec<crate::startup::OnceConfig>,
+    pub once: Vec<startup::OnceConfig>,
     /// `[[task]]`: startup tasks, each in a pseudo-terminal.
-    pub task: Vec<crate::startup::TaskConfig>,
+    pub task: Vec<startup::TaskConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -763,9 +768,9 @@ pub fn validate(config: &Config) -> Vec<(String, String)> {
             format!("dependency cycle: {}", cycle.join(" -> ")),
         ));
     }
-    out.extend(crate::save::validate(&config.save));
-    out.extend(crate::control::validate(&config.control_plane));
-    out.extend(crate::startup::validate(config));
+    out.extend(save::validate(&config.save));
+    out.extend(control::validate(&config.control_plane));
+    out.extend(startup::validate(config));
     out
 }
 
@@ -816,17 +821,6 @@ pub fn parse_level(s: &str) -> Option<tracing::Level> {
     }
 }
 
-/// Expand a leading `~` with `home`.
-pub fn expand_home(path: &str, home: &Path) -> PathBuf {
-    if path == "~" {
-        home.to_path_buf()
-    } else if let Some(rest) = path.strip_prefix("~/") {
-        home.join(rest)
-    } else {
-        PathBuf::from(path)
-    }
-}
-
 impl Config {
     /// Render the effective config as TOML (for `config show`).
     pub fn to_toml(&self) -> String {
@@ -834,12 +828,12 @@ impl Config {
     }
 
     pub fn state_dir(&self, home: &Path) -> PathBuf {
-        expand_home(&self.daemon.state_dir, home)
+        crate::paths::expand_home(&self.daemon.state_dir, home)
     }
 
     pub fn log_dir(&self, home: &Path) -> PathBuf {
         match &self.daemon.log_dir {
-            Some(d) => expand_home(d, home),
+            Some(d) => crate::paths::expand_home(d, home),
             None => self.state_dir(home).join("logs"),
         }
     }
