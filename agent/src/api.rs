@@ -162,8 +162,8 @@ async fn service_action(
     State(s): State<Arc<Shared>>,
     UrlPath((name, action)): UrlPath<(String, String)>,
 ) -> Response {
-    let sup = s.supervisor.lock().await;
-    let Some(h) = sup.get(&name) else {
+    // A clone of the handle: the supervisor is not held while the service stops.
+    let Some(h) = s.services().handle(&name) else {
         return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
     };
     match action.as_str() {
@@ -198,7 +198,7 @@ async fn service_logs(
     Query(q): Query<LogsQuery>,
 ) -> Response {
     let (path, follow_rx) = {
-        let sup = s.supervisor.lock().await;
+        let sup = s.services();
         let Some(h) = sup.get(&name) else {
             return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
         };

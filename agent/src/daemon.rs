@@ -59,7 +59,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         started: Instant::now(),
         pid1,
         lifecycle,
-        supervisor: tokio::sync::Mutex::new(Supervisor::new(
+        supervisor: Mutex::new(Supervisor::new(
             events.clone(),
             tracker.clone(),
             log_dir.clone(),
@@ -156,12 +156,8 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
                     }
                 }
                 Some(Signal::Forward(sig)) => {
-                    // Not under the main loop: the stop sequence may hold the supervisor.
-                    let s = shared.clone();
-                    tracker.spawn(async move {
-                        let reached = s.supervisor.lock().await.signal_all(sig);
-                        tracing::info!(signal = sig.as_str(), "{} received: forwarded to the services ({})", sig.as_str(), if reached.is_empty() { "none running".to_string() } else { reached.join(", ") });
-                    });
+                    let reached = shared.services().signal_all(sig);
+                    tracing::info!(signal = sig.as_str(), "{} received: forwarded to the services ({})", sig.as_str(), if reached.is_empty() { "none running".to_string() } else { reached.join(", ") });
                 }
                 Some(Signal::Ignored(sig)) => {
                     let name = crate::signals::name(sig);
@@ -224,7 +220,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         }
     }
     cancel.cancel();
-    shared.supervisor.lock().await.detach_all();
+    shared.services().detach_all();
     tracker.close();
     let tasks = shared.tasks.tracker().clone();
     tasks.close();
@@ -273,10 +269,15 @@ async fn reload(shared: &Arc<Shared>) {
             );
         }
         Ok(new) => {
-            let mut sup = shared.supervisor.lock().await;
-            let mut changes = sup.reload(&new.config).await;
-            shared.refresh_watches(&sup);
-            drop(sup);
+            let (stop, mut changes) = shared.services().reload_plan(&new.config);
+            // Stopped without the lock: `logs`, `status` and the other services'
+            // controls go on meanwhile.
+            futures::future::join_all(stop.iter().map(|h| h.stop(h.cfg.stop_timeout))).await;
+            {
+                let mut sup = shared.services();
+                sup.reload_start(&new.config);
+                shared.refresh_watches(&sup);
+            }
             let old = shared.config.read().expect("lock").config.clone();
             changes.extend(start_only_changes(&old, &new.config));
             *shared.config.write().expect("lock") = new;
@@ -303,7 +304,7 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     let t = Instant::now();
     shared.record("startup", "services", "running", None, None);
     {
-        let mut sup = shared.supervisor.lock().await;
+        let mut sup = shared.services();
         sup.start_all(&config);
         shared.refresh_watches(&sup);
     }
@@ -598,7 +599,8 @@ async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) 
     let sup = shared.clone();
     outcomes.push(
         run_phase(&shared, "services", svc_deadline, async move {
-            let left = sup.supervisor.lock().await.stop_all(svc_deadline).await;
+            let handles = sup.services().handles();
+            let left = crate::supervisor::stop_all(&handles, svc_deadline).await;
             if left.is_empty() {
                 Phase::Ok(None)
             } else {

@@ -24,7 +24,9 @@ pub struct Shared {
     pub started: Instant,
     pub pid1: bool,
     pub lifecycle: watch::Sender<Lifecycle>,
-    pub supervisor: tokio::sync::Mutex<Supervisor>,
+    /// The set of services. Held only to look up or clone handles, never across an
+    /// await: a service's controls are on its own [`crate::supervisor::ServiceHandle`].
+    pub supervisor: Mutex<Supervisor>,
     /// Status watches of the services, readable without the supervisor lock.
     pub service_watch: Mutex<BTreeMap<String, watch::Receiver<ServiceStatus>>>,
     pub config: RwLock<Loaded>,
@@ -63,6 +65,11 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The supervisor, locked for a lookup (never held across an await).
+    pub fn services(&self) -> std::sync::MutexGuard<'_, Supervisor> {
+        self.supervisor.lock().expect("lock")
+    }
+
     pub fn control(&self) -> Option<crate::control::ControlHandle> {
         self.control.lock().expect("lock").clone()
     }

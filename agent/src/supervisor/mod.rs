@@ -24,6 +24,9 @@ use service::{Cmd, ServiceSpec};
 /// variable in `secret_env`.
 pub const SECRET_VARS: &[&str] = &["CODER_AGENT_TOKEN"];
 
+/// One service's controls: cloneable, and no control holds a lock shared with another
+/// service (a stop that takes its whole `stop_timeout` blocks nobody else).
+#[derive(Clone)]
 pub struct ServiceHandle {
     pub name: String,
     pub cfg: ServiceConfig,
@@ -114,6 +117,16 @@ impl Supervisor {
         self.services.get(name)
     }
 
+    /// A handle of `name` to use after the lock on the supervisor is released.
+    pub fn handle(&self, name: &str) -> Option<ServiceHandle> {
+        self.services.get(name).cloned()
+    }
+
+    /// Handles of every service, to stop or signal them without holding the lock.
+    pub fn handles(&self) -> BTreeMap<String, ServiceHandle> {
+        self.services.clone()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.services.keys().cloned().collect()
     }
@@ -180,34 +193,41 @@ impl Supervisor {
         );
     }
 
-    /// Apply a new config: changed services are restarted, new ones started, removed
-    /// ones stopped; unchanged ones keep running untouched.
-    pub async fn reload(&mut self, config: &Config) -> Vec<String> {
+    /// Apply a new config, first half: removed and changed services leave the set and
+    /// are returned to be stopped (without the lock); [`Supervisor::reload_start`] then
+    /// starts the changed and new ones. Unchanged ones keep running untouched.
+    pub fn reload_plan(&mut self, config: &Config) -> (Vec<ServiceHandle>, Vec<String>) {
         let mut changes = Vec::new();
+        let mut stop = Vec::new();
         let old: Vec<String> = self.services.keys().cloned().collect();
         for name in &old {
             match config.services.get(name) {
                 None => {
-                    let h = self.services.remove(name).expect("present");
-                    h.stop(h.cfg.stop_timeout).await;
+                    stop.push(self.services.remove(name).expect("present"));
                     changes.push(format!("removed {name}"));
                 }
                 Some(new) if *new != self.services[name].cfg => {
-                    let h = self.services.remove(name).expect("present");
-                    h.stop(h.cfg.stop_timeout).await;
-                    self.start_one(name, new);
+                    stop.push(self.services.remove(name).expect("present"));
                     changes.push(format!("restarted {name} (changed)"));
                 }
                 Some(_) => {}
             }
         }
         for name in start_order(&config.services) {
-            if !self.services.contains_key(&name) {
-                self.start_one(&name, &config.services[&name]);
+            if !self.services.contains_key(&name) && !old.contains(&name) {
                 changes.push(format!("started {name} (new)"));
             }
         }
-        changes
+        (stop, changes)
+    }
+
+    /// Apply a new config, second half: start every configured service not in the set.
+    pub fn reload_start(&mut self, config: &Config) {
+        for name in start_order(&config.services) {
+            if !self.services.contains_key(&name) {
+                self.start_one(&name, &config.services[&name]);
+            }
+        }
     }
 
     /// Pass `sig` on to every running service (its process group); the names reached.
@@ -218,38 +238,40 @@ impl Supervisor {
             .map(|h| h.name.clone())
             .collect()
     }
+}
 
-    /// Stop every service in stop order before `deadline`: groups by `stop_order`,
-    /// within a group dependents before their dependencies (each level concurrently).
-    /// Returns the names of services that were still running at the deadline.
-    pub async fn stop_all(&self, deadline: tokio::time::Instant) -> Vec<String> {
-        for level in stop_levels(
-            &self
-                .services
-                .iter()
-                .map(|(k, h)| (k.clone(), h.cfg.clone()))
-                .collect(),
-        ) {
-            let now = tokio::time::Instant::now();
-            let left = deadline.saturating_duration_since(now);
-            let stops = level.iter().filter_map(|n| self.services.get(n)).map(|h| {
-                let t = h
-                    .cfg
-                    .stop_timeout
-                    .min(left.saturating_sub(Duration::from_millis(100)));
-                h.stop(t)
-            });
-            let _ = tokio::time::timeout_at(deadline, futures::future::join_all(stops)).await;
-        }
-        self.services
-            .values()
-            .filter(|h| {
-                let s = h.status();
-                s.pid.is_some() && !matches!(s.state, ServiceState::Stopped | ServiceState::Absent)
-            })
-            .map(|h| h.name.clone())
-            .collect()
+/// Stop every service (handles taken from the supervisor, no lock held) in stop order before `deadline`: groups by `stop_order`,
+/// within a group dependents before their dependencies (each level concurrently).
+/// Returns the names of services that were still running at the deadline.
+pub async fn stop_all(
+    services: &BTreeMap<String, ServiceHandle>,
+    deadline: tokio::time::Instant,
+) -> Vec<String> {
+    for level in stop_levels(
+        &services
+            .iter()
+            .map(|(k, h)| (k.clone(), h.cfg.clone()))
+            .collect(),
+    ) {
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let stops = level.iter().filter_map(|n| services.get(n)).map(|h| {
+            let t = h
+                .cfg
+                .stop_timeout
+                .min(left.saturating_sub(Duration::from_millis(100)));
+            h.stop(t)
+        });
+        let _ = tokio::time::timeout_at(deadline, futures::future::join_all(stops)).await;
     }
+    services
+        .values()
+        .filter(|h| {
+            let s = h.status();
+            s.pid.is_some() && !matches!(s.state, ServiceState::Stopped | ServiceState::Absent)
+        })
+        .map(|h| h.name.clone())
+        .collect()
 }
 
 /// Environment, user and absence of a service, resolved before its task starts.

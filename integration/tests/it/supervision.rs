@@ -349,6 +349,44 @@ fn services_can_be_stopped_started_and_restarted_by_hand() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \"nope\""));
 }
 
+/// A service that takes its whole `stop_timeout` to stop blocks nobody else: while
+/// `wsagent stop slow` waits, `logs`, `status` and the other service's controls answer.
+#[test]
+fn a_slow_stop_blocks_no_other_command() {
+    let ws = Workspace::new();
+    let mut d = Daemon::start(
+        &ws,
+        &config(
+            "[services.slow]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; echo up; while :; do sleep 0.1; done\"]\nstop_timeout = \"60s\"\n\
+             [services.other]\ncommand = [\"sh\", \"-c\", \"echo other-line; exec sleep 1000\"]\n",
+        ),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let mut stopping = ws
+        .command(integration::daemon::wsagent_bin())
+        .args(["stop", "slow", "--timeout", "90s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn wsagent stop");
+    d.wait_service("slow", |s| s.state == ServiceState::Stopping, SHORT);
+    wait_until(SHORT, "the other service's line in its log", || {
+        d.service_log("other").contains("other-line")
+    });
+    let logs = d.cli(["logs", "other", "-n", "5"]);
+    assert!(logs.status.success(), "{logs:?}");
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("other-line"));
+    assert!(d.cli(["restart", "other"]).status.success());
+    assert_eq!(d.status().services.len(), 2);
+    assert!(
+        stopping.try_wait().expect("try_wait").is_none(),
+        "`wsagent stop slow` ended before the others ran: the test proves nothing"
+    );
+    assert_eq!(d.service("slow").state, ServiceState::Stopping);
+    let _ = stopping.kill();
+    let _ = stopping.wait();
+}
+
 /// `user`/`group` drop privileges for that child only: the service runs as nobody, the
 /// daemon stays root.
 #[test]
