@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Loaded, Sources};
 use crate::events::Events;
 use crate::signals::Signal;
-use crate::state::Shared;
+use crate::state::{Shared, Stage, StepOutcome};
 use crate::supervisor::Supervisor;
 use crate::supervisor::service::fmt_dur;
 
@@ -31,11 +31,19 @@ type StopFuture =
 pub struct Options {
     pub sources: Sources,
     pub socket: Option<PathBuf>,
+    /// The daemon's home (`~` in the config); default `$HOME`.
+    pub home: Option<PathBuf>,
 }
 
 /// Run the daemon until the stop sequence ends. The config has been loaded and
-/// logging set up by the caller.
-pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
+/// logging set up by the caller. The stop sequence begins at SIGTERM/SIGINT/SIGQUIT,
+/// `wsagent shutdown`, or when `shutdown` completes (the CLI passes a future that never
+/// does; a test passes its own trigger).
+pub async fn run(
+    loaded: Loaded,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> ExitCode {
     let pid1 = std::process::id() == 1;
     if !pid1 && let Err(e) = crate::procs::become_subreaper() {
         tracing::warn!(error = %e, "cannot become a child subreaper: orphans of services will not be reaped");
@@ -47,7 +55,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    let home = crate::paths::home_dir();
+    let home = opts.home.clone().unwrap_or_else(crate::paths::home_dir);
     let config = loaded.config.clone();
     let state_dir = config.state_dir(&home);
     let log_dir = config.log_dir(&home);
@@ -143,8 +151,14 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<StopFuture> = None;
+    let shutdown = futures::FutureExt::fuse(shutdown);
+    tokio::pin!(shutdown);
     let (code, deadline) = loop {
         tokio::select! {
+            () = &mut shutdown, if stopping.is_none() => {
+                tracing::info!("stop requested by the caller");
+                shared.stop.cancel();
+            }
             _ = &mut startup, if !startup_done && stopping.is_none() => { startup_done = true; }
             sig = signals.recv() => match sig {
                 Some(Signal::Terminate(name)) => {
@@ -302,7 +316,7 @@ async fn startup_pipeline(shared: Arc<Shared>) {
     let mut failed = crate::startup::before_services(&shared).await.err();
 
     let t = Instant::now();
-    shared.record("startup", "services", "running", None, None);
+    shared.record(Stage::Startup, "services", StepOutcome::Running, None, None);
     {
         let mut sup = shared.services();
         sup.start_all(&config);
@@ -317,20 +331,20 @@ async fn startup_pipeline(shared: Arc<Shared>) {
         + Duration::from_secs(5);
     let settled = wait_services_settled(&shared, limit).await;
     let (outcome, lifecycle, msg) = match settled {
-        Settled::AllUp => ("ok", Lifecycle::Ready, None),
+        Settled::AllUp => (StepOutcome::Ok, Lifecycle::Ready, None),
         Settled::Failed(names) => (
-            "failed",
+            StepOutcome::Failed,
             Lifecycle::StartError,
             Some(format!("failed: {}", names.join(", "))),
         ),
         Settled::TimedOut(names) => (
-            "cut",
+            StepOutcome::Cut,
             Lifecycle::StartTimeout,
             Some(format!("not up in time: {}", names.join(", "))),
         ),
     };
     shared.record(
-        "startup",
+        Stage::Startup,
         "services",
         outcome,
         Some(t.elapsed()),
@@ -529,44 +543,68 @@ enum Phase {
     Failed(String),
 }
 
+/// How the stop budget is split: the deadline of each phase, counted from the start of
+/// the stop. Phases run one after the other, each until its own deadline; reserves
+/// kept back for the later phases mean one slow phase cannot starve the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopPlan {
+    /// `pre_stop` commands: a fifth of the budget at most.
+    pub pre_stop: Duration,
+    /// The save: everything up to the services' and the flush's reserves.
+    pub save: Duration,
+    /// Stopping the services: a quarter of the budget (at most 10 s) is theirs.
+    pub services: Duration,
+    /// Flushing the dashboard (best effort): a twentieth (at most 500 ms) is its.
+    pub flush: Duration,
+    /// The whole budget: the process exits by then.
+    pub end: Duration,
+}
+
+impl StopPlan {
+    pub fn new(budget: Duration) -> StopPlan {
+        let flush_reserve = (budget / 20).min(Duration::from_millis(500));
+        let services_reserve = (budget / 4).min(Duration::from_secs(10));
+        StopPlan {
+            pre_stop: (budget / 5).min(budget - flush_reserve),
+            save: budget - services_reserve - flush_reserve,
+            services: budget - flush_reserve,
+            // The flush leaves a little of the budget for the exit itself.
+            flush: budget - (budget / 50).min(Duration::from_millis(100)),
+            end: budget,
+        }
+    }
+}
+
+/// Told each stop phase's name, outcome, duration and message (`Shared::record`).
+type Recorder<'a> = dyn Fn(&str, StepOutcome, Option<Duration>, Option<String>) + Sync + 'a;
+
+/// Run one stop phase until `deadline`; `record` is told `running`, then the outcome
+/// (`cut` when the deadline came first).
 async fn run_phase<F>(
-    shared: &Arc<Shared>,
+    record: &Recorder<'_>,
     name: &str,
     deadline: tokio::time::Instant,
     fut: F,
-) -> &'static str
+) -> StepOutcome
 where
     F: std::future::Future<Output = Phase>,
 {
-    let t = Instant::now();
-    shared.record("shutdown", name, "running", None, None);
-    match tokio::time::timeout_at(deadline, fut).await {
-        Ok(Phase::Ok(m)) => {
-            shared.record("shutdown", name, "ok", Some(t.elapsed()), m);
-            "ok"
-        }
-        Ok(Phase::Failed(m)) => {
-            shared.record("shutdown", name, "failed", Some(t.elapsed()), Some(m));
-            "failed"
-        }
-        Err(_) => {
-            shared.record(
-                "shutdown",
-                name,
-                "cut",
-                Some(t.elapsed()),
-                Some("ran out of budget".into()),
-            );
-            "cut"
-        }
-    }
+    let t = tokio::time::Instant::now();
+    record(name, StepOutcome::Running, None, None);
+    let (outcome, message) = match tokio::time::timeout_at(deadline, fut).await {
+        Ok(Phase::Ok(m)) => (StepOutcome::Ok, m),
+        Ok(Phase::Failed(m)) => (StepOutcome::Failed, Some(m)),
+        Err(_) => (StepOutcome::Cut, Some("ran out of budget".into())),
+    };
+    record(name, outcome, Some(t.elapsed()), message);
+    outcome
 }
 
 async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) {
     let config = shared.config.read().expect("lock").config.clone();
     let budget = config.shutdown.budget;
     let start = tokio::time::Instant::now();
-    let deadline = start + budget;
+    let plan = StopPlan::new(budget);
     // From here every Coder call is best effort (a refused token is expected).
     if let Some(c) = shared.control() {
         c.stopping();
@@ -575,59 +613,34 @@ async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) 
     crate::save::boost_checkpoints();
     shared.set_lifecycle(Lifecycle::ShuttingDown);
     tracing::info!(budget = %fmt_dur(budget), "stop sequence started");
-    // Time kept back for later phases, so one slow phase cannot starve the rest.
-    let flush_reserve = (budget / 20).min(Duration::from_millis(500));
-    let services_reserve = (budget / 4).min(Duration::from_secs(10));
-    let mut outcomes = Vec::new();
-
-    let pre_stop_deadline = (start + budget / 5).min(deadline - flush_reserve);
+    let sh = shared.clone();
+    let record = move |name: &str, o: StepOutcome, took: Option<Duration>, m: Option<String>| {
+        sh.record(Stage::Shutdown, name, o, took, m)
+    };
+    let (s1, s2, s3) = (shared.clone(), shared.clone(), shared.clone());
     let pre = config.shutdown.pre_stop.clone();
-    outcomes.push(run_phase(&shared, "pre_stop", pre_stop_deadline, pre_stop(pre)).await);
-
-    let save_deadline = deadline - services_reserve - flush_reserve;
-    outcomes.push(
-        run_phase(
-            &shared,
-            "save",
-            save_deadline,
-            save_phase(shared.clone(), save_deadline),
-        )
-        .await,
-    );
-
-    let svc_deadline = deadline - flush_reserve;
-    let sup = shared.clone();
-    outcomes.push(
-        run_phase(&shared, "services", svc_deadline, async move {
-            let handles = sup.services().handles();
-            let left = crate::supervisor::stop_all(&handles, svc_deadline).await;
+    let final_state = stop_phases(
+        start,
+        plan,
+        &record,
+        pre_stop(pre),
+        move |deadline| save_phase(s1, deadline),
+        move |deadline| async move {
+            let handles = s2.services().handles();
+            let left = crate::supervisor::stop_all(&handles, deadline).await;
             if left.is_empty() {
                 Phase::Ok(None)
             } else {
                 Phase::Failed(format!("still running: {}", left.join(", ")))
             }
-        })
-        .await,
-    );
-
-    let final_state = if outcomes.contains(&"failed") {
-        Lifecycle::ShutdownError
-    } else if outcomes.contains(&"cut") {
-        Lifecycle::ShutdownTimeout
-    } else {
-        Lifecycle::Off
-    };
-    tracing::info!(took = %fmt_dur(start.elapsed()), lifecycle = %final_state, "stop sequence ended");
-    // The final state first, so the flush delivers it to the dashboard; the flush is
-    // best effort and does not change the exit code.
-    shared.set_lifecycle(final_state);
-    // The flush leaves a little of the budget for the exit itself.
-    let flush_deadline = deadline - (budget / 50).min(Duration::from_millis(100));
-    run_phase(
-        &shared,
-        "flush",
-        flush_deadline,
-        flush_phase(shared.clone(), flush_deadline),
+        },
+        |state| {
+            tracing::info!(took = %fmt_dur(start.elapsed()), lifecycle = %state, "stop sequence ended");
+            // The final state first, so the flush delivers it to the dashboard; the flush
+            // is best effort and does not change the exit code.
+            s3.set_lifecycle(state);
+        },
+        move |deadline| flush_phase(shared, deadline),
     )
     .await;
     let code = if final_state == Lifecycle::Off {
@@ -635,7 +648,50 @@ async fn stop_sequence(shared: Arc<Shared>) -> (ExitCode, tokio::time::Instant) 
     } else {
         ExitCode::from(1)
     };
-    (code, deadline)
+    (code, start + plan.end)
+}
+
+/// The stop's phases in order, each under its deadline from `plan`: pre_stop, save,
+/// services; then the final state is known (`ended`), then the flush. Returns the final
+/// state (`off`, or `shutdown_error` / `shutdown_timeout` when a phase failed or was cut).
+#[allow(clippy::too_many_arguments)]
+async fn stop_phases<P, S, SF, V, VF, E, F, FF>(
+    start: tokio::time::Instant,
+    plan: StopPlan,
+    record: &Recorder<'_>,
+    pre_stop: P,
+    save: S,
+    services: V,
+    ended: E,
+    flush: F,
+) -> Lifecycle
+where
+    P: std::future::Future<Output = Phase>,
+    S: FnOnce(tokio::time::Instant) -> SF,
+    SF: std::future::Future<Output = Phase>,
+    V: FnOnce(tokio::time::Instant) -> VF,
+    VF: std::future::Future<Output = Phase>,
+    E: FnOnce(Lifecycle),
+    F: FnOnce(tokio::time::Instant) -> FF,
+    FF: std::future::Future<Output = Phase>,
+{
+    let mut outcomes = Vec::new();
+    outcomes.push(run_phase(record, "pre_stop", start + plan.pre_stop, pre_stop).await);
+    let d = start + plan.save;
+    outcomes.push(run_phase(record, "save", d, save(d)).await);
+    let d = start + plan.services;
+    outcomes.push(run_phase(record, "services", d, services(d)).await);
+    let final_state = if outcomes.contains(&StepOutcome::Failed) {
+        Lifecycle::ShutdownError
+    } else if outcomes.contains(&StepOutcome::Cut) {
+        Lifecycle::ShutdownTimeout
+    } else {
+        Lifecycle::Off
+    };
+    ended(final_state);
+    let d = start + plan.flush;
+    run_phase(record, "flush", d, flush(d)).await;
+    final_state
 }
 
 async fn pre_stop(cmds: Vec<String>) -> Phase {
@@ -645,11 +701,10 @@ async fn pre_stop(cmds: Vec<String>) -> Phase {
         spec.env = crate::supervisor::base_env();
         spec.stdout = crate::procs::Io::Inherit;
         spec.stderr = crate::procs::Io::Inherit;
+        spec.kill_on_drop = true;
         match crate::procs::spawn(spec) {
             Ok(mut child) => {
-                let guard = KillGroupOnDrop(child.pid);
                 let st = child.wait().await;
-                std::mem::forget(guard);
                 if !st.success() {
                     errors.push(format!("{c:?}: {st}"));
                 }
@@ -663,16 +718,6 @@ async fn pre_stop(cmds: Vec<String>) -> Phase {
         Phase::Ok(None)
     } else {
         Phase::Failed(errors.join("; "))
-    }
-}
-
-struct KillGroupOnDrop(u32);
-impl Drop for KillGroupOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0 as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }
 
@@ -721,4 +766,196 @@ async fn flush_phase(shared: Arc<Shared>, deadline: tokio::time::Instant) -> Pha
         c.flush(deadline).await;
     }
     Phase::Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// The budget split, as a table: (budget) → (pre_stop, save, services, flush).
+    #[test]
+    fn the_stop_budget_is_split_with_reserves_for_the_later_phases() {
+        let s = Duration::from_secs;
+        for (budget, pre, save, svc, flush) in [
+            // The default 25 s: services keep 6.25 s, the flush 500 ms.
+            (s(25), s(5), MS(18_250), MS(24_500), MS(24_900)),
+            (s(30), s(6), s(22), MS(29_500), MS(29_900)),
+            // Long budgets: the reserves stop growing (10 s, 500 ms, 100 ms).
+            (s(120), s(24), MS(109_500), MS(119_500), MS(119_900)),
+            // Short ones: everything shrinks in proportion.
+            (s(1), MS(200), MS(700), MS(950), MS(980)),
+            (MS(100), MS(20), MS(70), MS(95), MS(98)),
+        ] {
+            let p = StopPlan::new(budget);
+            assert_eq!(
+                (p.pre_stop, p.save, p.services, p.flush, p.end),
+                (pre, save, svc, flush, budget),
+                "budget {budget:?}"
+            );
+            assert!(p.pre_stop <= p.save && p.save <= p.services && p.services <= p.flush);
+        }
+    }
+
+    type Log = std::sync::Mutex<Vec<(String, StepOutcome, Duration)>>;
+
+    /// Phases of the given lengths (`None`: never ends) run through `stop_phases` under
+    /// paused time; each phase's outcome and the virtual time it ended at.
+    async fn run_phases(
+        budget: Duration,
+        lengths: [Option<Duration>; 4],
+    ) -> (Lifecycle, Vec<(String, StepOutcome, Duration)>) {
+        let start = tokio::time::Instant::now();
+        let log: Log = Default::default();
+        let record = |name: &str, o: StepOutcome, _: Option<Duration>, _: Option<String>| {
+            if o != StepOutcome::Running {
+                log.lock().unwrap().push((name.into(), o, start.elapsed()));
+            }
+        };
+        let phase = |len: Option<Duration>| async move {
+            match len {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    Phase::Ok(None)
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let ended = std::sync::Mutex::new(None);
+        let state = stop_phases(
+            start,
+            StopPlan::new(budget),
+            &record,
+            phase(lengths[0]),
+            |_| phase(lengths[1]),
+            |_| phase(lengths[2]),
+            |s| *ended.lock().unwrap() = Some(s),
+            |_| phase(lengths[3]),
+        )
+        .await;
+        assert_eq!(
+            *ended.lock().unwrap(),
+            Some(state),
+            "the final state is told before the flush"
+        );
+        (state, log.into_inner().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_phase_is_cut_at_its_deadline_and_the_later_ones_still_run() {
+        let s = Duration::from_secs;
+        let ok = |n: &str, at: Duration| (n.to_string(), StepOutcome::Ok, at);
+        let cut = |n: &str, at: Duration| (n.to_string(), StepOutcome::Cut, at);
+        // Quick phases: all ok, one after the other, state off.
+        let (state, log) =
+            run_phases(s(25), [Some(s(1)), Some(s(2)), Some(s(3)), Some(MS(100))]).await;
+        assert_eq!(state, Lifecycle::Off);
+        assert_eq!(
+            log,
+            [
+                ok("pre_stop", s(1)),
+                ok("save", s(3)),
+                ok("services", s(6)),
+                ok("flush", MS(6_100))
+            ]
+        );
+        // A save that never ends is cut at 18.25 s; the services still get their reserve.
+        let (state, log) = run_phases(s(25), [Some(MS(10)), None, Some(s(2)), None]).await;
+        assert_eq!(state, Lifecycle::ShutdownTimeout);
+        assert_eq!(
+            log,
+            [
+                ok("pre_stop", MS(10)),
+                cut("save", MS(18_250)),
+                ok("services", MS(20_250)),
+                cut("flush", MS(24_900))
+            ]
+        );
+        // Stuck pre_stop and services: cut at 5 s and 24.5 s, and the save between them runs.
+        let (state, log) = run_phases(s(25), [None, Some(s(1)), None, Some(MS(1))]).await;
+        assert_eq!(state, Lifecycle::ShutdownTimeout);
+        assert_eq!(
+            log,
+            [
+                cut("pre_stop", s(5)),
+                ok("save", s(6)),
+                cut("services", MS(24_500)),
+                ok("flush", MS(24_501))
+            ]
+        );
+    }
+
+    /// The stop trigger is a parameter: a caller's future starts the same stop sequence
+    /// as SIGTERM, which stops the services and ends `run` with exit code 0.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_callers_shutdown_future_runs_the_stop_sequence() {
+        // `run` installs the daemon's signal handlers and its reaper (waitpid(-1)) in
+        // this process: only safe with a process of its own, as nextest gives each test.
+        if std::env::var_os("NEXTEST").is_none() {
+            eprintln!("skipped: needs a process of its own (run it with cargo nextest)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let cfg = d.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[daemon]\nstate_dir = \"{state}\"\n[shutdown]\nbudget = \"5s\"\n\
+                 [services.dockerd]\nenabled = false\n[services.code-server]\nenabled = false\n\
+                 [services.coder-agent]\nenabled = false\n\
+                 [services.s]\ncommand = [\"sleep\", \"1000\"]\n\
+                 [save]\nroots = []\ncheckpoint = \"off\"\n\
+                 [startup]\ndirectories = []\nskel_dir = \"{d}/no-skel\"\n",
+                state = d.join("state").display(),
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let sources = Sources {
+            system_file: None,
+            explicit: Some(cfg),
+            env: vec![],
+        };
+        let loaded = crate::config::load(&sources).unwrap();
+        let socket = d.join("api.sock");
+        let opts = Options {
+            sources,
+            socket: Some(socket.clone()),
+            home: Some(d.to_path_buf()),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let daemon = tokio::spawn(run(loaded, opts, async {
+            let _ = rx.await;
+        }));
+        let client = crate::api::Client::new(socket);
+        let pid = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Ok(st) = client.status().await
+                    && let Some(pid) = st
+                        .services
+                        .iter()
+                        .find(|s| s.name == "s")
+                        .and_then(|s| s.pid)
+                    && st.lifecycle == Lifecycle::Ready
+                {
+                    break pid;
+                }
+                tokio::time::sleep(MS(20)).await;
+            }
+        })
+        .await
+        .expect("the daemon became ready with its service running");
+        tx.send(()).unwrap();
+        let code = tokio::time::timeout(Duration::from_secs(10), daemon)
+            .await
+            .expect("run ended within the budget")
+            .unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err(),
+            "the service's process {pid} is gone"
+        );
+    }
 }

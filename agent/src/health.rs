@@ -66,28 +66,17 @@ async fn run(h: &HealthConfig, env: &[(OsString, OsString)]) -> Result<(), Strin
             let argv = h.command.clone().unwrap_or_default();
             let mut spec = crate::procs::Spec::new(argv.clone());
             spec.env = env.to_vec();
+            // Killed if it outlives its timeout (the future is dropped then).
+            spec.kill_on_drop = true;
             let mut child =
                 crate::procs::spawn(spec).map_err(|e| format!("cannot run {:?}: {e}", argv[0]))?;
-            // Kill the check if it outlives its timeout (the future is dropped then).
-            let guard = KillOnDrop(child.pid);
             let st = child.wait().await;
-            std::mem::forget(guard);
             if st.success() {
                 Ok(())
             } else {
                 Err(format!("{:?} ended with {st}", argv[0]))
             }
         }
-    }
-}
-
-struct KillOnDrop(u32);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0 as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
     }
 }
 

@@ -180,6 +180,10 @@ pub struct Spec {
     pub stdin: Io,
     pub stdout: Io,
     pub stderr: Io,
+    /// SIGKILL the child's process group when its [`Child`] is dropped before its exit
+    /// was seen (a timed-out health check, a future dropped at a deadline, a runtime
+    /// that went away): no child outlives the one who waits for it.
+    pub kill_on_drop: bool,
 }
 
 impl Spec {
@@ -194,6 +198,7 @@ impl Spec {
             stdin: Io::Null,
             stdout: Io::Null,
             stderr: Io::Null,
+            kill_on_drop: false,
         }
     }
 }
@@ -205,21 +210,40 @@ pub struct Child {
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
     exit: oneshot::Receiver<ExitStatus>,
+    kill_on_drop: bool,
+    exited: bool,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.kill_on_drop && !self.exited {
+            self.kill_group();
+        }
+    }
 }
 
 impl Child {
     /// Wait for the child to exit (cancel-safe: dropping the future keeps the child
     /// registered; its status is then simply discarded by the reaper).
     pub async fn wait(&mut self) -> ExitStatus {
-        (&mut self.exit).await.unwrap_or(ExitStatus {
+        let st = (&mut self.exit).await.unwrap_or(ExitStatus {
             code: None,
             signal: None,
-        })
+        });
+        self.exited = true;
+        st
     }
 
     /// The status, if the child has exited already.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.exit.try_recv().ok()
+        let st = self.exit.try_recv().ok();
+        self.exited |= st.is_some();
+        st
+    }
+
+    /// SIGKILL the child's whole process group now (what it left behind included).
+    pub fn kill_group(&self) {
+        self.signal_group(Signal::SIGKILL);
     }
 
     /// Signal the child's process group (or the child alone when it has none).
@@ -300,6 +324,8 @@ pub fn spawn(spec: Spec) -> io::Result<Child> {
         stdout,
         stderr,
         exit: rx,
+        kill_on_drop: spec.kill_on_drop,
+        exited: false,
     })
 }
 
@@ -358,5 +384,47 @@ mod tests {
     fn which_finds_sh_and_not_nonsense() {
         assert!(which("sh", "/usr/bin:/bin").is_some());
         assert!(which("definitely-not-a-program", "/usr/bin:/bin").is_none());
+    }
+
+    /// The state letter of `pid` in /proc (`Z` for a zombie), `None` once it is reaped.
+    fn state_of(pid: u32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    fn gone(pid: u32) -> bool {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            if matches!(state_of(pid), None | Some('Z')) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
+    }
+
+    /// A child spawned with `kill_on_drop` dies with its group when its handle is
+    /// dropped before its exit was seen; one without it, or one already waited for,
+    /// is left alone.
+    #[test]
+    fn kill_on_drop_is_a_property_of_the_child() {
+        let spawn = |kill: bool| {
+            let mut spec = Spec::new(vec!["sh".into(), "-c".into(), "sleep 1000 & wait".into()]);
+            spec.env = vec![("PATH".into(), "/usr/bin:/bin".into())];
+            spec.kill_on_drop = kill;
+            spawn(spec).expect("spawn sh")
+        };
+        let kept = spawn(false);
+        let killed = spawn(true);
+        let (kept_pid, killed_pid) = (kept.pid, killed.pid);
+        drop(killed);
+        assert!(gone(killed_pid), "the kill_on_drop child was killed");
+        assert!(
+            matches!(state_of(kept_pid), Some(c) if c != 'Z'),
+            "the other child still runs"
+        );
+        kept.kill_group();
+        drop(kept);
+        assert!(gone(kept_pid));
     }
 }

@@ -445,7 +445,12 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
     };
     let code = rt.block_on(crate::daemon::run(
         loaded,
-        crate::daemon::Options { sources, socket },
+        crate::daemon::Options {
+            sources,
+            socket,
+            home: None,
+        },
+        std::future::pending(),
     ));
     rt.shutdown_timeout(Duration::from_millis(200));
     code

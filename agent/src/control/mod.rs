@@ -192,10 +192,6 @@ impl ControlPlane {
         }
     }
 
-    pub fn is_standalone(&self) -> bool {
-        self.client.is_err()
-    }
-
     /// Spawn the work on `tracker` (log shipping, token refresh, the cache watcher, the
     /// first app status) and return the handle. Returns at once.
     pub fn start(
@@ -311,6 +307,11 @@ pub struct ControlHandle {
 }
 
 impl ControlHandle {
+    /// No client could be made (no URL or token): nothing is reported to Coder.
+    pub fn is_standalone(&self) -> bool {
+        self.inner.client.is_none()
+    }
+
     /// `standalone (...)`, `connecting`, `connected` or `unreachable: ...`, followed by
     /// anything worth knowing (`logs limit reached`, a provider to sign in to, ...).
     pub fn status(&self) -> String {

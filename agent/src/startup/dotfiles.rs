@@ -431,6 +431,7 @@ async fn run_script(
     );
     sink.line("stdout", &format!("--- running {}", script.display()));
     let mut spec = crate::procs::Spec::new(vec![script.display().to_string()]);
+    spec.kill_on_drop = true;
     spec.cwd = Some(repo.to_path_buf());
     spec.env = ctx.child_env(&Default::default());
     spec.run_as = ctx.owner.clone();
@@ -440,7 +441,6 @@ async fn run_script(
         path: script.into(),
         source,
     })?;
-    let kill = super::tasks::KillGroupOnDrop(child.pid);
     let out = child
         .stdout
         .take()
@@ -487,14 +487,13 @@ async fn run_script(
     .await;
     match status {
         Err(_) => {
-            drop(kill);
+            // The script timed out: dropping `child` below kills its group.
             Err(DotfilesError::ScriptTimeout {
                 path: script.into(),
                 after: humantime::format_duration(limit).to_string(),
             })
         }
         Ok(st) => {
-            std::mem::forget(kill);
             if st.success() {
                 Ok(())
             } else {

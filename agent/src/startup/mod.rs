@@ -3,7 +3,7 @@
 //! The daemon calls [`before_services`] (directories, skeleton, dotfiles, the git-token
 //! hook, one-time tasks) and [`after_services`] (startup tasks in pseudo-terminals), and
 //! merges [`routes`] into the local API. Each step records itself with
-//! `shared.record("startup", name, outcome, duration, message)`, which logs it, shows it
+//! `shared.record(Stage::Startup, name, outcome, duration, message)`, which logs it, shows it
 //! in `wsagent status` and sends it as an event. Steps are independent: a failing step
 //! does not stop the later ones, but the first failure is returned so the lifecycle
 //! becomes `start_error` naming it.
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::state::Shared;
+use crate::state::{Shared, Stage, StepOutcome};
 
 pub use crate::config::startup::{
     DotfilesConfig, OnceConfig, StartupConfig, TaskConfig, argv_of, validate,
@@ -91,21 +91,27 @@ where
     F: std::future::Future<Output = StepResult>,
 {
     let t = Instant::now();
-    shared.record("startup", name, "running", None, None);
+    shared.record(Stage::Startup, name, StepOutcome::Running, None, None);
     match fut.await {
         StepResult::Ok(m) => {
-            shared.record("startup", name, "ok", Some(t.elapsed()), m);
+            shared.record(Stage::Startup, name, StepOutcome::Ok, Some(t.elapsed()), m);
             Ok(())
         }
         StepResult::Skipped(m) => {
-            shared.record("startup", name, "skipped", Some(t.elapsed()), Some(m));
+            shared.record(
+                Stage::Startup,
+                name,
+                StepOutcome::Skipped,
+                Some(t.elapsed()),
+                Some(m),
+            );
             Ok(())
         }
         StepResult::Failed(m) => {
             shared.record(
-                "startup",
+                Stage::Startup,
                 name,
-                "failed",
+                StepOutcome::Failed,
                 Some(t.elapsed()),
                 Some(m.clone()),
             );
@@ -124,14 +130,20 @@ pub enum StepResult {
 }
 
 /// Steps before the services start. Each step records itself with
-/// `shared.record("startup", name, outcome, duration, message)`. An `Err` names the
+/// `shared.record(Stage::Startup, name, outcome, duration, message)`. An `Err` names the
 /// failing step and makes the lifecycle `start_error` (services still start).
 pub async fn before_services(shared: &Arc<Shared>) -> Result<(), String> {
     let config = shared.config.read().expect("lock").config.clone();
     let ctx = match Ctx::new(shared, &config) {
         Ok(c) => Arc::new(c),
         Err(m) => {
-            shared.record("startup", "directories", "failed", None, Some(m.clone()));
+            shared.record(
+                Stage::Startup,
+                "directories",
+                StepOutcome::Failed,
+                None,
+                Some(m.clone()),
+            );
             return Err(format!("directories: {m}"));
         }
     };
@@ -234,20 +246,32 @@ pub fn show(path: &Path, home: &Path) -> String {
 /// Startup waits briefly (bounded) for a fresh git token before services that need it.
 async fn git_token_step(shared: &Arc<Shared>) {
     let Some(c) = shared.control() else { return };
-    if c.status().starts_with("standalone") {
+    if c.is_standalone() {
         shared.record(
-            "startup",
+            Stage::Startup,
             "git token",
-            "skipped",
+            StepOutcome::Skipped,
             None,
             Some("standalone".into()),
         );
         return;
     }
     let t = Instant::now();
-    shared.record("startup", "git token", "running", None, None);
+    shared.record(
+        Stage::Startup,
+        "git token",
+        StepOutcome::Running,
+        None,
+        None,
+    );
     c.refresh_tokens_once(Duration::from_secs(5)).await;
-    shared.record("startup", "git token", "ok", Some(t.elapsed()), None);
+    shared.record(
+        Stage::Startup,
+        "git token",
+        StepOutcome::Ok,
+        Some(t.elapsed()),
+        None,
+    );
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ use tokio::io::unix::AsyncFd;
 
 use super::{Ctx, OnceConfig, TaskConfig, argv_of};
 use crate::procs::{ExitStatus, Io, Spec};
-use crate::state::Shared;
 use crate::state::tasks::set_winsize;
 pub use crate::state::tasks::{INITIAL_SIZE, RING_BYTES, Ring, State, Task};
+use crate::state::{Shared, Stage, StepOutcome};
 
 /// Between SIGHUP and SIGKILL when the daemon stops or a task times out.
 pub const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -55,17 +55,6 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(())
-}
-
-/// SIGKILL a process group when dropped (unless forgotten): no child outlives a
-/// runtime that went away.
-pub struct KillGroupOnDrop(pub u32);
-
-impl Drop for KillGroupOnDrop {
-    fn drop(&mut self) {
-        let _ =
-            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0 as i32), Signal::SIGKILL);
-    }
 }
 
 /// What to run.
@@ -135,6 +124,8 @@ async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::Cancellatio
         return Ended::Stopped;
     }
     let mut spec = Spec::new(run.argv.clone());
+    // Killed with its group if the runtime goes away before the exit is seen.
+    spec.kill_on_drop = true;
     spec.env = run.env;
     spec.cwd = Some(run.cwd.clone());
     spec.run_as = run.run_as;
@@ -190,7 +181,6 @@ async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::Cancellatio
             ));
         }
     };
-    let guard = KillGroupOnDrop(child.pid);
     if run.tty {
         *task.master.lock().expect("lock") = Some(afd.clone());
     }
@@ -251,14 +241,11 @@ async fn execute(task: &Arc<Task>, run: Run, stop: tokio_util::sync::Cancellatio
     match ended {
         // Timed out or stopped: nothing of the group may stay behind.
         Some(e) => {
-            drop(guard);
+            child.kill_group();
             e
         }
         // A normal exit leaves what the task deliberately detached (nohup, setsid).
-        None => {
-            std::mem::forget(guard);
-            Ended::Exited(status)
-        }
+        None => Ended::Exited(status),
     }
 }
 
@@ -308,12 +295,12 @@ async fn run_to_end(
     (state, msg)
 }
 
-fn step_outcome(state: TaskState) -> &'static str {
+fn step_outcome(state: TaskState) -> StepOutcome {
     match state {
-        TaskState::Succeeded => "ok",
-        TaskState::Stopped => "cut",
-        TaskState::Skipped => "skipped",
-        _ => "failed",
+        TaskState::Succeeded => StepOutcome::Ok,
+        TaskState::Stopped => StepOutcome::Cut,
+        TaskState::Skipped => StepOutcome::Skipped,
+        _ => StepOutcome::Failed,
     }
 }
 
@@ -378,7 +365,13 @@ pub async fn run_once_tasks(
                 s.state = TaskState::Skipped;
                 s.message = Some(msg.clone());
             });
-            shared.record("startup", &step, "skipped", Some(Duration::ZERO), Some(msg));
+            shared.record(
+                Stage::Startup,
+                &step,
+                StepOutcome::Skipped,
+                Some(Duration::ZERO),
+                Some(msg),
+            );
             continue;
         }
         let run = Run {
@@ -399,14 +392,14 @@ pub async fn run_once_tasks(
             );
             async move {
                 let t = Instant::now();
-                shared.record("startup", &step, "running", None, None);
+                shared.record(Stage::Startup, &step, StepOutcome::Running, None, None);
                 let (state, mut msg) = run_to_end(&task, run, shared.stop.clone()).await;
                 let mut outcome = step_outcome(state);
                 if state == TaskState::Succeeded {
                     match write_marker(&marker, &o, ctx.owner.as_ref()) {
                         Ok(()) => msg = format!("done; marker {}", marker.display()),
                         Err(e) => {
-                            outcome = "failed";
+                            outcome = StepOutcome::Failed;
                             msg = e;
                         }
                     }
@@ -417,13 +410,13 @@ pub async fn run_once_tasks(
                     );
                 }
                 shared.record(
-                    "startup",
+                    Stage::Startup,
                     &step,
                     outcome,
                     Some(t.elapsed()),
                     Some(msg.clone()),
                 );
-                if outcome == "failed" {
+                if outcome == StepOutcome::Failed {
                     Err(format!("{step}: {msg}"))
                 } else {
                     Ok(())
@@ -487,17 +480,17 @@ pub async fn run_startup_tasks(
         let sh = shared.clone();
         let job = async move {
             let t = Instant::now();
-            sh.record("startup", &step, "running", None, None);
+            sh.record(Stage::Startup, &step, StepOutcome::Running, None, None);
             let (state, msg) = run_to_end(&task, run, sh.stop.clone()).await;
             let outcome = step_outcome(state);
             sh.record(
-                "startup",
+                Stage::Startup,
                 &step,
                 outcome,
                 Some(t.elapsed()),
                 Some(msg.clone()),
             );
-            if outcome == "failed" {
+            if outcome == StepOutcome::Failed {
                 Err(format!("{step}: {msg}"))
             } else {
                 Ok(())

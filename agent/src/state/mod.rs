@@ -19,6 +19,45 @@ use crate::supervisor::service::fmt_dur;
 
 pub mod tasks;
 
+/// Which list a step belongs to (`status` shows both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Startup,
+    Shutdown,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Startup => "startup",
+            Stage::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A step's outcome, as `status` and the events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepOutcome {
+    Running,
+    Ok,
+    Skipped,
+    Failed,
+    /// Ran out of its budget.
+    Cut,
+}
+
+impl StepOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepOutcome::Running => "running",
+            StepOutcome::Ok => "ok",
+            StepOutcome::Skipped => "skipped",
+            StepOutcome::Failed => "failed",
+            StepOutcome::Cut => "cut",
+        }
+    }
+}
+
 /// Daemon state shared with the local API.
 pub struct Shared {
     pub started: Instant,
@@ -248,17 +287,22 @@ impl Shared {
 
     pub(crate) fn record(
         &self,
-        stage: &str,
+        stage: Stage,
         name: &str,
-        outcome: &str,
+        outcome: StepOutcome,
         took: Option<Duration>,
         message: Option<String>,
     ) {
-        let list = if stage == "startup" {
-            &self.startup
-        } else {
-            &self.shutdown
+        let list = match stage {
+            Stage::Startup => &self.startup,
+            Stage::Shutdown => &self.shutdown,
         };
+        let level = match outcome {
+            StepOutcome::Failed => Level::Error,
+            StepOutcome::Cut => Level::Warn,
+            _ => Level::Info,
+        };
+        let (stage, outcome) = (stage.as_str(), outcome.as_str());
         let step = StepStatus {
             name: name.into(),
             outcome: outcome.into(),
@@ -279,11 +323,6 @@ impl Shared {
         if let Some(m) = &message {
             line.push_str(&format!(" ({m})"));
         }
-        let level = match outcome {
-            "failed" => Level::Error,
-            "cut" => Level::Warn,
-            _ => Level::Info,
-        };
         match level {
             Level::Error => tracing::error!(stage, step = name, outcome, "{line}"),
             Level::Warn => tracing::warn!(stage, step = name, outcome, "{line}"),
