@@ -302,6 +302,14 @@ impl GitServer {
             .insert(format!("/{from}"), format!("/{to}"));
     }
 
+    /// How many pushes the server accepted (receive-pack POSTs answered 200).
+    pub fn pushes(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| r.push && r.method == "POST" && r.status == 200)
+            .count()
+    }
+
     /// Every request answered so far, in order.
     pub fn requests(&self) -> Vec<LoggedRequest> {
         self.shared.log.lock().unwrap().clone()

@@ -21,3 +21,13 @@ pub mod wait;
 
 pub use daemon::{Daemon, Workspace, wsagent_bin};
 pub use wait::{try_wait_until, wait_until};
+
+/// A two-thread tokio runtime for the tests that drive async fakes (coderd, slow
+/// servers) beside the blocking harness.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}

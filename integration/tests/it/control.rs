@@ -14,14 +14,6 @@ use crate::repos::{
 };
 use crate::support::{LONG, SHORT, config};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn workspace(fake: &FakeCoderd) -> Workspace {
     Workspace::new()
         .with_env("CODER_AGENT_URL", fake.url())
@@ -51,7 +43,7 @@ fn assert_in_order(lines: &[String], wanted: &[&str]) {
 /// ending with `off`; the agent token is in no log line and no file.
 #[test]
 fn startup_and_stop_lines_reach_the_dashboard_in_order() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let ws = workspace(&fake);
     let mut d = Daemon::start(
@@ -85,7 +77,7 @@ fn startup_and_stop_lines_reach_the_dashboard_in_order() {
 /// Coder down at start: startup is not held up, and the lines arrive once it is up.
 #[test]
 fn control_plane_down_at_start_does_not_block_and_lines_arrive_later() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start_down());
     let ws = workspace(&fake);
     let t = Instant::now();
@@ -114,7 +106,7 @@ fn control_plane_down_at_start_does_not_block_and_lines_arrive_later() {
 /// A control plane too slow to answer does not stretch the stop past its budget.
 #[test]
 fn slow_control_plane_does_not_stretch_the_stop() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let ws = workspace(&fake);
     let mut d = Daemon::start(
@@ -139,7 +131,7 @@ fn slow_control_plane_does_not_stretch_the_stop() {
 #[test]
 fn rotated_token_reaches_the_cache_and_the_stop_push_uses_it() {
     use std::os::unix::fs::PermissionsExt;
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let fresh = "ghs_fresh_9z8y7x6w5v4u";
     let ws = workspace(&fake);
@@ -176,7 +168,7 @@ fn rotated_token_reaches_the_cache_and_the_stop_push_uses_it() {
 /// refusal is logged once, nothing retries, and the stop succeeds.
 #[test]
 fn a_stop_with_the_agent_token_refused_pushes_with_the_cached_token_quickly() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let cached = "ghs_cached_only_1a2b3c4d";
     let ws = workspace(&fake);
@@ -235,7 +227,7 @@ fn a_stop_with_the_agent_token_refused_pushes_with_the_cached_token_quickly() {
 /// service and other sections change) never restarts it; changing it does.
 #[test]
 fn a_reload_that_leaves_coder_agent_unchanged_never_restarts_it() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let starts = tempfile::NamedTempFile::new().unwrap();
     let starts_path = starts.path().to_path_buf();

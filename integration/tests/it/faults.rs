@@ -37,14 +37,6 @@ fn setup() -> (Workspace, GitServer, PathBuf) {
     (ws, server, repo)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The server holds exactly the worktree's bytes under the snapshot ref.
 #[track_caller]
 fn assert_pushed(server: &GitServer, repo: &Path) {
@@ -97,15 +89,6 @@ fn wait_save_started(ws: &Workspace) {
     });
 }
 
-/// Successful pushes (receive-pack POSTs answered 200) to `app`.
-fn pushes(server: &GitServer) -> usize {
-    server
-        .requests()
-        .iter()
-        .filter(|r| r.push && r.method == "POST" && r.status == 200)
-        .count()
-}
-
 // --- signals at bad moments ------------------------------------------------------------
 
 /// SIGTERM while a service's health check still fails (lifecycle `starting`): the stop
@@ -146,7 +129,7 @@ fn a_second_sigterm_during_the_save_neither_cuts_nor_repeats_it() {
     let st = d.wait_exit(LONG);
     assert!(st.success(), "{}", d.report());
     assert_pushed(&server, &repo);
-    assert_eq!(pushes(&server), 1, "{:?}", server.requests());
+    assert_eq!(server.pushes(), 1, "{:?}", server.requests());
     assert_no_token(&ws, &d, TOKEN);
 }
 
@@ -179,7 +162,7 @@ fn shutdown_wait_racing_sigterm_runs_one_stop_and_saves_once() {
         d.stderr()
     );
     assert_pushed(&server, &repo);
-    assert_eq!(pushes(&server), 1, "{:?}", server.requests());
+    assert_eq!(server.pushes(), 1, "{:?}", server.requests());
     assert_no_token(&ws, &d, TOKEN);
 }
 
@@ -228,7 +211,7 @@ fn a_full_disk_for_state_and_token_cache_gives_clear_errors_and_the_save_still_p
     if !require_root("mounting a tmpfs in a private mount namespace needs root") {
         return;
     }
-    let rt = runtime();
+    let rt = integration::runtime();
     let fake = rt.block_on(FakeCoderd::start());
     let ws = workspace()
         .with_env("CODER_AGENT_URL", fake.url())
@@ -306,7 +289,7 @@ exec "$@""#;
 /// the workspace stops: the save pushes and the daemon exits 0 inside its budget.
 #[test]
 fn control_plane_faults_during_the_stop_leave_the_save_and_the_exit_alone() {
-    let rt = runtime();
+    let rt = integration::runtime();
     let cases: [(&str, Option<Fault>); 5] = [
         ("down", None),
         ("503", Some(Fault::Status(503))),

@@ -356,15 +356,6 @@ fn an_https_push_trusts_a_private_ca_through_ssl_cert_file_and_refuses_an_unknow
     }
 }
 
-/// Successful pushes (receive-pack POSTs answered 200).
-fn pushes(server: &GitServer) -> usize {
-    server
-        .requests()
-        .iter()
-        .filter(|r| r.push && r.method == "POST" && r.status == 200)
-        .count()
-}
-
 /// As Coder stops a workspace: the Coder agent runs its `shutdown_script`
 /// (`wsagent save`) only when wsagent SIGTERMs it, last in the stop sequence, after
 /// wsagent's own save. That `wsagent save` reports the save already made, names the
@@ -422,7 +413,7 @@ stop_timeout = "20s"
         server_files(&server, "app", "refs/heads/wip/ws1/main"),
         worktree_files(&repo)
     );
-    assert_eq!(pushes(&server), 1, "pushed more than once");
+    assert_eq!(server.pushes(), 1, "pushed more than once");
 }
 
 /// A second `wsagent save` while a first one is pushing follows the first: both print the
@@ -466,7 +457,7 @@ fn a_second_wsagent_save_during_a_running_one_joins_it() {
         "{t2}"
     );
     server.set_latency(Duration::ZERO);
-    assert_eq!(pushes(&server), 1, "pushed more than once");
+    assert_eq!(server.pushes(), 1, "pushed more than once");
     assert_eq!(
         server_files(&server, "app", "refs/heads/wip/ws1/main"),
         worktree_files(&repo)

@@ -14,21 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agent_proto::local::{Lifecycle, Status, StepStatus, TaskState, TaskStatus};
-
-fn wsagent_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("wsagent");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p agent` first",
-        bin.display()
-    );
-    bin
-}
+use integration::wsagent_bin;
 
 /// Poll `cond` until it returns `Some`, or panic after `timeout` with `what`.
 fn wait_for<T>(timeout: Duration, what: &str, cond: impl FnMut() -> Option<T>) -> T {
