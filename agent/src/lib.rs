@@ -3,27 +3,27 @@
 //! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin shell over
 //! [`cli::main`].
 
-pub mod api;
+mod api;
 pub mod cli;
 pub mod config;
 pub mod control;
-pub mod daemon;
-pub mod demo;
+mod daemon;
+mod demo;
 pub mod events;
-pub mod footprint;
-pub mod githttp;
-pub mod health;
-pub mod logging;
-pub mod paths;
-pub mod procs;
-pub mod restore;
+mod footprint;
+mod githttp;
+mod health;
+mod logging;
+mod paths;
+mod procs;
+mod restore;
 pub mod save;
-pub mod saverun;
+mod saverun;
 pub mod secrets;
-pub mod signals;
-pub mod startup;
-pub mod state;
-pub mod supervisor;
+mod signals;
+mod startup;
+mod state;
+mod supervisor;
 pub mod tls;
 pub mod tokens;
-pub mod watch;
+mod watch;

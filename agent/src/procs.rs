@@ -17,7 +17,6 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -51,7 +50,6 @@ impl std::fmt::Display for ExitStatus {
 }
 
 static REGISTRY: Mutex<Option<HashMap<i32, oneshot::Sender<ExitStatus>>>> = Mutex::new(None);
-static ORPHANS_REAPED: AtomicU64 = AtomicU64::new(0);
 
 fn registry() -> std::sync::MutexGuard<'static, Option<HashMap<i32, oneshot::Sender<ExitStatus>>>> {
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
@@ -83,20 +81,11 @@ pub fn reap_all() -> usize {
         };
         n += 1;
         let (pid, st) = status;
-        match reg.get_or_insert_with(HashMap::new).remove(&pid.as_raw()) {
-            Some(tx) => {
-                let _ = tx.send(st);
-            }
-            None => {
-                ORPHANS_REAPED.fetch_add(1, Ordering::Relaxed);
-            }
+        // An orphan (no waiter registered): its status is dropped.
+        if let Some(tx) = reg.get_or_insert_with(HashMap::new).remove(&pid.as_raw()) {
+            let _ = tx.send(st);
         }
     }
-}
-
-/// Orphans (children nobody waits for) reaped since start.
-pub fn orphans_reaped() -> u64 {
-    ORPHANS_REAPED.load(Ordering::Relaxed)
 }
 
 /// Where a child's standard stream goes.

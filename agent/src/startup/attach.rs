@@ -17,8 +17,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::tasks::Task;
 use crate::state::Shared;
+use crate::state::tasks::Task;
 
 // ---------------------------------------------------------------------------------
 // Framing

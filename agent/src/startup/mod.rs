@@ -25,10 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::state::{Shared, Stage, StepOutcome};
 
-pub use crate::config::startup::{
-    DotfilesConfig, OnceConfig, StartupConfig, TaskConfig, argv_of, validate,
-};
-pub use tasks::State;
+pub use crate::config::startup::{DotfilesConfig, OnceConfig, TaskConfig, argv_of};
 
 /// What the steps need to know, resolved once per start.
 pub struct Ctx {

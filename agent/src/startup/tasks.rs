@@ -26,7 +26,7 @@ use tokio::io::unix::AsyncFd;
 use super::{Ctx, OnceConfig, TaskConfig, argv_of};
 use crate::procs::{ExitStatus, Io, Spec};
 use crate::state::tasks::set_winsize;
-pub use crate::state::tasks::{INITIAL_SIZE, RING_BYTES, Ring, State, Task};
+use crate::state::tasks::{INITIAL_SIZE, Task};
 use crate::state::{Shared, Stage, StepOutcome};
 
 /// Between SIGHUP and SIGKILL when the daemon stops or a task times out.
@@ -515,37 +515,5 @@ pub async fn run_startup_tasks(
     match first_err {
         None => Ok(()),
         Some(e) => Err(e),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ring_keeps_the_newest_bytes() {
-        let mut r = Ring::new(8);
-        r.push(b"hello ");
-        r.push(b"world");
-        assert_eq!(r.contents(), b"lo world");
-        r.push(b"0123456789abc");
-        assert_eq!(r.contents(), b"56789abc");
-    }
-
-    #[test]
-    fn subscribers_get_the_bounded_buffer_then_every_later_byte_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("task-t.log");
-        let t = Task::new("t", TaskKind::Task, false, true, log.clone(), 1 << 20);
-        t.output(&vec![b'x'; RING_BYTES + 1000]);
-        t.output(b"before");
-        let (replay, mut rx) = t.subscribe();
-        t.output(b"after");
-        assert_eq!(replay.len(), RING_BYTES);
-        assert!(replay.ends_with(b"xbefore"));
-        assert_eq!(&rx.try_recv().unwrap()[..], b"after");
-        assert!(rx.try_recv().is_err());
-        let logged = std::fs::read(&log).unwrap();
-        assert_eq!(logged.len(), RING_BYTES + 1000 + "beforeafter".len());
     }
 }

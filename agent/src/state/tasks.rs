@@ -232,3 +232,35 @@ pub(crate) fn set_winsize(fd: &OwnedFd, cols: u16, rows: u16) {
         libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest_bytes() {
+        let mut r = Ring::new(8);
+        r.push(b"hello ");
+        r.push(b"world");
+        assert_eq!(r.contents(), b"lo world");
+        r.push(b"0123456789abc");
+        assert_eq!(r.contents(), b"56789abc");
+    }
+
+    #[test]
+    fn subscribers_get_the_bounded_buffer_then_every_later_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("task-t.log");
+        let t = Task::new("t", TaskKind::Task, false, true, log.clone(), 1 << 20);
+        t.output(&vec![b'x'; RING_BYTES + 1000]);
+        t.output(b"before");
+        let (replay, mut rx) = t.subscribe();
+        t.output(b"after");
+        assert_eq!(replay.len(), RING_BYTES);
+        assert!(replay.ends_with(b"xbefore"));
+        assert_eq!(&rx.try_recv().unwrap()[..], b"after");
+        assert!(rx.try_recv().is_err());
+        let logged = std::fs::read(&log).unwrap();
+        assert_eq!(logged.len(), RING_BYTES + 1000 + "beforeafter".len());
+    }
+}

@@ -131,10 +131,6 @@ impl Supervisor {
         self.services.keys().cloned().collect()
     }
 
-    pub fn statuses(&self) -> Vec<ServiceStatus> {
-        self.services.values().map(|h| h.status()).collect()
-    }
-
     /// Start every configured service (each waits for its dependencies itself).
     pub fn start_all(&mut self, config: &Config) {
         for name in start_order(&config.services) {
