@@ -149,7 +149,8 @@ pub async fn save_all(
     save_all_observed(cfg, env, req, deadline, None).await
 }
 
-/// [`save_all`], telling `observer` of each repository's outcome as it lands.
+/// [`save_all`], telling `observer` of each repository's outcome as it lands. The caller
+/// runs one save at a time (the daemon: `Shared::save_lock`).
 pub async fn save_all_observed(
     cfg: &SaveConfig,
     env: &SaveEnv,
@@ -159,16 +160,6 @@ pub async fn save_all_observed(
 ) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
     repo::init_libgit2();
-    // One save at a time per state directory (e.g. SIGUSR1 during a stop): a second
-    // one waits, then finds the work of the first already saved.
-    let lock = save_lock(&env.state_dir);
-    let Ok(_running) = tokio::time::timeout_at(deadline, lock.lock()).await else {
-        tracing::error!("deadline passed while another save was running");
-        if let Some(o) = &observer {
-            o.found(0);
-        }
-        return Vec::new();
-    };
     let journal = Arc::new(Journal::new(&env.state_dir));
 
     // Discovery.
@@ -414,17 +405,6 @@ fn scrub(o: &mut RepoOutcome) {
     if let Some(n) = &o.note {
         o.note = Some(crate::secrets::redact(&url::scrub_userinfo(n)).into_owned());
     }
-}
-
-fn save_lock(state_dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: std::sync::Mutex<BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    LOCKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(state_dir.to_path_buf())
-        .or_default()
-        .clone()
 }
 
 /// Make the local commit of one repository on a blocking thread, under the deadline.

@@ -84,7 +84,8 @@ pub struct Shared {
     pub control: Mutex<Option<crate::control::ControlHandle>>,
     /// Every background task of the daemon, joined at exit.
     pub tracker: TaskTracker,
-    /// One save at a time (stop, `wsagent save`, SIGUSR1).
+    /// One save at a time (stop, checkpoints, `wsagent save`, SIGUSR1): the only save
+    /// lock; a second save waits, then finds the work of the first already saved.
     pub save_lock: tokio::sync::Mutex<()>,
     /// The save running now, or the last one: a request it covers joins it.
     pub current_save: Mutex<Option<Arc<crate::saverun::SaveRun>>>,
