@@ -20,6 +20,7 @@
 pub mod discover;
 pub mod fsids;
 pub mod journal;
+mod lease;
 mod objects;
 mod repo;
 pub mod url;
@@ -427,12 +428,15 @@ pub async fn save_all_observed(
         let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
         (
             found,
-            journal::last_finished(&state_dir),
+            (
+                journal::last_finished(&state_dir),
+                journal::last_pushed(&state_dir),
+            ),
             suffixes,
             unsearched,
         )
     });
-    let (found, previous, ref_suffix, unsearched) =
+    let (found, (previous, last_pushed), ref_suffix, unsearched) =
         match tokio::time::timeout_at(deadline, found).await {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
@@ -504,6 +508,7 @@ pub async fn save_all_observed(
         previous,
         dry_run: req.dry_run,
         ref_suffix,
+        last_pushed,
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
@@ -554,6 +559,7 @@ pub async fn save_all_observed(
                 creds.clone(),
             );
             let (env, observer) = (env.clone(), observer.clone());
+            let (journal, dry_run) = (journal.clone(), req.dry_run);
             let low = quiet;
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
@@ -562,6 +568,11 @@ pub async fn save_all_observed(
                 let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
                 scrub(&mut o);
                 if !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")) {
+                    // Journaled the moment it is known: a daemon killed while other
+                    // repositories still push has recorded what this one did.
+                    if !dry_run && let Err(e) = journal.append(&o) {
+                        tracing::warn!(error = %e, "save journal");
+                    }
                     report(&env, &o);
                 }
                 if let Some(obs) = &observer {
@@ -596,20 +607,17 @@ pub async fn save_all_observed(
     }
 
     let mut outcomes = outcomes;
+    let n_unsearched = unsearched.len();
     outcomes.extend(unsearched);
     tracing::info!(
         repos = outcomes.len(),
         took_ms = started.elapsed().as_millis() as u64,
         "git work saved"
     );
-    let kept: Vec<RepoOutcome> = outcomes
-        .iter()
-        .filter(|o| !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")))
-        .cloned()
-        .collect();
+    // Each repository's line was journaled as its outcome landed; the directories that
+    // could not be searched are journaled now.
     if !req.dry_run
-        && !kept.is_empty()
-        && let Err(e) = journal.append_all(&kept)
+        && let Err(e) = journal.append_all(&outcomes[outcomes.len() - n_unsearched..])
     {
         tracing::warn!(error = %e, "save journal");
     }
@@ -808,6 +816,11 @@ async fn push_one(
             outcome.error =
                 Some("not pushed: deadline passed while pushing; committed locally".into());
         }
+    }
+    if outcome.error.is_some() && outcome.result == "unchanged" {
+        // The remote could not be seen to still have it: only the local commit is sure.
+        outcome.result = "committed".into();
+        outcome.pushed = false;
     }
     outcome.duration_ms += t0.elapsed().as_millis() as u64;
     outcome
