@@ -1208,6 +1208,19 @@ pub fn render_status(s: &Status) -> String {
             ));
         }
     }
+    if !s.remote_snapshots.is_empty() {
+        out.push_str("\nnewer on the remote:\n");
+        for n in &s.remote_snapshots {
+            out.push_str(&format!(
+                "  {} (branch {}): {} at {}\n    restore it with: {}\n",
+                n.repo,
+                n.branch,
+                n.r#ref,
+                &n.commit[..12.min(n.commit.len())],
+                n.command
+            ));
+        }
+    }
     if !s.last_save.is_empty() {
         out.push_str("\nlast save:\n");
         for o in &s.last_save {

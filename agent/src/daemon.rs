@@ -57,6 +57,8 @@ pub struct Shared {
     /// The latest save outcome of each repository (read from the journal at start, then
     /// kept current by each save), so `status` never re-reads the journal.
     pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
+    /// Snapshots on the remotes the worktrees have not seen (the start's check).
+    pub remote_snapshots: Mutex<Vec<agent_proto::local::RemoteSnapshot>>,
     /// A fresh-token fetch from the control plane, when there is one.
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
     /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
@@ -95,6 +97,15 @@ impl Shared {
                     .unwrap_or_else(|| "standalone".into()),
             ),
             last_save: self.last_save.lock().expect("lock").clone(),
+            // Asked again locally: a restore since the start check clears it.
+            remote_snapshots: self
+                .remote_snapshots
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|n| crate::save::remote_check::still_unseen(n))
+                .cloned()
+                .collect(),
         }
     }
 
@@ -383,6 +394,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
         current_save: Mutex::new(None),
         stop_save: watch::Sender::new(None),
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
+        remote_snapshots: Mutex::new(Vec::new()),
         fresh_token: Mutex::new(None),
         tasks: crate::startup::State::default(),
         open_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -441,6 +453,7 @@ pub async fn run(loaded: Loaded, opts: Options) -> ExitCode {
 
     let mut config_changed = watch_config_files(&opts.sources, &tracker, cancel.clone());
     tracker.spawn(checkpoints(shared.clone()));
+    tracker.spawn(check_remote_snapshots(shared.clone()));
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<StopFuture> = None;
@@ -733,6 +746,30 @@ async fn checkpoints(shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "checkpoint skipped"),
         }
     }
+}
+
+/// At start, beside the startup pipeline: one request per repository to its remote;
+/// a snapshot of this workspace's branch there that the worktree has not seen is said
+/// in `status` and the dashboard, with the command that restores it.
+async fn check_remote_snapshots(shared: Arc<Shared>) {
+    const LIMIT: Duration = Duration::from_secs(30);
+    let cfg = shared.config.read().expect("lock").config.save.clone();
+    let env = shared.save_env();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let found = tokio::select! {
+        f = crate::save::remote_check::newer_on_remote(&cfg, &env, deadline) => f,
+        _ = shared.stop.cancelled() => return,
+    };
+    for n in &found {
+        let line = crate::save::remote_check::message(n);
+        tracing::warn!(repo = %n.repo, r#ref = %n.r#ref, "{line}");
+        shared.events.note(Level::Warn, line);
+    }
+    tracing::info!(
+        newer = found.len(),
+        "checked the remotes for snapshots this workspace has not seen"
+    );
+    *shared.remote_snapshots.lock().expect("lock") = found;
 }
 
 /// What a reload changes outside the services: `daemon.api_user` is applied at once

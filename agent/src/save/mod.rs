@@ -22,6 +22,7 @@ pub mod fsids;
 pub mod journal;
 mod lease;
 mod objects;
+pub mod remote_check;
 mod repo;
 pub mod url;
 pub mod worktree;

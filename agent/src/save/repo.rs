@@ -668,6 +668,24 @@ fn head_info(repo: &Repository) -> Result<(Option<String>, Option<Oid>), git2::E
     }
 }
 
+/// Where the repository at `path` saves its current branch: (url to connect to, url to
+/// show, authority for the token, snapshot ref, branch label); `None` without a remote.
+pub(crate) fn snapshot_target(
+    path: &Path,
+    template: &str,
+    workspace: &str,
+    known_hosts: &[String],
+) -> Option<(String, String, String, String, String)> {
+    let repo = Repository::open(path).ok()?;
+    let (branch, head) = head_info(&repo).ok()?;
+    let branch = branch.or_else(|| rebase_head_name(&repo));
+    let (_, url) = pick_remote(&repo, branch.as_deref())?;
+    let (url, display, authority) = push_url(&url, known_hosts);
+    let want = snapshot_ref(template, workspace, branch.as_deref(), head);
+    let label = branch.unwrap_or_else(|| "(detached HEAD)".into());
+    Some((url, display, authority, want, label))
+}
+
 /// Suffixes for repositories that would push the same snapshot ref to the same remote
 /// (e.g. two clones of one project on `main`): the first by path keeps the plain ref,
 /// the others get `-<hash of their path>`, the same on every save.

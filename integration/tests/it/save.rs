@@ -631,6 +631,9 @@ fn checkpoints_push_changes_while_running_and_an_idle_interval_sends_nothing() {
     wait_until(SHORT, "a checkpoint to push the work", || on_server(&now));
 
     // Idle: three more checkpoints find nothing to do and send nothing.
+    wait_until(SHORT, "the start's check of the remotes", || {
+        d.stderr().contains("checked the remotes")
+    });
     server.clear_requests();
     let done = |d: &Daemon| d.stderr().matches("checkpoint done").count();
     let before = done(&d);
@@ -1123,6 +1126,9 @@ fn save_dry_run_lists_the_files_the_remote_and_the_ref() {
     cache_token(&ws.home(), TOKEN);
     let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the start's check of the remotes", || {
+        d.stderr().contains("checked the remotes")
+    });
     server.clear_requests();
 
     let out = d.cli(["save", "--dry-run"]);

@@ -166,3 +166,68 @@ fn a_daemon_killed_mid_stop_has_journaled_the_pushes_already_made() {
     next.signal(Signal::SIGTERM);
     next.wait_exit(LONG);
 }
+
+/// An earlier workspace of the same name saved work this volume never saw: at start,
+/// `wsagent status` says the remote has a newer snapshot and prints the command that
+/// restores it (nothing is restored unasked); that command brings it back, status stops
+/// saying so, and the next save continues that snapshot's history on the same ref.
+#[test]
+fn a_newer_snapshot_on_the_remote_is_announced_at_start_with_the_command_that_restores_it() {
+    let old = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&old);
+    let old_repo = dirty_repo(&server, &old.home(), "app");
+    cache_token(&old.home(), TOKEN);
+    let mut d = Daemon::start(&old, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+    let theirs = server.ref_target("app.git", SNAP).unwrap();
+
+    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let repo = ws.home().join("projects/app");
+    std::fs::create_dir_all(repo.parent().unwrap()).unwrap();
+    git(
+        ws.path(),
+        &[
+            "clone",
+            "-q",
+            &server.url("app.git"),
+            repo.to_str().unwrap(),
+        ],
+    );
+    let clean = worktree_files(&repo);
+    cache_token(&ws.home(), TOKEN);
+    let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the start's check of the remotes", || {
+        d.stderr().contains("checked the remotes")
+    });
+
+    let status = stdout(&d.cli(["status"]));
+
+    let command = format!(
+        "wsagent restore --repo {} --snapshot {}",
+        repo.display(),
+        &theirs[..12]
+    );
+    assert!(
+        status.contains("newer on the remote") && status.contains(&command),
+        "{status}"
+    );
+    assert_eq!(worktree_files(&repo), clean, "restored without being asked");
+
+    let args: Vec<&str> = command.split(' ').skip(1).collect();
+    let restored = d.cli(args);
+
+    assert!(restored.status.success(), "{restored:?}");
+    assert_eq!(worktree_files(&repo), worktree_files(&old_repo));
+    let status = stdout(&d.cli(["status"]));
+    assert!(!status.contains("newer on the remote"), "{status}");
+    std::fs::write(repo.join("tracked.txt"), "continued here\n").unwrap();
+    assert!(d.cli(["save"]).status.success());
+    let ours = server.ref_target("app.git", SNAP).unwrap();
+    assert!(is_ancestor(&server.path("app.git"), &theirs, &ours));
+    assert_eq!(server.ref_target("app.git", &format!("{SNAP}@2")), None);
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(LONG).success(), "{}", d.report());
+}
