@@ -115,22 +115,12 @@ impl Shared {
         let mut tokens =
             crate::tokens::Tokens::new(config.git_providers.clone(), self.home.clone());
         tokens.fresh = self.fresh_token.lock().expect("lock").clone();
-        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        crate::save::SaveEnv {
-            home: self.home.clone(),
-            state_dir: self.state_dir.clone(),
-            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
-                nix::unistd::gethostname()
-                    .ok()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "workspace".into())
-            }),
-            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
-            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
-            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+        crate::save::SaveEnv::from_env(
+            self.home.clone(),
+            self.state_dir.clone(),
             tokens,
-            events: self.events.clone(),
-        }
+            self.events.clone(),
+        )
     }
 
     /// Save git work, returning by `deadline`: joins the save already running when it

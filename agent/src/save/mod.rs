@@ -294,6 +294,34 @@ pub struct SaveEnv {
     pub events: crate::events::Events,
 }
 
+impl SaveEnv {
+    /// Who and where, from this process's environment (`CODER_WORKSPACE_NAME`, else the
+    /// host name; `CODER_WORKSPACE_OWNER_*`): the daemon's saves and the CLI's alike.
+    pub fn from_env(
+        home: PathBuf,
+        state_dir: PathBuf,
+        tokens: crate::tokens::Tokens,
+        events: crate::events::Events,
+    ) -> SaveEnv {
+        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        SaveEnv {
+            home,
+            state_dir,
+            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "workspace".into())
+            }),
+            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
+            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+            tokens,
+            events,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SaveRequest {
     pub reason: Reason,

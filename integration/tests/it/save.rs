@@ -824,7 +824,10 @@ fn a_deleted_repository_comes_back_from_its_checkpoint_byte_for_byte() {
 /// nothing; an older snapshot chosen by id brings back the older content.
 #[test]
 fn restore_refuses_over_unsaved_work_and_brings_back_an_older_snapshot() {
-    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let mut ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    // The CLI's own save (`--force`) reads the system config, as in an image.
+    let cfg_file = ws.config_path().display().to_string();
+    ws.set_env("WSAGENT_SYSTEM_CONFIG", cfg_file);
     let server = setup(&ws);
     let repo = dirty_repo(&server, &ws.home(), "app");
     cache_token(&ws.home(), TOKEN);

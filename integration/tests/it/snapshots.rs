@@ -231,3 +231,63 @@ fn a_newer_snapshot_on_the_remote_is_announced_at_start_with_the_command_that_re
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(LONG).success(), "{}", d.report());
 }
+
+/// Two checkpoints with a change between them: the remote ref fast-forwards, `wsagent
+/// saves` lists both, and `wsagent restore --force` of the older one (no daemon
+/// running: the CLI saves the current state itself first) gives the older content.
+#[test]
+fn two_checkpoints_fast_forward_and_restore_force_without_a_daemon_brings_back_the_older() {
+    let mut ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let server = setup(&ws);
+    let repo = dirty_repo(&server, &ws.home(), "app");
+    cache_token(&ws.home(), TOKEN);
+    let cfg = config(&format!(
+        "[save]\ncheckpoint = \"200ms\"\n{}",
+        provider_for(&server)
+    ));
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    let older_files = worktree_files(&repo);
+    wait_until(SHORT, "the first checkpoint", || {
+        server.ref_target("app.git", SNAP).is_some()
+            && server_files(&server, "app", SNAP) == older_files
+    });
+    let older = server.ref_target("app.git", SNAP).unwrap();
+    std::fs::write(repo.join("tracked.txt"), "v3, checkpointed later\n").unwrap();
+    let newer_files = worktree_files(&repo);
+    wait_until(SHORT, "the second checkpoint", || {
+        server_files(&server, "app", SNAP) == newer_files
+    });
+    let newer = server.ref_target("app.git", SNAP).unwrap();
+    assert!(is_ancestor(&server.path("app.git"), &older, &newer));
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(SHORT);
+    let r = repo.to_str().unwrap();
+    let listed = stdout(&ws.cli(["saves", "--repo", r]));
+    assert!(
+        listed.contains(&older[..12]) && listed.contains(&newer[..12]),
+        "{listed}"
+    );
+    std::fs::write(repo.join("tracked.txt"), "v4, never checkpointed\n").unwrap();
+    // The CLI reads the system config, as in an image (`/etc/wsagent/config.toml`).
+    let cfg_file = ws.config_path().display().to_string();
+    ws.set_env("WSAGENT_SYSTEM_CONFIG", cfg_file);
+
+    let out = ws.cli([
+        "restore",
+        "--repo",
+        r,
+        "--snapshot",
+        &older[..12],
+        "--force",
+    ]);
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(worktree_files(&repo), older_files);
+    let newest = server.ref_target("app.git", SNAP).unwrap();
+    assert!(is_ancestor(&server.path("app.git"), &newer, &newest));
+    assert_eq!(
+        server_files(&server, "app", SNAP)["tracked.txt"],
+        b"v4, never checkpointed\n"
+    );
+}
