@@ -176,6 +176,25 @@ pub struct Status {
     /// The most recent save of each repository (from the journal).
     #[serde(default)]
     pub last_save: Vec<crate::save::RepoOutcome>,
+    /// Snapshots of this workspace's branches on the remotes that the worktrees have not
+    /// seen (checked at start), each with the command that restores it.
+    #[serde(default)]
+    pub remote_snapshots: Vec<RemoteSnapshot>,
+}
+
+/// A snapshot on a repository's remote, of this workspace and branch, that the worktree
+/// has not seen (not what it last saved or restored, nor in its history).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteSnapshot {
+    pub repo: String,
+    pub branch: String,
+    /// The remote ref holding it.
+    pub r#ref: String,
+    pub commit: String,
+    /// The local snapshot ref this worktree saves to.
+    pub local_ref: String,
+    /// The command that restores it.
+    pub command: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -86,10 +86,10 @@ pub async fn run(
         log_dir,
         control: Mutex::new(None),
         tracker: tracker.clone(),
-        save_lock: tokio::sync::Mutex::new(()),
         current_save: Mutex::new(None),
         stop_save: watch::Sender::new(None),
         last_save: Mutex::new(crate::save::last_outcomes(&state_dir)),
+        remote_snapshots: Mutex::new(Vec::new()),
         fresh_token: Mutex::new(None),
         tasks: crate::state::tasks::State::default(),
         open_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -148,6 +148,7 @@ pub async fn run(
 
     let mut config_changed = watch_config_files(&opts.sources, &tracker, cancel.clone());
     tracker.spawn(checkpoints(shared.clone()));
+    tracker.spawn(check_remote_snapshots(shared.clone()));
     let mut startup = Box::pin(startup_pipeline(shared.clone()));
     let mut startup_done = false;
     let mut stopping: Option<StopFuture> = None;
@@ -447,6 +448,30 @@ async fn checkpoints(shared: Arc<Shared>) {
             Err(e) => tracing::warn!(error = %e, "checkpoint skipped"),
         }
     }
+}
+
+/// At start, beside the startup pipeline: one request per repository to its remote;
+/// a snapshot of this workspace's branch there that the worktree has not seen is said
+/// in `status` and the dashboard, with the command that restores it.
+async fn check_remote_snapshots(shared: Arc<Shared>) {
+    const LIMIT: Duration = Duration::from_secs(30);
+    let cfg = shared.config.read().expect("lock").config.save.clone();
+    let env = shared.save_env();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let found = tokio::select! {
+        f = crate::save::remote_check::newer_on_remote(&cfg, &env, deadline) => f,
+        _ = shared.stop.cancelled() => return,
+    };
+    for n in &found {
+        let line = crate::save::remote_check::message(n);
+        tracing::warn!(repo = %n.repo, r#ref = %n.r#ref, "{line}");
+        shared.events.note(Level::Warn, line);
+    }
+    tracing::info!(
+        newer = found.len(),
+        "checked the remotes for snapshots this workspace has not seen"
+    );
+    *shared.remote_snapshots.lock().expect("lock") = found;
 }
 
 /// What a reload changes outside the services: `daemon.api_user` is applied at once

@@ -380,8 +380,50 @@ fn restore_inner(
         Some(&path),
         &["stash", "apply", "-q", "--index", &pick.commit],
     )?;
+    record_restored(&path, pick);
     println!("restored {} to snapshot {short}", path.display());
     Ok(())
+}
+
+/// After a restore: the snapshot is recorded as seen (`save::remote_check::RESTORED_REF`), and the local
+/// snapshot ref of its branch moves to it when that loses nothing (the ref is absent or
+/// behind it), so the next save continues its history and fast-forwards the remote ref.
+fn record_restored(path: &Path, pick: &Snapshot) {
+    let _ = git(
+        Some(path),
+        &[
+            "update-ref",
+            "-m",
+            "wsagent: restored",
+            crate::save::remote_check::RESTORED_REF,
+            &pick.commit,
+        ],
+    );
+    let name = pick
+        .r#ref
+        .split_once(':')
+        .map_or(pick.r#ref.as_str(), |(_, r)| r);
+    let name = match name.rsplit_once('@') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    };
+    let local = git(Some(path), &["rev-parse", "-q", "--verify", name])
+        .ok()
+        .map(|s| s.trim().to_string());
+    let behind = match &local {
+        None => true,
+        Some(l) => git(
+            Some(path),
+            &["merge-base", "--is-ancestor", l, &pick.commit],
+        )
+        .is_ok(),
+    };
+    if behind {
+        let _ = git(
+            Some(path),
+            &["update-ref", "-m", "wsagent: restored", name, &pick.commit],
+        );
+    }
 }
 
 fn choose<'a>(

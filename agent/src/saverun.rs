@@ -107,6 +107,19 @@ pub fn is_of(outcome: &RepoOutcome, path: &Path) -> bool {
     path.starts_with(Path::new(&outcome.repo))
 }
 
+/// Of `outcomes`, those of the repository containing `only` (the deepest match: a
+/// submodule's path is inside its parent's), or all of them.
+pub fn select<'a>(outcomes: &'a [RepoOutcome], only: Option<&Path>) -> Vec<&'a RepoOutcome> {
+    let Some(only) = only else {
+        return outcomes.iter().collect();
+    };
+    let deepest = outcomes
+        .iter()
+        .filter(|o| is_of(o, only))
+        .max_by_key(|o| o.repo.len());
+    deepest.into_iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +161,23 @@ mod tests {
         assert!(!one.covers(None) && !one.covers(Some(Path::new("/p/b"))));
         let dry = SaveRun::new(Reason::Manual, None, true);
         assert!(!dry.covers(None));
+    }
+
+    #[test]
+    fn select_picks_the_deepest_repository_containing_the_path() {
+        let all = [
+            outcome("/p/app", "pushed"),
+            outcome("/p/app/vendor/lib", "clean"),
+            outcome("/p/other", "failed"),
+        ];
+        let got = select(&all, Some(Path::new("/p/app/vendor/lib/src")));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].repo, "/p/app/vendor/lib");
+        assert_eq!(
+            select(&all, Some(Path::new("/p/app/src")))[0].repo,
+            "/p/app"
+        );
+        assert!(select(&all, Some(Path::new("/elsewhere"))).is_empty());
+        assert_eq!(select(&all, None).len(), 3);
     }
 }

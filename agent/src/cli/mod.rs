@@ -294,20 +294,8 @@ pub fn main() -> ExitCode {
                 force,
                 dry_run,
             };
-            let socket = client_socket(cli.socket.clone());
-            let save_first = |p: &std::path::Path| -> Result<(), String> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                let client = Client::new(socket.clone());
-                let code = rt.block_on(save(&client, Some(p.to_path_buf()), false, false));
-                if code == ExitCode::SUCCESS {
-                    Ok(())
-                } else {
-                    Err("could not save the current state first: nothing was restored".into())
-                }
-            };
+            // In this process, as the caller (no daemon needed), like the restore itself.
+            let save_first = |p: &std::path::Path| save_here(&cfg, p);
             crate::restore::restore(&req, &cfg.save.ref_template, &journal, &save_first)
         }
         Cmd::Completion { shell } => {
@@ -464,6 +452,43 @@ fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets an allocator parameter; no thread exists yet.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Save the repository containing `path` in this process, as the caller (`restore
+/// --force` takes a snapshot of what it is about to replace): Ok once it is on the remote.
+fn save_here(cfg: &config::Config, path: &std::path::Path) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot save the current state first: {e}"))?;
+    let home = crate::paths::home_dir();
+    let env = crate::save::SaveEnv::from_env(
+        home.clone(),
+        cfg.state_dir(&home),
+        crate::tokens::Tokens::new(cfg.git_providers.clone(), home),
+        crate::events::Events::new(),
+    );
+    let req = crate::save::SaveRequest {
+        reason: crate::save::Reason::Manual,
+        only: Some(path.to_path_buf()),
+        dry_run: false,
+    };
+    let deadline = tokio::time::Instant::now() + cfg.shutdown.budget.max(Duration::from_secs(60));
+    let outcomes = rt.block_on(crate::save::save_all(&cfg.save, &env, &req, deadline));
+    let mine = crate::saverun::select(&outcomes, Some(path));
+    let Some(o) = mine.first() else {
+        return Err(format!(
+            "could not save the current state of {} first: no repository found there; \
+             nothing was restored",
+            path.display()
+        ));
+    };
+    println!("{}", outcome_line(o));
+    if crate::daemon::save_ok(o) {
+        Ok(())
+    } else {
+        Err("could not save the current state first: nothing was restored".into())
     }
 }
 
@@ -1212,6 +1237,19 @@ pub fn render_status(s: &Status) -> String {
             out.push_str(&format!(
                 "  {:<14} {:<8} {:>8}{}\n",
                 st.name, st.outcome, d, m
+            ));
+        }
+    }
+    if !s.remote_snapshots.is_empty() {
+        out.push_str("\nnewer on the remote:\n");
+        for n in &s.remote_snapshots {
+            out.push_str(&format!(
+                "  {} (branch {}): {} at {}\n    restore it with: {}\n",
+                n.repo,
+                n.branch,
+                n.r#ref,
+                &n.commit[..12.min(n.commit.len())],
+                n.command
             ));
         }
     }

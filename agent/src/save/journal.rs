@@ -165,6 +165,20 @@ pub(crate) fn last_finished(state_dir: &Path) -> BTreeMap<String, RepoOutcome> {
     by_repo
 }
 
+/// What the saves of each repository pushed, per remote ref: the latest commit the
+/// journal says reached it (the lease of the next snapshot push, see `lease.rs`).
+pub(crate) fn last_pushed(state_dir: &Path) -> BTreeMap<String, BTreeMap<String, git2::Oid>> {
+    let mut out: BTreeMap<String, BTreeMap<String, git2::Oid>> = BTreeMap::new();
+    for o in read_journal(state_dir) {
+        if let (true, Some(r), Some(c)) = (o.pushed, &o.r#ref, &o.commit)
+            && let Ok(c) = git2::Oid::from_str(c)
+        {
+            out.entry(o.repo.clone()).or_default().insert(r.clone(), c);
+        }
+    }
+    out
+}
+
 /// One line on how the last save went, for the next start and `wsagent status`;
 /// flags repositories whose save was interrupted. `None` without a journal.
 pub fn previous_save_summary(state_dir: &Path) -> Option<String> {

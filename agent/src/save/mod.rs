@@ -20,7 +20,9 @@
 pub mod discover;
 pub mod fsids;
 pub mod journal;
+mod lease;
 mod objects;
+pub mod remote_check;
 mod repo;
 pub mod url;
 pub mod worktree;
@@ -79,6 +81,34 @@ pub struct SaveEnv {
     pub ref_owner: Option<String>,
     pub tokens: crate::tokens::Tokens,
     pub events: crate::events::Events,
+}
+
+impl SaveEnv {
+    /// Who and where, from this process's environment (`CODER_WORKSPACE_NAME`, else the
+    /// host name; `CODER_WORKSPACE_OWNER_*`): the daemon's saves and the CLI's alike.
+    pub fn from_env(
+        home: PathBuf,
+        state_dir: PathBuf,
+        tokens: crate::tokens::Tokens,
+        events: crate::events::Events,
+    ) -> SaveEnv {
+        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        SaveEnv {
+            home,
+            state_dir,
+            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "workspace".into())
+            }),
+            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
+            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+            tokens,
+            events,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -146,12 +176,40 @@ pub async fn save_all(
     req: &SaveRequest,
     deadline: tokio::time::Instant,
 ) -> Vec<RepoOutcome> {
-    save_all_observed(cfg, env, req, deadline, None).await
+    let Some(held) = lock(&env.state_dir, deadline).await else {
+        tracing::error!("deadline passed while another save was running");
+        return Vec::new();
+    };
+    save_all_observed(&held, cfg, env, req, deadline, None).await
 }
 
-/// [`save_all`], telling `observer` of each repository's outcome as it lands. The caller
-/// runs one save at a time (the daemon: `Shared::save_lock`).
+/// The one save lock: one save at a time per state directory (a checkpoint, the stop,
+/// `wsagent save`, SIGUSR1); a second one waits, then finds the work of the first
+/// already saved.
+pub struct SaveLock {
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Take the save lock of `state_dir`, or `None` when `deadline` passes first.
+pub async fn lock(state_dir: &Path, deadline: tokio::time::Instant) -> Option<SaveLock> {
+    static LOCKS: std::sync::Mutex<BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let m = LOCKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(state_dir.to_path_buf())
+        .or_default()
+        .clone();
+    tokio::time::timeout_at(deadline, m.lock_owned())
+        .await
+        .ok()
+        .map(|g| SaveLock { _held: g })
+}
+
+/// [`save_all`], telling `observer` of each repository's outcome as it lands, under the
+/// save lock the caller holds.
 pub async fn save_all_observed(
+    _held: &SaveLock,
     cfg: &SaveConfig,
     env: &SaveEnv,
     req: &SaveRequest,
@@ -207,12 +265,15 @@ pub async fn save_all_observed(
         let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
         (
             found,
-            journal::last_finished(&state_dir),
+            (
+                journal::last_finished(&state_dir),
+                journal::last_pushed(&state_dir),
+            ),
             suffixes,
             unsearched,
         )
     });
-    let (found, previous, ref_suffix, unsearched) =
+    let (found, (previous, last_pushed), ref_suffix, unsearched) =
         match tokio::time::timeout_at(deadline, found).await {
             Ok(Ok(f)) => f,
             Ok(Err(e)) => {
@@ -284,6 +345,7 @@ pub async fn save_all_observed(
         previous,
         dry_run: req.dry_run,
         ref_suffix,
+        last_pushed,
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
@@ -334,6 +396,7 @@ pub async fn save_all_observed(
                 creds.clone(),
             );
             let (env, observer) = (env.clone(), observer.clone());
+            let (journal, dry_run) = (journal.clone(), req.dry_run);
             let low = quiet;
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
@@ -342,6 +405,11 @@ pub async fn save_all_observed(
                 let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
                 scrub(&mut o);
                 if !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")) {
+                    // Journaled the moment it is known: a daemon killed while other
+                    // repositories still push has recorded what this one did.
+                    if !dry_run && let Err(e) = journal.append(&o) {
+                        tracing::warn!(error = %e, "save journal");
+                    }
                     report(&env, &o);
                 }
                 if let Some(obs) = &observer {
@@ -376,20 +444,17 @@ pub async fn save_all_observed(
     }
 
     let mut outcomes = outcomes;
+    let n_unsearched = unsearched.len();
     outcomes.extend(unsearched);
     tracing::info!(
         repos = outcomes.len(),
         took_ms = started.elapsed().as_millis() as u64,
         "git work saved"
     );
-    let kept: Vec<RepoOutcome> = outcomes
-        .iter()
-        .filter(|o| !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")))
-        .cloned()
-        .collect();
+    // Each repository's line was journaled as its outcome landed; the directories that
+    // could not be searched are journaled now.
     if !req.dry_run
-        && !kept.is_empty()
-        && let Err(e) = journal.append_all(&kept)
+        && let Err(e) = journal.append_all(&outcomes[outcomes.len() - n_unsearched..])
     {
         tracing::warn!(error = %e, "save journal");
     }
@@ -577,6 +642,11 @@ async fn push_one(
             outcome.error =
                 Some("not pushed: deadline passed while pushing; committed locally".into());
         }
+    }
+    if outcome.error.is_some() && outcome.result == "unchanged" {
+        // The remote could not be seen to still have it: only the local commit is sure.
+        outcome.result = "committed".into();
+        outcome.pushed = false;
     }
     outcome.duration_ms += t0.elapsed().as_millis() as u64;
     outcome

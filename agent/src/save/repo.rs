@@ -45,6 +45,8 @@ pub(crate) struct Ctx {
     /// Repositories whose snapshot ref would collide with another's on the same remote
     /// (two clones on one branch): a suffix that keeps them apart ([`ref_suffixes`]).
     pub ref_suffix: BTreeMap<PathBuf, String>,
+    /// What each repository's saves pushed, per remote ref (the journal): the lease.
+    pub last_pushed: BTreeMap<String, BTreeMap<String, Oid>>,
 }
 
 /// Errors of the local half of a save.
@@ -82,8 +84,10 @@ pub(crate) struct PushPlan {
     pub display: String,
     /// `host` or `host:port`, for the token lookup.
     pub authority: String,
-    /// The main push: the snapshot ref, or the branch in branch mode.
+    /// The main push in branch mode: the branch.
     pub refspec: Option<String>,
+    /// The main push in snapshot mode: the snapshot, under the lease.
+    pub lease: Option<Lease>,
     pub branch: Option<BranchPush>,
     /// Other local branches with commits the remote lacks, saved on their snapshot refs.
     pub extra: Vec<ExtraPush>,
@@ -101,12 +105,27 @@ pub(crate) struct ExtraPush {
     pub tracking_ref: String,
 }
 
+/// A snapshot push under the lease ([`super::lease`]): to `want` unless the remote's
+/// tip there is someone else's.
+#[derive(Debug, Clone)]
+pub(crate) struct Lease {
+    pub commit: Oid,
+    pub want: String,
+    /// What this repository's saves pushed before, per remote ref.
+    pub last_pushed: BTreeMap<String, Oid>,
+    /// The snapshot was pushed before (the journal says so): check that the remote still
+    /// has it, push it again only when it does not.
+    pub verify_only: bool,
+}
+
 /// Branch mode: where the branch goes, and the snapshot ref to fall back to.
 #[derive(Debug, Clone)]
 pub(crate) struct BranchPush {
     pub tracking_ref: Option<String>,
     pub commit: Oid,
     pub fallback_ref: String,
+    /// The lease of the fallback push.
+    pub last_pushed: BTreeMap<String, Oid>,
 }
 
 pub(crate) struct Prepared {
@@ -316,6 +335,7 @@ fn prepare_inner(
             display,
             authority,
             refspec: None,
+            lease: None,
             branch: None,
             extra,
         }));
@@ -330,13 +350,22 @@ fn prepare_inner(
     );
     snap_ref.push_str(&suffix);
 
-    // Idempotence: the same worktree on the same HEAD was already saved.
+    let last_pushed = ctx
+        .last_pushed
+        .get(&outcome.repo)
+        .cloned()
+        .unwrap_or_default();
+    // Idempotence: the same worktree on the same HEAD was already saved (to the snapshot
+    // ref, or to the `@N` ref the lease moved it to).
     if let Some(prev) = ctx.previous.get(&outcome.repo)
         && prev.tree == outcome.tree
         && prev.head == outcome.head
         && prev.mode == outcome.mode
         && prev.remote == outcome.remote
-        && prev.r#ref.as_deref() == Some(snap_ref.as_str())
+        && prev
+            .r#ref
+            .as_deref()
+            .is_some_and(|r| super::lease::same_family(r, &snap_ref))
         && (prev.pushed || (remote.is_none() && prev.result == "committed"))
         && extra.is_empty()
     {
@@ -344,7 +373,31 @@ fn prepare_inner(
         outcome.commit = prev.commit.clone();
         outcome.r#ref = prev.r#ref.clone();
         outcome.pushed = prev.pushed;
-        return Ok(None);
+        // A checkpoint trusts the journal (an idle interval sends no request); any other
+        // save says "unchanged" only once the remote is seen to still have the snapshot
+        // (one advertisement request), and pushes it again when it does not.
+        let commit = prev.commit.as_deref().and_then(|c| Oid::from_str(c).ok());
+        if ctx.reason == Reason::Checkpoint || !prev.pushed {
+            return Ok(None);
+        }
+        let (Some(commit), Some((url, display, authority))) = (commit, remote_url) else {
+            return Ok(None);
+        };
+        return Ok(Some(PushPlan {
+            repo_path: found.path.clone(),
+            url,
+            display,
+            authority,
+            refspec: None,
+            lease: Some(Lease {
+                commit,
+                want: snap_ref,
+                last_pushed,
+                verify_only: true,
+            }),
+            branch: None,
+            extra,
+        }));
     }
 
     let sig = Signature::now(&name, &email).map_err(|source| SaveError::Commit {
@@ -442,10 +495,12 @@ fn prepare_inner(
                     display,
                     authority,
                     refspec: Some(format!("refs/heads/{b}:{dst}")),
+                    lease: None,
                     branch: Some(BranchPush {
                         tracking_ref,
                         commit: new_head,
                         fallback_ref: snap_ref,
+                        last_pushed: last_pushed.clone(),
                     }),
                     extra,
                 }));
@@ -526,7 +581,13 @@ fn prepare_inner(
         url,
         display,
         authority,
-        refspec: Some(format!("+{snap_ref}:{snap_ref}")),
+        refspec: None,
+        lease: Some(Lease {
+            commit,
+            want: snap_ref,
+            last_pushed,
+            verify_only: false,
+        }),
         branch: None,
         extra,
     }))
@@ -605,6 +666,24 @@ fn head_info(repo: &Repository) -> Result<(Option<String>, Option<Oid>), git2::E
         }
         Err(e) => Err(e),
     }
+}
+
+/// Where the repository at `path` saves its current branch: (url to connect to, url to
+/// show, authority for the token, snapshot ref, branch label); `None` without a remote.
+pub(crate) fn snapshot_target(
+    path: &Path,
+    template: &str,
+    workspace: &str,
+    known_hosts: &[String],
+) -> Option<(String, String, String, String, String)> {
+    let repo = Repository::open(path).ok()?;
+    let (branch, head) = head_info(&repo).ok()?;
+    let branch = branch.or_else(|| rebase_head_name(&repo));
+    let (_, url) = pick_remote(&repo, branch.as_deref())?;
+    let (url, display, authority) = push_url(&url, known_hosts);
+    let want = snapshot_ref(template, workspace, branch.as_deref(), head);
+    let label = branch.unwrap_or_else(|| "(detached HEAD)".into());
+    Some((url, display, authority, want, label))
 }
 
 /// Suffixes for repositories that would push the same snapshot ref to the same remote
@@ -871,48 +950,218 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
         }
     };
     let _owner = AsOwner::of(repo.commondir());
-    if let Some(spec) = &plan.refspec {
+    if let Some(lease) = &plan.lease {
+        push_snapshot(&repo, plan, lease, creds, deadline, &mut res);
+    } else if let Some(spec) = &plan.refspec {
         push_main(&repo, plan, spec, creds, deadline, &mut res);
     }
     if !plan.extra.is_empty() {
-        let specs: Vec<String> = plan
-            .extra
-            .iter()
-            .map(|e| format!("+{}:{}", e.tip, e.remote_ref))
-            .collect();
-        let names: Vec<String> = plan
-            .extra
-            .iter()
-            .map(|e| format!("{} -> {}", e.branch, e.remote_ref))
-            .collect();
-        match push_once(&repo, plan, &specs, creds, deadline) {
-            Ok(()) => {
-                for e in &plan.extra {
-                    let _ = repo.reference(&e.tracking_ref, e.tip, true, "wsagent: pushed");
-                }
-                let note = format!("unpushed branches saved: {}", names.join(", "));
-                res.note = Some(match res.note.take() {
-                    Some(n) => format!("{n}; {note}"),
-                    None => note,
-                });
-                if plan.refspec.is_none() {
-                    res.pushed = true;
-                    res.pushed_ref = Some(plan.extra[0].remote_ref.clone());
-                }
-            }
-            Err(f) => {
-                let e = format!("branches {} not pushed: {}", names.join(", "), f.message());
-                res.error = Some(match res.error.take() {
-                    Some(old) => format!("{old}; {e}"),
-                    None => e,
-                });
-            }
-        }
+        push_extra(&repo, plan, creds, deadline, &mut res);
     }
     res
 }
 
-/// The main push, with branch mode's fallback to the snapshot ref.
+fn add_res_note(res: &mut PushResult, note: String) {
+    res.note = Some(match res.note.take() {
+        Some(n) => format!("{n}; {note}"),
+        None => note,
+    });
+}
+
+/// Whether the local history of `new` contains `tip` (false for an object we lack).
+fn contains(repo: &Repository, new: Oid, tip: Oid) -> bool {
+    tip == new
+        || (repo.find_commit(tip).is_ok() && repo.graph_descendant_of(new, tip).unwrap_or(false))
+}
+
+/// Where a leased push landed.
+struct Landed {
+    dst: String,
+    /// The remote had the snapshot there already: nothing was sent.
+    there: bool,
+    taken: Vec<(String, Oid)>,
+}
+
+/// Push `lease.commit` to its snapshot ref under the lease ([`super::lease`]): the
+/// destination is chosen from the advertisement of the same connection.
+fn push_leased(
+    repo: &Repository,
+    plan: &PushPlan,
+    lease: &Lease,
+    creds: &[Credential],
+    deadline: Instant,
+) -> Result<Landed, PushFail> {
+    let landed = RefCell::new(None);
+    let mut decide = |adv: &Advertised| {
+        let v = super::lease::decide(adv, &lease.want, lease.commit, &lease.last_pushed, &|t| {
+            contains(repo, lease.commit, t)
+        });
+        match v {
+            super::lease::Verdict::There { dst } => {
+                *landed.borrow_mut() = Some(Landed {
+                    dst,
+                    there: true,
+                    taken: Vec::new(),
+                });
+                Ok(Vec::new())
+            }
+            super::lease::Verdict::Push { dst, taken, .. } => {
+                let spec = format!("+{}:{dst}", lease.commit);
+                *landed.borrow_mut() = Some(Landed {
+                    dst,
+                    there: false,
+                    taken,
+                });
+                Ok(vec![spec])
+            }
+            super::lease::Verdict::NoRoom { taken } => {
+                let names: Vec<&str> = taken.iter().map(|(r, _)| r.as_str()).collect();
+                Err(PushFail::Rejected(format!(
+                    "every snapshot ref for this branch holds work that is not this \
+                     workspace's ({}): nothing overwritten",
+                    names.join(", ")
+                )))
+            }
+        }
+    };
+    push_once(repo, plan, &mut decide, creds, deadline)?;
+    landed
+        .into_inner()
+        .ok_or_else(|| PushFail::Other("the remote advertised no refs".into()))
+}
+
+/// The snapshot push (or, for a save that found nothing new, the check that the remote
+/// still has the snapshot, pushing it again when it does not).
+fn push_snapshot(
+    repo: &Repository,
+    plan: &PushPlan,
+    lease: &Lease,
+    creds: &[Credential],
+    deadline: Instant,
+    res: &mut PushResult,
+) {
+    let short = &lease.commit.to_string()[..12];
+    match push_leased(repo, plan, lease, creds, deadline) {
+        Ok(l) => {
+            if !l.taken.is_empty() {
+                add_res_note(res, super::lease::taken_note(&l.taken, &l.dst));
+            }
+            if l.there && lease.verify_only {
+                // Still there: the outcome stays `unchanged`.
+                return;
+            }
+            res.pushed = true;
+            res.pushed_ref = Some(l.dst.clone());
+            if lease.verify_only {
+                add_res_note(
+                    res,
+                    format!(
+                        "the remote no longer had snapshot {short} (ref deleted or \
+                         overwritten): pushed it again to {}",
+                        l.dst
+                    ),
+                );
+            } else if l.there {
+                add_res_note(res, format!("the remote already had it on {}", l.dst));
+            }
+        }
+        Err(f) if lease.verify_only => {
+            res.error = Some(format!(
+                "cannot check that the remote still has snapshot {short}: {}",
+                f.message()
+            ));
+        }
+        Err(f) => res.error = Some(f.message().to_string()),
+    }
+}
+
+/// Other local branches with unpushed commits, each to its snapshot ref under the
+/// lease (their last push is their remote-tracking ref).
+fn push_extra(
+    repo: &Repository,
+    plan: &PushPlan,
+    creds: &[Credential],
+    deadline: Instant,
+    res: &mut PushResult,
+) {
+    let chosen: RefCell<Vec<String>> = RefCell::new(Vec::new());
+    let taken: RefCell<Vec<(String, Oid)>> = RefCell::new(Vec::new());
+    let mut decide = |adv: &Advertised| {
+        let mut specs = Vec::new();
+        let mut dsts = Vec::new();
+        for e in &plan.extra {
+            let last: BTreeMap<String, Oid> = repo
+                .refname_to_id(&e.tracking_ref)
+                .ok()
+                .map(|t| (e.remote_ref.clone(), t))
+                .into_iter()
+                .collect();
+            match super::lease::decide(adv, &e.remote_ref, e.tip, &last, &|t| {
+                contains(repo, e.tip, t)
+            }) {
+                super::lease::Verdict::There { dst } => dsts.push(dst),
+                super::lease::Verdict::Push { dst, taken: t, .. } => {
+                    specs.push(format!("+{}:{dst}", e.tip));
+                    taken.borrow_mut().extend(t);
+                    dsts.push(dst);
+                }
+                super::lease::Verdict::NoRoom { .. } => {
+                    return Err(PushFail::Rejected(format!(
+                        "every snapshot ref for branch {} holds work that is not this \
+                         workspace's: nothing overwritten",
+                        e.branch
+                    )));
+                }
+            }
+        }
+        *chosen.borrow_mut() = dsts;
+        Ok(specs)
+    };
+    let names = |dsts: &[String]| -> Vec<String> {
+        plan.extra
+            .iter()
+            .enumerate()
+            .map(|(i, e)| format!("{} -> {}", e.branch, dsts.get(i).unwrap_or(&e.remote_ref)))
+            .collect()
+    };
+    match push_once(repo, plan, &mut decide, creds, deadline) {
+        Ok(()) => {
+            let dsts = chosen.into_inner();
+            for e in &plan.extra {
+                let _ = repo.reference(&e.tracking_ref, e.tip, true, "wsagent: pushed");
+            }
+            add_res_note(
+                res,
+                format!("unpushed branches saved: {}", names(&dsts).join(", ")),
+            );
+            let taken = taken.into_inner();
+            if !taken.is_empty() {
+                let first = dsts.first().cloned().unwrap_or_default();
+                add_res_note(res, super::lease::taken_note(&taken, &first));
+            }
+            if plan.refspec.is_none() && plan.lease.is_none() {
+                res.pushed = true;
+                res.pushed_ref = dsts
+                    .first()
+                    .cloned()
+                    .or_else(|| Some(plan.extra[0].remote_ref.clone()));
+            }
+        }
+        Err(f) => {
+            let e = format!(
+                "branches {} not pushed: {}",
+                names(&[]).join(", "),
+                f.message()
+            );
+            res.error = Some(match res.error.take() {
+                Some(old) => format!("{old}; {e}"),
+                None => e,
+            });
+        }
+    }
+}
+
+/// The main push in branch mode, with its fallback to the snapshot ref.
 fn push_main(
     repo: &Repository,
     plan: &PushPlan,
@@ -921,7 +1170,8 @@ fn push_main(
     deadline: Instant,
     res: &mut PushResult,
 ) {
-    match push_once(repo, plan, &[spec.to_string()], creds, deadline) {
+    let fixed = |_: &Advertised| Ok(vec![spec.to_string()]);
+    match push_once(repo, plan, &mut { fixed }, creds, deadline) {
         Ok(()) => {
             res.pushed = true;
             res.pushed_ref = spec.split(':').nth(1).map(str::to_string);
@@ -946,13 +1196,23 @@ fn push_main(
                     }
                     sync_repo(repo);
                     res.commit = Some(b.commit.to_string());
-                    match push_once(repo, plan, &[format!("+{snap}:{snap}")], creds, deadline) {
-                        Ok(()) => {
+                    let lease = Lease {
+                        commit: b.commit,
+                        want: snap.clone(),
+                        last_pushed: b.last_pushed.clone(),
+                        verify_only: false,
+                    };
+                    match push_leased(repo, plan, &lease, creds, deadline) {
+                        Ok(l) => {
                             res.pushed = true;
-                            res.pushed_ref = Some(snap.clone());
+                            res.pushed_ref = Some(l.dst.clone());
                             res.note = Some(format!(
-                                "branch push failed ({msg}): pushed the snapshot ref {snap} instead"
+                                "branch push failed ({msg}): pushed the snapshot ref {} instead",
+                                l.dst
                             ));
+                            if !l.taken.is_empty() {
+                                add_res_note(res, super::lease::taken_note(&l.taken, &l.dst));
+                            }
                         }
                         Err(f2) => {
                             res.error = Some(format!(
@@ -968,10 +1228,15 @@ fn push_main(
     }
 }
 
+/// What the remote advertised: ref name → tip.
+type Advertised = BTreeMap<String, Oid>;
+
+/// One push on one connection: the refs the remote advertises (the request every push
+/// starts with) go to `refspecs`, which says what to push (nothing: no second request).
 fn push_once(
     repo: &Repository,
     plan: &PushPlan,
-    refspecs: &[String],
+    refspecs: &mut dyn FnMut(&Advertised) -> Result<Vec<String>, PushFail>,
     creds: &[Credential],
     deadline: Instant,
 ) -> Result<(), PushFail> {
@@ -996,13 +1261,31 @@ fn push_once(
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     // What the remote says on git's sideband (hook output: `remote: ...` in git's CLI).
     let said: RefCell<Vec<u8>> = RefCell::new(Vec::new());
-    let result = {
-        let mut cbs = RemoteCallbacks::new();
-        cbs.credentials(|_url, _user, _allowed| {
+    let mut decided: Option<PushFail> = None;
+    let result = (|| {
+        let not_a_token = |_: &str, _: Option<&str>, _: git2::CredentialType| {
             Err(git2::Error::from_str(
                 "the remote asks for a credential other than a token over HTTPS",
             ))
-        });
+        };
+        let mut connect = RemoteCallbacks::new();
+        connect.credentials(not_a_token);
+        let mut conn = remote.connect_auth(git2::Direction::Push, Some(connect), None)?;
+        let advertised: Advertised = conn
+            .list()?
+            .iter()
+            .map(|h| (h.name().to_string(), h.oid()))
+            .collect();
+        let specs = match refspecs(&advertised) {
+            Ok(s) if s.is_empty() => return Ok(()),
+            Ok(s) => s,
+            Err(f) => {
+                decided = Some(f);
+                return Ok(());
+            }
+        };
+        let mut cbs = RemoteCallbacks::new();
+        cbs.credentials(not_a_token);
         cbs.push_update_reference(|name, status| {
             if let Some(s) = status {
                 rejected.borrow_mut().push(format!("{name}: {s}"));
@@ -1025,8 +1308,11 @@ fn push_once(
         });
         let mut opts = PushOptions::new();
         opts.remote_callbacks(cbs);
-        remote.push(refspecs, Some(&mut opts))
-    };
+        conn.remote().push(&specs, Some(&mut opts))
+    })();
+    if let Some(f) = decided {
+        return Err(f);
+    }
     let said = remote_lines(&said.into_inner());
     let with_said = |m: String| {
         if said.is_empty() {

@@ -84,9 +84,6 @@ pub struct Shared {
     pub control: Mutex<Option<crate::control::ControlHandle>>,
     /// Every background task of the daemon, joined at exit.
     pub tracker: TaskTracker,
-    /// One save at a time (stop, checkpoints, `wsagent save`, SIGUSR1): the only save
-    /// lock; a second save waits, then finds the work of the first already saved.
-    pub save_lock: tokio::sync::Mutex<()>,
     /// The save running now, or the last one: a request it covers joins it.
     pub current_save: Mutex<Option<Arc<crate::saverun::SaveRun>>>,
     /// The stop sequence's save, once it has begun: a save asked for during the stop
@@ -95,6 +92,8 @@ pub struct Shared {
     /// The latest save outcome of each repository (read from the journal at start, then
     /// kept current by each save), so `status` never re-reads the journal.
     pub last_save: Mutex<Vec<agent_proto::save::RepoOutcome>>,
+    /// Snapshots on the remotes the worktrees have not seen (the start's check).
+    pub remote_snapshots: Mutex<Vec<agent_proto::local::RemoteSnapshot>>,
     /// A fresh-token fetch from the control plane, when there is one.
     pub fresh_token: Mutex<Option<crate::tokens::FreshFetch>>,
     /// One-time and startup tasks (`wsagent tasks`, `wsagent attach`).
@@ -142,6 +141,15 @@ impl Shared {
                     .unwrap_or_else(|| "standalone".into()),
             ),
             last_save: self.last_save.lock().expect("lock").clone(),
+            // Asked again locally: a restore since the start check clears it.
+            remote_snapshots: self
+                .remote_snapshots
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|n| crate::save::remote_check::still_unseen(n))
+                .cloned()
+                .collect(),
         }
     }
 
@@ -151,22 +159,12 @@ impl Shared {
         let mut tokens =
             crate::tokens::Tokens::new(config.git_providers.clone(), self.home.clone());
         tokens.fresh = self.fresh_token.lock().expect("lock").clone();
-        let nonempty = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        crate::save::SaveEnv {
-            home: self.home.clone(),
-            state_dir: self.state_dir.clone(),
-            workspace: nonempty("CODER_WORKSPACE_NAME").unwrap_or_else(|| {
-                nix::unistd::gethostname()
-                    .ok()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "workspace".into())
-            }),
-            owner_name: nonempty("CODER_WORKSPACE_OWNER_NAME"),
-            owner_email: nonempty("CODER_WORKSPACE_OWNER_EMAIL"),
-            ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
+        crate::save::SaveEnv::from_env(
+            self.home.clone(),
+            self.state_dir.clone(),
             tokens,
-            events: self.events.clone(),
-        }
+            self.events.clone(),
+        )
     }
 
     /// Save git work, returning by `deadline`: joins the save already running when it
@@ -228,7 +226,7 @@ impl Shared {
         run: &Arc<crate::saverun::SaveRun>,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<agent_proto::save::RepoOutcome>, String> {
-        let Ok(_guard) = tokio::time::timeout_at(deadline, self.save_lock.lock()).await else {
+        let Some(held) = crate::save::lock(&self.state_dir, deadline).await else {
             return Err("another save was still running at the deadline".into());
         };
         let cfg = self.config.read().expect("lock").config.save.clone();
@@ -238,9 +236,15 @@ impl Shared {
             dry_run: run.dry_run,
         };
         let observer: Arc<dyn crate::save::Observer> = run.clone();
-        let outcomes =
-            crate::save::save_all_observed(&cfg, &self.save_env(), &req, deadline, Some(observer))
-                .await;
+        let outcomes = crate::save::save_all_observed(
+            &held,
+            &cfg,
+            &self.save_env(),
+            &req,
+            deadline,
+            Some(observer),
+        )
+        .await;
         if !run.dry_run {
             let mut last = self.last_save.lock().expect("lock");
             for o in &outcomes {

@@ -8,6 +8,8 @@
 //! - `faults`: the fault matrix (signals at bad moments, full disk, control-plane and git
 //!   server faults, misbehaving children): nothing lost, no token anywhere.
 //! - `save`: save on stop through the daemon (SIGTERM, `wsagent save`, SIGUSR1, SIGKILL).
+//! - `snapshots`: the snapshot history on the remote: whose work a push may replace, what
+//!   the journal and `status` say about it, getting it back.
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
 //! - `gitserver`: the test smart-HTTP git server itself.
@@ -27,6 +29,7 @@ mod pid1;
 mod real_services;
 mod repos;
 mod save;
+mod snapshots;
 mod startup;
 mod supervision;
 mod support;

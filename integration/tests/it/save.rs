@@ -265,7 +265,12 @@ fn manual_save_then_sigterm_saves_only_what_changed() {
     server.clear_requests();
     d.signal(Signal::SIGTERM);
     assert!(d.wait_exit(LONG).success(), "{}", d.report());
-    let pushes: Vec<_> = server.requests().into_iter().filter(|r| r.push).collect();
+    // (b is only asked whether it still has its snapshot: a GET, no push.)
+    let pushes: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.push && r.method == "POST")
+        .collect();
     assert!(
         pushes.iter().all(|r| r.path.starts_with("/a.git")),
         "only a changed: {pushes:?}"
@@ -617,6 +622,9 @@ fn checkpoints_push_changes_while_running_and_an_idle_interval_sends_nothing() {
     wait_until(SHORT, "a checkpoint to push the work", || on_server(&now));
 
     // Idle: three more checkpoints find nothing to do and send nothing.
+    wait_until(SHORT, "the start's check of the remotes", || {
+        d.stderr().contains("checked the remotes")
+    });
     server.clear_requests();
     let done = |d: &Daemon| d.stderr().matches("checkpoint done").count();
     let before = done(&d);
@@ -807,7 +815,10 @@ fn a_deleted_repository_comes_back_from_its_checkpoint_byte_for_byte() {
 /// nothing; an older snapshot chosen by id brings back the older content.
 #[test]
 fn restore_refuses_over_unsaved_work_and_brings_back_an_older_snapshot() {
-    let ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    let mut ws = Workspace::new().with_env("CODER_WORKSPACE_NAME", "ws1");
+    // The CLI's own save (`--force`) reads the system config, as in an image.
+    let cfg_file = ws.config_path().display().to_string();
+    ws.set_env("WSAGENT_SYSTEM_CONFIG", cfg_file);
     let server = setup(&ws);
     let repo = dirty_repo(&server, &ws.home(), "app");
     cache_token(&ws.home(), TOKEN);
@@ -1109,6 +1120,9 @@ fn save_dry_run_lists_the_files_the_remote_and_the_ref() {
     cache_token(&ws.home(), TOKEN);
     let mut d = Daemon::start(&ws, &config(&provider_for(&server)));
     d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    wait_until(SHORT, "the start's check of the remotes", || {
+        d.stderr().contains("checked the remotes")
+    });
     server.clear_requests();
 
     let out = d.cli(["save", "--dry-run"]);
