@@ -24,4 +24,5 @@ pub mod startup;
 pub mod supervisor;
 pub mod tls;
 pub mod tokens;
+pub mod userfs;
 pub mod watch;

@@ -38,11 +38,12 @@ pub struct StartupConfig {
     pub directories: Vec<String>,
     /// Files copied into HOME where the target is absent (never overwriting).
     pub skel_dir: String,
-    /// The workspace user (name or uid). When wsagent runs as root, what the pipeline
-    /// creates in HOME is chowned to this user (and the configured directories under
-    /// HOME, with their parents under HOME, when root owns them: e.g. the daemon's own
-    /// `~/.local/state/wsagent`), and the dotfiles install script, the one-time tasks
-    /// and the startup tasks run as this user. Ignored when not running as root.
+    /// The workspace user (name or uid). When wsagent runs as root, what the daemon
+    /// does in HOME it does as this user (see `crate::userfs`; a directory root owns on
+    /// the way to a configured one is given to the user), what the pipeline creates
+    /// outside HOME is given to this user, and the dotfiles install script, the one-time
+    /// tasks and the startup tasks run as this user. Ignored when not running as root;
+    /// unset, HOME's owner is the user for files in HOME.
     pub user: Option<String>,
 }
 
@@ -268,6 +269,24 @@ pub fn validate(config: &crate::config::Config) -> Vec<(String, String)> {
     out
 }
 
+/// Declare HOME's user to [`crate::userfs`]: `startup.user` when it resolves, else the
+/// owner of HOME (only a root daemon has one).
+pub fn set_realm(home: &Path, config: &crate::config::Config) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let user = config
+        .startup
+        .user
+        .as_deref()
+        .and_then(|u| crate::procs::resolve_user(u, None).ok())
+        .map(|o| crate::userfs::Ids {
+            uid: o.uid,
+            gid: o.gid,
+        });
+    crate::userfs::set_realm(home, user);
+}
+
 /// What the steps need to know, resolved once per start.
 pub struct Ctx {
     pub home: PathBuf,
@@ -291,6 +310,7 @@ impl Ctx {
             }
             None => None,
         };
+        set_realm(&shared.home, config);
         Ok(Ctx {
             home: shared.home.clone(),
             state_dir: shared.state_dir.clone(),
@@ -392,7 +412,7 @@ pub async fn before_services(shared: &Arc<Shared>) -> Result<(), String> {
         .collect();
     note(
         step(shared, "directories", async {
-            fsprep::directories(&dirs, &ctx.home, ctx.owner.as_ref())
+            fsprep::directories(&dirs, ctx.owner.as_ref())
         })
         .await,
     );

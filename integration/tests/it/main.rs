@@ -10,6 +10,7 @@
 //! - `save`: save on stop through the daemon (SIGTERM, `wsagent save`, SIGUSR1, SIGKILL).
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
+//! - `root_boundary`: a root daemon never follows the links of the HOME's unprivileged user.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `containers`: the image of `Dockerfile.base` run by a real Docker engine.
@@ -26,6 +27,7 @@ mod images;
 mod pid1;
 mod real_services;
 mod repos;
+mod root_boundary;
 mod save;
 mod startup;
 mod supervision;
