@@ -26,4 +26,5 @@ mod state;
 mod supervisor;
 pub mod tls;
 pub mod tokens;
+mod userfs;
 mod watch;

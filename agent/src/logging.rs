@@ -36,6 +36,23 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for RedactingMake<M> {
     }
 }
 
+/// Writes (and rotations) of the daemon's log file with the user's filesystem ids.
+struct AsUser<W> {
+    inner: W,
+    user: Option<crate::userfs::Ids>,
+}
+
+impl<W: Write> Write for AsUser<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let inner = &mut self.inner;
+        crate::userfs::as_user(self.user, || inner.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let inner = &mut self.inner;
+        crate::userfs::as_user(self.user, || inner.flush())
+    }
+}
+
 /// The daemon's log file is rotated past this size...
 const LOG_FILE_BYTES: usize = 10 * 1024 * 1024;
 /// ...and this many rotated files are kept: at most ~50 MiB in all.
@@ -66,22 +83,40 @@ pub fn init_daemon(level: &str, state_dir: &Path) -> Guard {
         .with_target(false)
         .with_filter(filter(level));
     let mut guard = None;
-    let file_layer = match std::fs::create_dir_all(state_dir).map(|_| {
+    // Under HOME the file is the user's: made, written and rotated with the user's
+    // filesystem ids (see crate::userfs), so a state dir behind a link to a root
+    // directory gets nothing from the daemon.
+    let user = crate::userfs::user_for(state_dir);
+    let log_path = state_dir.join("wsagent.log");
+    let file_layer = match crate::userfs::ensure_dir(state_dir, None).and_then(|_| {
+        if std::fs::symlink_metadata(&log_path).is_ok_and(|m| m.file_type().is_symlink()) {
+            eprintln!(
+                "wsagent: {} is a symbolic link; wsagent never writes through a link: replaced by a regular file",
+                log_path.display()
+            );
+            crate::userfs::remove_file(&log_path)?;
+        }
         // Capped by size, not by day: LOG_FILE_BYTES a file, LOG_FILES_KEPT older ones
-        // (`wsagent.log.1` newest). Opened without following a link, owner-only.
+        // (`wsagent.log.1` newest). Opened without following a link (and without
+        // blocking on a fifo), owner-only.
         use std::os::unix::fs::OpenOptionsExt;
         let mut opts = std::fs::OpenOptions::new();
         opts.append(true)
             .create(true)
             .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-        file_rotate::FileRotate::new(
-            state_dir.join("wsagent.log"),
-            file_rotate::suffix::AppendCount::new(LOG_FILES_KEPT),
-            file_rotate::ContentLimit::BytesSurpassed(LOG_FILE_BYTES),
-            file_rotate::compression::Compression::None,
-            Some(opts),
-        )
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
+        crate::userfs::as_user(user, || {
+            let f = file_rotate::FileRotate::new(
+                &log_path,
+                file_rotate::suffix::AppendCount::new(LOG_FILES_KEPT),
+                file_rotate::ContentLimit::BytesSurpassed(LOG_FILE_BYTES),
+                file_rotate::compression::Compression::None,
+                Some(opts),
+            );
+            // Opened, or refused (a link put back, a root directory behind a link).
+            crate::userfs::open_read(&log_path)?;
+            Ok(AsUser { inner: f, user })
+        })
     }) {
         Ok(appender) => {
             // 4096 lines in flight, not the default 128 000: that default's channel

@@ -84,12 +84,19 @@ impl Tokens {
             .find(|(_, p)| p.host.eq_ignore_ascii_case(host))
     }
 
-    /// Read a provider's cached token (trimmed); `None` when absent or empty.
+    /// Read a provider's cached token (see [`read_cache`]); `None` when absent, empty or
+    /// refused (the refusal is logged, naming the file).
     pub fn cached(&self, id: &str) -> Option<Secret> {
         let p = self.providers.get(id)?;
-        let text = std::fs::read_to_string(p.cache_path(id, &self.home)).ok()?;
-        let t = text.trim();
-        (!t.is_empty()).then(|| Secret::new(t))
+        let path = p.cache_path(id, &self.home);
+        match read_cache(&path) {
+            Ok(t) => t.map(Secret::new),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "git token cache not used");
+                None
+            }
+        }
     }
 
     /// Credentials to try for `host`, freshest first, without duplicates.
@@ -118,6 +125,42 @@ impl Tokens {
         }
         out
     }
+}
+
+/// A token cache file is never larger than this.
+pub const CACHE_MAX: u64 = 64 * 1024;
+
+/// The token in a cache file: its first line, trimmed; `None` when that is empty.
+///
+/// The file is read as the user under HOME and never through a link (see
+/// [`crate::userfs`]); it must be a regular file owned by the daemon's user or the
+/// workspace user, at most [`CACHE_MAX`] bytes. Whatever else is in it never goes out as
+/// a password.
+pub fn read_cache(path: &Path) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let f = crate::userfs::open_read(path)?;
+    let md = f.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    let user = crate::userfs::user_for(path).map(|u| u.uid);
+    if md.uid() != me && Some(md.uid()) != user {
+        return Err(std::io::Error::other(format!(
+            "{} belongs to uid {}, neither wsagent's user nor the workspace user",
+            path.display(),
+            md.uid()
+        )));
+    }
+    if md.len() > CACHE_MAX {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {CACHE_MAX} bytes: not a token",
+            path.display()
+        )));
+    }
+    let mut bytes = Vec::new();
+    f.take(CACHE_MAX).read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let t = text.lines().next().unwrap_or("").trim();
+    Ok((!t.is_empty()).then(|| t.to_string()))
 }
 
 /// The default providers: GitHub.

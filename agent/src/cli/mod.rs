@@ -417,6 +417,8 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
     }
     limit_malloc_arenas();
     let home = crate::paths::home_dir();
+    // Whose HOME it is: what a root daemon does there, it does as that user.
+    crate::startup::set_realm(&home, &loaded.config);
     let _guard = crate::logging::init_daemon(
         &loaded.config.daemon.log_level,
         &loaded.config.state_dir(&home),

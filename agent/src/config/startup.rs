@@ -13,11 +13,12 @@ pub struct StartupConfig {
     pub directories: Vec<String>,
     /// Files copied into HOME where the target is absent (never overwriting).
     pub skel_dir: String,
-    /// The workspace user (name or uid). When wsagent runs as root, what the pipeline
-    /// creates in HOME is chowned to this user (and the configured directories under
-    /// HOME, with their parents under HOME, when root owns them: e.g. the daemon's own
-    /// `~/.local/state/wsagent`), and the dotfiles install script, the one-time tasks
-    /// and the startup tasks run as this user. Ignored when not running as root.
+    /// The workspace user (name or uid). When wsagent runs as root, what the daemon
+    /// does in HOME it does as this user (see `userfs`; a directory root owns on
+    /// the way to a configured one is given to the user), what the pipeline creates
+    /// outside HOME is given to this user, and the dotfiles install script, the one-time
+    /// tasks and the startup tasks run as this user. Ignored when not running as root;
+    /// unset, HOME's owner is the user for files in HOME.
     pub user: Option<String>,
 }
 

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -118,53 +117,10 @@ pub struct CacheError {
     pub source: std::io::Error,
 }
 
-/// Who should own a file created in `dir`: when wsagent runs as root, the (non-root)
-/// owner of the nearest existing directory, so that the user's git (running
-/// `wsagent git-askpass` as that user) can read a cache under the user's HOME.
-fn inherited_owner(dir: &Path) -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    if !nix::unistd::geteuid().is_root() {
-        return None;
-    }
-    let mut p = Some(dir);
-    while let Some(d) = p {
-        if let Ok(m) = std::fs::metadata(d) {
-            return (m.uid() != 0).then_some((m.uid(), m.gid()));
-        }
-        p = d.parent();
-    }
-    None
-}
-
-/// Create `dir` (and missing parents, mode 0700, owned like their parent) and make
-/// `dir` itself mode 0700.
+/// Create `dir` (and missing parents) and make `dir` itself mode 0700: under HOME as
+/// the user, never through a link (see [`crate::userfs::private_dir`]).
 pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut missing = Vec::new();
-    let mut p = Some(dir);
-    while let Some(d) = p {
-        if d.as_os_str().is_empty() || d.exists() {
-            break;
-        }
-        missing.push(d);
-        p = d.parent();
-    }
-    for d in missing.into_iter().rev() {
-        let owner = d.parent().and_then(inherited_owner);
-        match std::fs::DirBuilder::new().mode(0o700).create(d) {
-            Ok(()) => {
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(d, Some(uid), Some(gid))?;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let meta = std::fs::metadata(dir)?;
-    if meta.permissions().mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
+    crate::userfs::private_dir(dir)
 }
 
 /// Replace `path` with `token` atomically, mode 0600, in a 0700 directory. Returns
@@ -174,40 +130,14 @@ pub fn write_cache(path: &Path, token: &Secret) -> Result<bool, CacheError> {
         path: path.to_path_buf(),
         source,
     };
-    if let Ok(old) = std::fs::read_to_string(path)
-        && old.trim() == token.expose()
+    if let Ok(Some(old)) = crate::tokens::read_cache(path)
+        && old == token.expose()
     {
         return Ok(false);
     }
     let dir = path.parent().unwrap_or(Path::new("."));
     private_dir(dir).map_err(err)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "token".into());
-    let tmp = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        if let Some((uid, gid)) = inherited_owner(dir) {
-            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-        }
-        f.write_all(token.expose().as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
-    })?;
+    crate::userfs::write_atomic(path, token.expose().as_bytes(), 0o600).map_err(err)?;
     Ok(true)
 }
 
@@ -421,10 +351,16 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return; // chown needs root; the mode checks run in the test below
         }
+        let _realm = crate::userfs::TEST_REALM
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let home = tempfile::tempdir().unwrap();
         std::os::unix::fs::chown(home.path(), Some(4321), Some(4322)).unwrap();
+        crate::userfs::set_realm(home.path(), None);
         let path = home.path().join(".cache/coder/github_token");
-        write_cache(&path, &Secret::new("ghp_owned_by_user_77")).unwrap();
+        let written = write_cache(&path, &Secret::new("ghp_owned_by_user_77"));
+        crate::userfs::set_realm(home.path(), Some(crate::userfs::Ids { uid: 0, gid: 0 }));
+        written.unwrap();
         for p in [
             &path,
             &home.path().join(".cache/coder"),
@@ -506,6 +442,7 @@ mod tests {
         let t = Secret::new("ghp_first_token_1234");
         assert!(write_cache(&path, &t).unwrap());
         assert!(!write_cache(&path, &t).unwrap());
+        use std::os::unix::fs::PermissionsExt;
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);

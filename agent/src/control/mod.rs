@@ -573,13 +573,10 @@ impl ControlHandle {
         let Some(p) = self.inner.providers.get(id) else {
             return false;
         };
-        let Ok(text) = std::fs::read_to_string(p.cache_path(id, &self.inner.home)) else {
+        let Ok(Some(t)) = crate::tokens::read_cache(&p.cache_path(id, &self.inner.home)) else {
             return false;
         };
-        let t = text.trim();
-        if t.is_empty() {
-            return false;
-        }
+        let t = t.as_str();
         let _ = Secret::new(t);
         self.written().get(id).map(String::as_str) != Some(t)
     }
@@ -596,8 +593,8 @@ impl ControlHandle {
             let (id, path) = &files[i];
             if self.reread(id) {
                 tracing::info!(provider = %id, "git token cache changed on disk; using the new token");
-                if let Ok(text) = std::fs::read_to_string(path) {
-                    self.written().insert(id.clone(), text.trim().to_string());
+                if let Ok(Some(t)) = crate::tokens::read_cache(path) {
+                    self.written().insert(id.clone(), t);
                 }
             }
         })

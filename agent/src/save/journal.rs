@@ -10,7 +10,6 @@
 //! and counts every line that is not a whole record.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -64,15 +63,11 @@ impl Journal {
             line.push('\n');
         }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // As the user under HOME, never through a link (see crate::userfs).
         if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            crate::userfs::ensure_dir(dir, None).map_err(err)?;
         }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(&self.path)
-            .map_err(err)?;
+        let mut f = crate::userfs::open_append(&self.path, 0o644).map_err(err)?;
         // A torn last line (a crash mid-write) is ended first, so the new records do not
         // become its tail.
         let len = f.metadata().map_err(err)?.len();
@@ -102,8 +97,8 @@ pub fn compact_if_large(state_dir: &Path) -> Result<bool, JournalError> {
         path: path.display().to_string(),
         source,
     };
-    match std::fs::metadata(&path) {
-        Ok(m) if m.len() > COMPACT_AT => {}
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_file() && m.len() > COMPACT_AT => {}
         _ => return Ok(false),
     }
     let mut text = String::new();
@@ -111,11 +106,7 @@ pub fn compact_if_large(state_dir: &Path) -> Result<bool, JournalError> {
         text.push_str(&serde_json::to_string(&o).map_err(|e| err(e.into()))?);
         text.push('\n');
     }
-    let tmp = state_dir.join(format!("{JOURNAL_FILE}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    crate::userfs::write_atomic(&path, text.as_bytes(), 0o644).map_err(err)?;
     Ok(true)
 }
 
@@ -128,7 +119,7 @@ pub fn read_journal(state_dir: &Path) -> Vec<RepoOutcome> {
 /// because they are not a whole record (torn by a crash mid-write, or foreign). Bytes,
 /// not text: a line torn inside a multi-byte character spoils only itself.
 pub fn read_journal_counted(state_dir: &Path) -> (Vec<RepoOutcome>, usize) {
-    let Ok(bytes) = std::fs::read(state_dir.join(JOURNAL_FILE)) else {
+    let Ok(bytes) = crate::userfs::read(&state_dir.join(JOURNAL_FILE)) else {
         return (Vec::new(), 0);
     };
     let mut skipped = 0;
@@ -302,7 +293,7 @@ mod tests {
         assert_eq!(previous_save_summary(dir.path()), None);
         let j = Journal::new(dir.path());
         j.append(&line("/a", "clean")).unwrap();
-        let mut f = OpenOptions::new()
+        let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join(JOURNAL_FILE))
             .unwrap();

@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::fsprep::{chown, chown_tree, create_dir};
+use super::fsprep::create_dir;
 use super::{Ctx, DotfilesConfig, StepResult, show};
+use crate::userfs;
 
 /// Install scripts, in the order `coder dotfiles` tries them.
 pub const CANDIDATES: &[&str] = &[
@@ -127,13 +128,20 @@ async fn run_inner(
     create_dir(&config_dir, ctx.owner.as_ref()).map_err(|e| DotfilesError::Io(e.to_string()))?;
     let mut notes = Vec::new();
 
+    // Everything below is done as the user (see crate::userfs): the clone and the pull
+    // with the user's filesystem ids, so a `file://` URL the user cannot read is not
+    // cloned for them, and nothing in HOME needs chowning afterwards.
+    let user = userfs::user_for(&repo_dir);
+    if user.is_some() {
+        allow_foreign_owners();
+    }
     let exists = repo_dir.exists();
     let mut moved = false;
     // The URL the clone was made from; unknown (no URL file) counts as another one.
-    let recorded = std::fs::read_to_string(&url_file);
+    let recorded = userfs::read(&url_file).map(|b| String::from_utf8_lossy(&b).into_owned());
     if exists && recorded.as_deref().map(str::trim).ok() != Some(url) {
         let backup = backup_path(&config_dir);
-        std::fs::rename(&repo_dir, &backup).map_err(|source| DotfilesError::Backup {
+        userfs::rename(&repo_dir, &backup).map_err(|source| DotfilesError::Backup {
             from: repo_dir.clone(),
             to: backup.clone(),
             source,
@@ -152,14 +160,12 @@ async fn run_inner(
     }
 
     if exists && !moved {
-        if ctx.owner.is_some() {
-            allow_foreign_owners();
-        }
         let dir = repo_dir.clone();
         let limit = cfg.clone_timeout;
         let branch = cfg.branch.clone();
         let r = blocking_with_deadline(limit, move |deadline| {
-            pull_ff_only(&dir, branch.as_deref(), deadline)
+            userfs::as_user(user, || Ok(pull_ff_only(&dir, branch.as_deref(), deadline)))
+                .unwrap_or_else(|e| Err(e.to_string()))
         })
         .await;
         match r {
@@ -178,7 +184,7 @@ async fn run_inner(
         }
     } else {
         let tmp = config_dir.join(format!(".dotfiles.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = userfs::remove_dir_all(&tmp);
         let fetch = fetch_url(url);
         if fetch != url {
             notes.push(format!(
@@ -188,27 +194,29 @@ async fn run_inner(
         }
         let (u, t, b) = (fetch, tmp.clone(), cfg.branch.clone());
         let limit = cfg.clone_timeout;
-        let r =
-            blocking_with_deadline(limit, move |deadline| clone(&u, &t, b.as_deref(), deadline))
-                .await;
+        let r = blocking_with_deadline(limit, move |deadline| {
+            userfs::as_user(user, || Ok(clone(&u, &t, b.as_deref(), deadline)))
+                .unwrap_or_else(|e| Err(e.to_string()))
+        })
+        .await;
         match r {
             Ok(Ok(())) => {}
             Ok(Err(message)) => {
-                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = userfs::remove_dir_all(&tmp);
                 return Err(DotfilesError::Clone {
                     url: shown,
                     message,
                 });
             }
             Err(()) => {
-                let _ = std::fs::remove_dir_all(&tmp);
+                let _ = userfs::remove_dir_all(&tmp);
                 return Err(DotfilesError::CloneTimeout {
                     url: shown,
                     after: humantime::format_duration(limit).to_string(),
                 });
             }
         }
-        std::fs::rename(&tmp, &repo_dir).map_err(|e| {
+        userfs::rename(&tmp, &repo_dir).map_err(|e| {
             DotfilesError::Io(format!(
                 "cannot move the clone into {}: {e}",
                 repo_dir.display()
@@ -216,10 +224,8 @@ async fn run_inner(
         })?;
         notes.insert(0, format!("cloned {shown}"));
     }
-    write_url(&url_file, url)
+    userfs::write_atomic(&url_file, url.as_bytes(), 0o644)
         .map_err(|e| DotfilesError::Io(format!("cannot write {}: {e}", url_file.display())))?;
-    chown(&url_file, ctx.owner.as_ref()).map_err(|e| DotfilesError::Io(e.to_string()))?;
-    chown_tree(&repo_dir, ctx.owner.as_ref()).map_err(|e| DotfilesError::Io(e.to_string()))?;
 
     match find_install_script(&repo_dir)? {
         Some(script) => {
@@ -230,7 +236,7 @@ async fn run_inner(
             ));
         }
         None => {
-            let r = link_dotfiles(&repo_dir, &ctx.home, ctx.owner.as_ref())?;
+            let r = link_dotfiles(&repo_dir, &ctx.home)?;
             notes.push(r.summary());
         }
     }
@@ -246,12 +252,6 @@ fn backup_path(config_dir: &Path) -> PathBuf {
         i += 1;
     }
     p
-}
-
-fn write_url(path: &Path, url: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, url)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Run blocking git work on the blocking pool with a deadline it can check (git2's
@@ -557,11 +557,7 @@ pub fn is_linkable(name: &str) -> bool {
 }
 
 /// The symlink fallback.
-pub fn link_dotfiles(
-    repo: &Path,
-    home: &Path,
-    owner: Option<&crate::procs::RunAs>,
-) -> Result<LinkReport, DotfilesError> {
+pub fn link_dotfiles(repo: &Path, home: &Path) -> Result<LinkReport, DotfilesError> {
     let io = |what: String, e: std::io::Error| DotfilesError::Io(format!("{what}: {e}"));
     let mut names: Vec<String> = std::fs::read_dir(repo)
         .map_err(|e| io(format!("cannot read {}", repo.display()), e))?
@@ -581,7 +577,7 @@ pub fn link_dotfiles(
                     r.already.push(name);
                     continue;
                 }
-                std::fs::remove_file(&to)
+                userfs::remove_file(&to)
                     .map_err(|e| io(format!("cannot replace symlink {}", to.display()), e))?;
             }
             Ok(m) if m.is_dir() => {
@@ -591,7 +587,7 @@ pub fn link_dotfiles(
             }
             Ok(_) => {
                 let bak = home.join(format!("{name}.bak"));
-                std::fs::rename(&to, &bak).map_err(|e| {
+                userfs::rename(&to, &bak).map_err(|e| {
                     io(
                         format!("cannot move {} to {}", to.display(), bak.display()),
                         e,
@@ -600,13 +596,12 @@ pub fn link_dotfiles(
                 r.backed_up.push(name.clone());
             }
         }
-        std::os::unix::fs::symlink(&from, &to).map_err(|e| {
+        userfs::symlink(&from, &to).map_err(|e| {
             io(
                 format!("cannot link {} to {}", to.display(), from.display()),
                 e,
             )
         })?;
-        chown(&to, owner).map_err(|e| DotfilesError::Io(e.to_string()))?;
         r.linked.push(name);
     }
     Ok(r)
@@ -682,7 +677,7 @@ mod tests {
         std::fs::create_dir(repo.path().join(".config")).unwrap();
         std::fs::write(home.path().join(".bashrc"), "mine").unwrap();
         std::fs::create_dir(home.path().join(".config")).unwrap();
-        let r = link_dotfiles(repo.path(), home.path(), None).unwrap();
+        let r = link_dotfiles(repo.path(), home.path()).unwrap();
         assert_eq!(r.linked, [".bashrc", ".gitconfig", ".vimrc"]);
         assert_eq!(r.backed_up, [".bashrc"]);
         assert_eq!(r.skipped_dirs, [".config"]);
@@ -696,7 +691,7 @@ mod tests {
         );
         assert!(!home.path().join(".gitignore").exists());
         assert!(r.summary().contains("skipped ~/.config"));
-        let again = link_dotfiles(repo.path(), home.path(), None).unwrap();
+        let again = link_dotfiles(repo.path(), home.path()).unwrap();
         assert!(again.linked.is_empty() && again.backed_up.is_empty());
         assert_eq!(again.already.len(), 3);
     }

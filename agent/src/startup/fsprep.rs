@@ -2,16 +2,18 @@
 //!
 //! Both only ever add: a directory is created when missing, a skeleton file is copied
 //! only where nothing (not even a dangling symlink) is at its target, so a user's own
-//! files are never overwritten. When wsagent runs as root for a workspace user
-//! (`startup.user`), everything created here is chowned to that user.
+//! files are never overwritten. When wsagent runs as root, everything under HOME is
+//! created through [`crate::userfs`]: as the workspace user, never through the user's
+//! links; outside HOME what is created is given to `startup.user`.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{PermissionsExt, lchown};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{StepResult, show};
 use crate::procs::RunAs;
+use crate::userfs::{self, Ids};
 
 /// Why a filesystem step failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,12 +22,6 @@ pub enum PrepError {
     CreateDir { path: PathBuf, source: io::Error },
     #[error("{path} exists and is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("cannot chown {path} to uid {uid}: {source}")]
-    Chown {
-        path: PathBuf,
-        uid: u32,
-        source: io::Error,
-    },
     #[error("cannot read skeleton {path}: {source}")]
     ReadSkel { path: PathBuf, source: io::Error },
     #[error("cannot copy {from} to {to}: {source}")]
@@ -36,92 +32,44 @@ pub enum PrepError {
     },
 }
 
-/// Chown `path` (not following symlinks) to `owner`, when there is one.
-pub fn chown(path: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
-    let Some(o) = owner else { return Ok(()) };
-    lchown(path, Some(o.uid), Some(o.gid)).map_err(|source| PrepError::Chown {
-        path: path.into(),
+/// The user's ids, when the pipeline creates for a workspace user.
+pub fn ids(owner: Option<&RunAs>) -> Option<Ids> {
+    owner.map(|o| Ids {
         uid: o.uid,
-        source,
+        gid: o.gid,
     })
 }
 
-/// Chown a whole tree (not following symlinks).
-pub fn chown_tree(path: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
-    if owner.is_none() {
-        return Ok(());
-    }
-    chown(path, owner)?;
-    let meta = fs::symlink_metadata(path).map_err(|source| PrepError::ReadSkel {
-        path: path.into(),
-        source,
-    })?;
-    if meta.is_dir() {
-        let entries = fs::read_dir(path).map_err(|source| PrepError::ReadSkel {
-            path: path.into(),
-            source,
-        })?;
-        for e in entries.flatten() {
-            chown_tree(&e.path(), owner)?;
-        }
-    }
-    Ok(())
-}
-
-/// Create `dir` and its missing parents; chown each directory this call created.
+/// Create `dir` and its missing parents through [`crate::userfs::ensure_dir`]: under
+/// HOME as the user, never past a link as root (a directory of the daemon's on the way
+/// is given to the user: the daemon creates its state and log dirs before this step);
+/// outside HOME each directory made is given to `owner`.
 pub fn create_dir(dir: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
-    let mut missing = Vec::new();
-    let mut p = dir;
-    loop {
-        match fs::symlink_metadata(p) {
-            Ok(m) if m.is_dir() => break,
-            // A symlink to a directory is fine.
-            Ok(m) if m.file_type().is_symlink() && p.is_dir() => break,
-            Ok(_) => return Err(PrepError::NotADirectory { path: p.into() }),
-            Err(_) => missing.push(p.to_path_buf()),
+    userfs::ensure_dir(dir, ids(owner)).map_err(|source| {
+        if source.raw_os_error() == Some(libc::ENOTDIR) {
+            // Name the non-directory in the way.
+            let blocker = dir
+                .ancestors()
+                .filter(|p| fs::metadata(p).is_ok_and(|m| !m.is_dir()))
+                .last()
+                .unwrap_or(dir);
+            PrepError::NotADirectory {
+                path: blocker.into(),
+            }
+        } else {
+            PrepError::CreateDir {
+                path: dir.into(),
+                source,
+            }
         }
-        match p.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => p = parent,
-            _ => break,
-        }
-    }
-    fs::create_dir_all(dir).map_err(|source| PrepError::CreateDir {
-        path: dir.into(),
-        source,
-    })?;
-    for m in missing.iter().rev() {
-        chown(m, owner)?;
-    }
-    Ok(())
-}
-
-/// Give `owner` the directories between `home` (exclusive) and `dir` (inclusive) that
-/// the daemon itself owns: the daemon creates its state and log dirs (e.g.
-/// `~/.local/state/wsagent`) before this step, as root, and a root-owned `~/.local`
-/// would lock the user out of their own HOME.
-fn adopt_under_home(dir: &Path, home: &Path, owner: Option<&RunAs>) -> Result<(), PrepError> {
-    use std::os::unix::fs::MetadataExt;
-    let Some(o) = owner else { return Ok(()) };
-    let Ok(rest) = dir.strip_prefix(home) else {
-        return Ok(());
-    };
-    let me = nix::unistd::geteuid().as_raw();
-    let mut p = home.to_path_buf();
-    for part in rest.components() {
-        p.push(part);
-        match fs::symlink_metadata(&p) {
-            Ok(m) if m.is_dir() && m.uid() == me && me != o.uid => chown(&p, owner)?,
-            _ => {}
-        }
-    }
-    Ok(())
+    })
 }
 
 /// Step 1: create every directory; under HOME they belong to the workspace user.
-pub fn directories(dirs: &[PathBuf], home: &Path, owner: Option<&RunAs>) -> StepResult {
+pub fn directories(dirs: &[PathBuf], owner: Option<&RunAs>) -> StepResult {
     let mut errors = Vec::new();
     for d in dirs {
-        if let Err(e) = create_dir(d, owner).and_then(|()| adopt_under_home(d, home, owner)) {
+        if let Err(e) = create_dir(d, owner) {
             errors.push(e.to_string());
         }
     }
@@ -189,10 +137,13 @@ fn copy_dir(
         if meta.is_dir() {
             match existing {
                 None => {
-                    fs::create_dir(&dst).map_err(copy_err)?;
-                    fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode_bits()))
-                        .map_err(copy_err)?;
-                    chown(&dst, owner)?;
+                    create_dir(&dst, owner)?;
+                    // The new directory's mode, set as the user (whose it is).
+                    userfs::as_user(userfs::user_for(&dst).or(ids(owner)), || {
+                        fs::File::open(&dst)?
+                            .set_permissions(fs::Permissions::from_mode(meta.mode_bits()))
+                    })
+                    .map_err(copy_err)?;
                     report.copied.push(dst.clone());
                     copy_dir(&src, &dst, owner, report)?;
                 }
@@ -207,23 +158,23 @@ fn copy_dir(
         }
         if meta.file_type().is_symlink() {
             let target = fs::read_link(&src).map_err(copy_err)?;
-            std::os::unix::fs::symlink(&target, &dst).map_err(copy_err)?;
+            userfs::symlink(&target, &dst).map_err(copy_err)?;
         } else if meta.is_file() {
-            // create_new: never clobber a file that appeared since the check.
+            // Open::New: never clobber a file (or follow a link) that appeared since the
+            // check. The skeleton is read as the daemon, the copy written as the user.
             let mut input = fs::File::open(&src).map_err(copy_err)?;
-            let mut output = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dst)
-                .map_err(copy_err)?;
+            let mut output = userfs::create(&dst, userfs::Open::New, 0o600).map_err(copy_err)?;
             io::copy(&mut input, &mut output).map_err(copy_err)?;
-            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode_bits()))
+            output
+                .set_permissions(fs::Permissions::from_mode(meta.mode_bits()))
                 .map_err(copy_err)?;
+            if let (None, Some(o)) = (userfs::user_for(&dst), owner) {
+                std::os::unix::fs::fchown(&output, Some(o.uid), Some(o.gid)).map_err(copy_err)?;
+            }
         } else {
             // Sockets, fifos, devices: not skeleton material.
             continue;
         }
-        chown(&dst, owner)?;
         report.copied.push(dst);
     }
     Ok(())
@@ -327,12 +278,12 @@ mod tests {
         let home = tempfile::tempdir().unwrap();
         fs::write(home.path().join("blocked"), "").unwrap();
         let ok = home.path().join("a/b/c");
-        match directories(std::slice::from_ref(&ok), home.path(), None) {
+        match directories(std::slice::from_ref(&ok), None) {
             StepResult::Ok(_) => {}
             other => panic!("{other:?}"),
         }
         assert!(ok.is_dir());
-        match directories(&[home.path().join("blocked/x")], home.path(), None) {
+        match directories(&[home.path().join("blocked/x")], None) {
             StepResult::Failed(m) => {
                 assert!(m.contains("blocked exists and is not a directory"), "{m}")
             }

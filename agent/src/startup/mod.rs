@@ -27,6 +27,24 @@ use crate::state::{Shared, Stage, StepOutcome};
 
 pub use crate::config::startup::{DotfilesConfig, OnceConfig, TaskConfig, argv_of};
 
+/// Declare HOME's user to [`crate::userfs`]: `startup.user` when it resolves, else the
+/// owner of HOME (only a root daemon has one).
+pub fn set_realm(home: &Path, config: &crate::config::Config) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let user = config
+        .startup
+        .user
+        .as_deref()
+        .and_then(|u| crate::procs::resolve_user(u, None).ok())
+        .map(|o| crate::userfs::Ids {
+            uid: o.uid,
+            gid: o.gid,
+        });
+    crate::userfs::set_realm(home, user);
+}
+
 /// What the steps need to know, resolved once per start.
 pub struct Ctx {
     pub home: PathBuf,
@@ -50,6 +68,7 @@ impl Ctx {
             }
             None => None,
         };
+        set_realm(&shared.home, config);
         Ok(Ctx {
             home: shared.home.clone(),
             state_dir: shared.state_dir.clone(),
@@ -163,7 +182,7 @@ pub async fn before_services(shared: &Arc<Shared>) -> Result<(), String> {
         .collect();
     note(
         step(shared, "directories", async {
-            fsprep::directories(&dirs, &ctx.home, ctx.owner.as_ref())
+            fsprep::directories(&dirs, ctx.owner.as_ref())
         })
         .await,
     );

@@ -327,16 +327,26 @@ fn write_marker(
     if let Some(dir) = path.parent() {
         super::fsprep::create_dir(dir, owner).map_err(|e| e.to_string())?;
     }
-    let tmp = path.with_extension("tmp");
     let body = format!(
         "once task {:?} succeeded at {}\n",
         o.name,
         crate::events::now_rfc3339()
     );
-    std::fs::write(&tmp, body)
-        .and_then(|()| std::fs::rename(&tmp, path))
+    // As the user under HOME, never through a link (see crate::userfs).
+    crate::userfs::write_atomic(path, body.as_bytes(), 0o644)
         .map_err(|e| format!("cannot write marker {}: {e}", path.display()))?;
-    super::fsprep::chown(path, owner).map_err(|e| e.to_string())
+    if let (None, Some(o)) = (crate::userfs::user_for(path), owner) {
+        // Outside HOME: the marker just made (a link is never followed) is the user's.
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            Some(nix::unistd::Uid::from_raw(o.uid)),
+            Some(nix::unistd::Gid::from_raw(o.gid)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| format!("cannot chown marker {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Step 5: one-time tasks, in order. Blocking ones are awaited; the others run in the

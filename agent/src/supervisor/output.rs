@@ -4,7 +4,7 @@
 //! Lines longer than [`MAX_LINE`] are cut into pieces, so a child printing megabytes
 //! without a newline cannot grow memory.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,8 @@ pub struct RotatingFile {
     keep: u32,
     file: Option<File>,
     size: u64,
+    /// An open failure was logged (once, until an open succeeds again).
+    open_failed: bool,
 }
 
 impl RotatingFile {
@@ -33,6 +35,7 @@ impl RotatingFile {
             keep,
             file: None,
             size: 0,
+            open_failed: false,
         }
     }
 
@@ -55,19 +58,25 @@ impl RotatingFile {
         }
         if self.file.is_none() {
             if let Some(dir) = self.path.parent() {
-                let _ = std::fs::create_dir_all(dir);
+                let _ = crate::userfs::ensure_dir(dir, None);
             }
-            match OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-            {
+            // As the user under HOME and never through a link: a link in the log's place
+            // is replaced (with a warning naming it), so a service's output cannot be
+            // made to land in a file the link points at.
+            match crate::userfs::open_append(&self.path, 0o640) {
                 Ok(f) => {
                     self.size = f.metadata().map(|m| m.len()).unwrap_or(0);
                     self.file = Some(f);
                 }
-                Err(_) => return,
+                Err(e) => {
+                    if !self.open_failed {
+                        tracing::error!(path = %self.path.display(), error = %e, "cannot open the log file; its lines are dropped");
+                        self.open_failed = true;
+                    }
+                    return;
+                }
             }
+            self.open_failed = false;
             if self.size > 0 && self.size + data.len() as u64 > self.max_bytes {
                 self.rotate();
                 return self.write_bytes(data);
@@ -84,15 +93,16 @@ impl RotatingFile {
         self.file = None;
         self.size = 0;
         let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        // Names in the log directory: links are moved or removed, never followed.
         if self.keep == 0 {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = crate::userfs::remove_file(&self.path);
             return;
         }
-        let _ = std::fs::remove_file(name(self.keep));
+        let _ = crate::userfs::remove_file(&name(self.keep));
         for i in (1..self.keep).rev() {
-            let _ = std::fs::rename(name(i), name(i + 1));
+            let _ = crate::userfs::rename(&name(i), &name(i + 1));
         }
-        let _ = std::fs::rename(&self.path, name(1));
+        let _ = crate::userfs::rename(&self.path, &name(1));
     }
 }
 
@@ -162,7 +172,7 @@ pub fn tail(path: &Path, n: usize) -> Vec<String> {
     let mut lines: Vec<String> = Vec::new();
     let rotated = PathBuf::from(format!("{}.1", path.display()));
     for p in [rotated.as_path(), path] {
-        if let Ok(bytes) = std::fs::read(p) {
+        if let Ok(bytes) = crate::userfs::read(p) {
             lines.extend(String::from_utf8_lossy(&bytes).lines().map(String::from));
         }
     }

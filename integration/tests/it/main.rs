@@ -12,6 +12,7 @@
 //!   the journal and `status` say about it, getting it back.
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
+//! - `root_boundary`: a root daemon never follows the links of the HOME's unprivileged user.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `containers`: the image of `Dockerfile.base` run by a real Docker engine.
@@ -28,6 +29,7 @@ mod images;
 mod pid1;
 mod real_services;
 mod repos;
+mod root_boundary;
 mod save;
 mod snapshots;
 mod startup;
