@@ -45,6 +45,9 @@ pub(crate) struct Ctx {
     /// Repositories whose snapshot ref would collide with another's on the same remote
     /// (two clones on one branch): a suffix that keeps them apart ([`ref_suffixes`]).
     pub ref_suffix: BTreeMap<PathBuf, String>,
+    /// The user who asked (through the local API) for this save of what they named:
+    /// the work is done with that user's permissions ([`AsOwner::of_repo`]).
+    pub act_as: Option<super::fsids::Ids>,
 }
 
 /// Errors of the local half of a save.
@@ -87,6 +90,8 @@ pub(crate) struct PushPlan {
     pub branch: Option<BranchPush>,
     /// Other local branches with commits the remote lacks, saved on their snapshot refs.
     pub extra: Vec<ExtraPush>,
+    /// As [`Ctx::act_as`].
+    pub act_as: Option<super::fsids::Ids>,
 }
 
 /// A local branch other than HEAD's, pushed as it is to its snapshot ref.
@@ -179,7 +184,7 @@ fn prepare_inner(
         .and_then(|b| get(&format!("branch.{b}.merge")));
     drop(config);
 
-    let _owner = AsOwner::of(repo.commondir());
+    let _owner = AsOwner::of_repo(&repo, ctx.act_as.as_ref());
     _owner.check_reachable(repo.commondir())?;
 
     let unpushed = match (head, &remote) {
@@ -311,6 +316,7 @@ fn prepare_inner(
         outcome.r#ref = Some(extra[0].remote_ref.clone());
         outcome.commit = Some(extra[0].tip.to_string());
         return Ok(Some(PushPlan {
+            act_as: ctx.act_as.clone(),
             repo_path: found.path.clone(),
             url,
             display,
@@ -437,6 +443,7 @@ fn prepare_inner(
                     .strip_prefix("refs/heads/")
                     .map(|s| format!("refs/remotes/{remote_name}/{s}"));
                 return Ok(Some(PushPlan {
+                    act_as: ctx.act_as.clone(),
                     repo_path: found.path.clone(),
                     url,
                     display,
@@ -522,6 +529,7 @@ fn prepare_inner(
         return Ok(None);
     };
     Ok(Some(PushPlan {
+        act_as: ctx.act_as.clone(),
         repo_path: found.path.clone(),
         url,
         display,
@@ -870,7 +878,7 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
             return res;
         }
     };
-    let _owner = AsOwner::of(repo.commondir());
+    let _owner = AsOwner::of_repo(&repo, plan.act_as.as_ref());
     if let Some(spec) = &plan.refspec {
         push_main(&repo, plan, spec, creds, deadline, &mut res);
     }
