@@ -23,6 +23,8 @@ pub struct RotatingFile {
     keep: u32,
     file: Option<File>,
     size: u64,
+    /// Device and inode of the file last rotated to `name.log.1`.
+    rotated: Option<(u64, u64)>,
 }
 
 impl RotatingFile {
@@ -33,11 +35,26 @@ impl RotatingFile {
             keep,
             file: None,
             size: 0,
+            rotated: None,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Device and inode of the files this process wrote: the one open, the one it last
+    /// rotated to `name.log.1`. The local API shows a log file only when it is one of
+    /// them (or the caller could read it anyway): a link or another file put at the
+    /// path is not.
+    pub fn own_files(&self) -> Vec<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        open.into_iter().chain(self.rotated).collect()
     }
 
     pub fn write_line(&mut self, line: &str) {
@@ -81,7 +98,13 @@ impl RotatingFile {
     }
 
     fn rotate(&mut self) {
-        self.file = None;
+        use std::os::unix::fs::MetadataExt;
+        self.rotated = self
+            .file
+            .take()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()))
+            .filter(|_| self.keep > 0);
         self.size = 0;
         let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
         if self.keep == 0 {
