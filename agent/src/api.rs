@@ -1,8 +1,15 @@
 //! The local control API: HTTP/1.1 + JSON over a unix socket (server and client).
 //!
 //! The socket is created mode 0600 and every connection's peer credentials are checked:
-//! only root and the daemon's own uid are served; anyone else gets 403. Routes and
-//! bodies are documented in `agent_proto::local`.
+//! only root, the daemon's own uid and `daemon.api_user` are served; anyone else gets
+//! 403. The API acts for the calling user ([`caller`]): what a request names (`save
+//! --repo`, a dry run, a service's log file) is read with that user's own permissions,
+//! so the API never reads for a user what the user could not read. Connections are
+//! capped and timed ([`conns`]). Routes and bodies are documented in
+//! `agent_proto::local`.
+
+pub mod caller;
+mod conns;
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -15,7 +22,7 @@ use agent_proto::local::{
     ActionReply, ApiError, Event, EventKind, Lifecycle, ShutdownRequest, Status,
 };
 use axum::body::Body;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -34,12 +41,15 @@ use crate::state::Shared;
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub uid: Option<u32>,
+    pub caller: Option<Arc<caller::Caller>>,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+impl Peer {
+    fn of(stream: &tokio::net::UnixStream) -> Peer {
+        let caller = caller::Caller::of(stream);
         Peer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+            uid: caller.as_ref().map(|c| c.uid),
+            caller: caller.map(Arc::new),
         }
     }
 }
@@ -142,16 +152,38 @@ pub fn serve(
         .route("/v1/events", get(events))
         .route("/v1/save", post(save))
         .merge(crate::startup::routes())
+        .layer(axum::middleware::from_fn(read_body))
         .layer(axum::middleware::from_fn(check_peer))
         .with_state(shared);
     tracing::info!(socket = %socket.display(), "local API listening");
-    tracker.spawn(async move {
-        let svc = app.into_make_service_with_connect_info::<Peer>();
-        let _ = axum::serve(listener, svc)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-    });
+    tracker.spawn(conns::serve(listener, app, tracker.clone(), cancel));
     Ok(())
+}
+
+/// The largest request body (requests are small JSON objects).
+const MAX_BODY: usize = 64 * 1024;
+
+/// Read a request's body whole within [`conns::BODY_TIMEOUT`]: a client that sends half
+/// a body and stalls gets `408` instead of holding its handler (and connection) for ever.
+async fn read_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(conns::BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(e)) => err(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+        ),
+        Err(_) => err(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} s",
+                conns::BODY_TIMEOUT.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn status(State(s): State<Arc<Shared>>) -> Json<Status> {
@@ -194,23 +226,38 @@ struct LogsQuery {
 
 async fn service_logs(
     State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<LogsQuery>,
 ) -> Response {
-    let (path, follow_rx) = {
+    let Some(caller) = peer.caller else {
+        return err(StatusCode::FORBIDDEN, "permission denied: unknown peer");
+    };
+    let (path, own, follow_rx) = {
         let sup = s.services();
         let Some(h) = sup.get(&name) else {
             return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
         };
-        let path = h
+        let (path, own) = h
             .sink
             .file
             .lock()
-            .map(|f| f.path().to_path_buf())
+            .map(|f| (f.path().to_path_buf(), f.own_files()))
             .unwrap_or_default();
-        (path, q.follow.then(|| h.sink.follow.subscribe()))
+        (path, own, q.follow.then(|| h.sink.follow.subscribe()))
     };
-    let lines = crate::supervisor::output::tail(&path, q.n.unwrap_or(100));
+    // Opened without following links, for this caller: a link the user put at the
+    // log's path is refused, not read as root.
+    let n = q.n.unwrap_or(100);
+    let read = tokio::task::spawn_blocking(move || caller::read_log(&caller, &path, &own, n)).await;
+    let lines = match read {
+        Ok(Ok(lines)) => lines,
+        Ok(Err(denied)) => {
+            tracing::warn!(service = %name, error = %denied, "log read refused");
+            return err(StatusCode::FORBIDDEN, denied.to_string());
+        }
+        Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
     let mut head = lines.join("\n");
     if !head.is_empty() {
         head.push('\n');
@@ -363,12 +410,49 @@ async fn shutdown(State(s): State<Arc<Shared>>, body: Option<Json<ShutdownReques
 /// outcome as it lands, then all of them. During the stop sequence the request follows
 /// the stop's own save (waiting for it to begin, or reporting it when it has ended):
 /// this is what the Coder agent's `shutdown_script` runs, after wsagent saved.
+///
+/// For a caller other than root (`daemon.api_user`), the repository `--repo` names must
+/// be one that caller can read, and a save of it (or a dry run, which shows files) is
+/// done with the caller's permissions: the API never reads a repository for a user who
+/// could not read it.
 async fn save(
     State(s): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     body: Option<Json<agent_proto::local::SaveRequest>>,
 ) -> Response {
-    use agent_proto::local::SaveLine;
     let req = body.map(|Json(b)| b).unwrap_or_default();
+    let Some(caller) = peer.caller.filter(|c| c.is_limited()).map(|c| (*c).clone()) else {
+        return save_as(s, req, None).await;
+    };
+    let mut req = req;
+    if let Some(repo) = &req.repo {
+        let (c, path, home) = (caller.clone(), PathBuf::from(repo), s.home.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            crate::save::fsids::prepare_for_root(&home);
+            caller::readable_repo(&c, &path)
+        })
+        .await;
+        match checked {
+            // The checked repository itself, not a path that may change under it.
+            Ok(Ok(Some(top))) => req.repo = Some(top.display().to_string()),
+            Ok(Ok(None)) => {}
+            Ok(Err(denied)) => {
+                tracing::warn!(error = %denied, "save refused");
+                return err(StatusCode::FORBIDDEN, denied.to_string());
+            }
+            Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+    let act_as = (req.repo.is_some() || req.dry_run).then(|| caller.ids());
+    save_as(s, req, act_as).await
+}
+
+async fn save_as(
+    s: Arc<Shared>,
+    req: agent_proto::local::SaveRequest,
+    act_as: Option<crate::save::fsids::Ids>,
+) -> Response {
+    use agent_proto::local::SaveLine;
     let only = req.repo.map(PathBuf::from);
     let budget = s.config.read().expect("lock").config.shutdown.budget;
     let (run, joined) = if s.stop.is_cancelled() {
@@ -391,10 +475,11 @@ async fn save(
             }
         }
     } else {
-        s.start_save(
+        s.start_save_as(
             crate::save::Reason::Manual,
             only.clone(),
             req.dry_run,
+            act_as,
             tokio::time::Instant::now() + budget,
         )
     };

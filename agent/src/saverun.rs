@@ -31,15 +31,24 @@ pub struct SaveRun {
     /// Only the repository containing this path; `None`: every repository.
     pub only: Option<PathBuf>,
     pub dry_run: bool,
+    /// Done with the permissions of the user who asked ([`crate::save::SaveRequest::act_as`]).
+    pub act_as: Option<crate::save::fsids::Ids>,
     tx: watch::Sender<Progress>,
 }
 
 impl SaveRun {
-    pub fn new(reason: crate::save::Reason, only: Option<PathBuf>, dry_run: bool) -> Arc<SaveRun> {
+    /// A run, done with the permissions of `act_as` when given.
+    pub fn new(
+        reason: crate::save::Reason,
+        only: Option<PathBuf>,
+        dry_run: bool,
+        act_as: Option<crate::save::fsids::Ids>,
+    ) -> Arc<SaveRun> {
         Arc::new(SaveRun {
             reason,
             only,
             dry_run,
+            act_as,
             tx: watch::Sender::new(Progress::default()),
         })
     }
@@ -135,7 +144,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_joiner_sees_the_outcomes_that_landed_before_it_and_the_end() {
-        let run = SaveRun::new(Reason::Stop, None, false);
+        let run = SaveRun::new(Reason::Stop, None, false, None);
         run.found(2);
         run.saved(&outcome("/p/a", "pushed"));
         let mut rx = run.subscribe();
@@ -154,12 +163,12 @@ mod tests {
 
     #[test]
     fn a_run_of_everything_covers_any_repository_a_run_of_one_only_that_one() {
-        let all = SaveRun::new(Reason::Manual, None, false);
+        let all = SaveRun::new(Reason::Manual, None, false, None);
         assert!(all.covers(None) && all.covers(Some(Path::new("/p/a"))));
-        let one = SaveRun::new(Reason::Manual, Some("/p/a".into()), false);
+        let one = SaveRun::new(Reason::Manual, Some("/p/a".into()), false, None);
         assert!(one.covers(Some(Path::new("/p/a"))));
         assert!(!one.covers(None) && !one.covers(Some(Path::new("/p/b"))));
-        let dry = SaveRun::new(Reason::Manual, None, true);
+        let dry = SaveRun::new(Reason::Manual, None, true, None);
         assert!(!dry.covers(None));
     }
 

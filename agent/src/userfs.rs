@@ -508,17 +508,6 @@ pub fn open_read(path: &Path) -> io::Result<File> {
     regular(fd, path)
 }
 
-/// Open `path` for reading on behalf of `ids` (say the uid of a local API caller):
-/// with that user's filesystem ids, never through a link as the last component; only a
-/// regular file. As root only; otherwise the daemon's own permissions apply.
-pub fn open_read_as(path: &Path, ids: Ids) -> io::Result<File> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    let fd = as_user(Some(ids), || {
-        nix::fcntl::open(path, flags, Mode::empty()).map_err(io)
-    })?;
-    regular(fd, path)
-}
-
 /// The whole of `path`, read as [`open_read`] opens it.
 pub fn read(path: &Path) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();

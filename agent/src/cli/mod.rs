@@ -475,6 +475,8 @@ fn save_here(cfg: &config::Config, path: &std::path::Path) -> Result<(), String>
         reason: crate::save::Reason::Manual,
         only: Some(path.to_path_buf()),
         dry_run: false,
+        // The CLI runs as the caller: no other user's ids to take.
+        act_as: None,
     };
     let deadline = tokio::time::Instant::now() + cfg.shutdown.budget.max(Duration::from_secs(60));
     let outcomes = rt.block_on(crate::save::save_all(&cfg.save, &env, &req, deadline));

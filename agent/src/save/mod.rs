@@ -118,6 +118,11 @@ pub struct SaveRequest {
     pub only: Option<PathBuf>,
     /// Report what would be saved; write nothing (no commit, no push, no journal).
     pub dry_run: bool,
+    /// The user who asked through the local API, when the save must be done with that
+    /// user's permissions (`--repo` or a dry run from a user other than root): the
+    /// repository is found and saved with those ids, so what that user cannot read is
+    /// never read for them. `None`: each repository as its owner.
+    pub act_as: Option<fsids::Ids>,
 }
 
 /// The fixed start of a ref template, before its first placeholder (`refs/heads/wip/`):
@@ -239,7 +244,7 @@ pub async fn save_all_observed(
             globset::GlobSet::empty()
         }
     };
-    let (depth, only) = (cfg.depth, req.only.clone());
+    let (depth, only, act_as) = (cfg.depth, req.only.clone(), req.act_as.clone());
     let state_dir = env.state_dir.clone();
     let ref_template = fill_owner(&cfg.ref_template, env.ref_owner.as_deref());
     let (template, workspace) = (ref_template.clone(), env.workspace.clone());
@@ -247,7 +252,7 @@ pub async fn save_all_observed(
         // The whole set is needed even for `only`: ref suffixes depend on it.
         let (all, unsearched) = discover::discover_checked(&roots, depth, &explicit, &exclude);
         let mut found = match &only {
-            Some(p) => only_repo(p),
+            Some(p) => only_repo(p, act_as.as_ref()),
             None => all.clone(),
         };
         found.sort_by(|a, b| b.level.cmp(&a.level).then(a.path.cmp(&b.path)));
@@ -346,6 +351,7 @@ pub async fn save_all_observed(
         dry_run: req.dry_run,
         ref_suffix,
         last_pushed,
+        act_as: req.act_as.clone(),
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
@@ -715,8 +721,10 @@ async fn credentials_for(
     Vec::new()
 }
 
-/// The repository containing `path` (for `wsagent save --only`).
-fn only_repo(path: &Path) -> Vec<discover::Found> {
+/// The repository containing `path` (for `wsagent save --repo`), looked for with the
+/// permissions of the user who asked, if any.
+fn only_repo(path: &Path, act_as: Option<&fsids::Ids>) -> Vec<discover::Found> {
+    let _ids = act_as.map(|ids| fsids::AsOwner::take(ids, fsids::Role::Caller));
     match git2::Repository::discover(path) {
         Ok(r) => {
             let p = r.workdir().unwrap_or(r.path()).to_path_buf();

@@ -47,6 +47,9 @@ pub(crate) struct Ctx {
     pub ref_suffix: BTreeMap<PathBuf, String>,
     /// What each repository's saves pushed, per remote ref (the journal): the lease.
     pub last_pushed: BTreeMap<String, BTreeMap<String, Oid>>,
+    /// The user who asked (through the local API) for this save of what they named:
+    /// the work is done with that user's permissions ([`AsOwner::of_repo`]).
+    pub act_as: Option<super::fsids::Ids>,
 }
 
 /// Errors of the local half of a save.
@@ -91,6 +94,8 @@ pub(crate) struct PushPlan {
     pub branch: Option<BranchPush>,
     /// Other local branches with commits the remote lacks, saved on their snapshot refs.
     pub extra: Vec<ExtraPush>,
+    /// As [`Ctx::act_as`].
+    pub act_as: Option<super::fsids::Ids>,
 }
 
 /// A local branch other than HEAD's, pushed as it is to its snapshot ref.
@@ -198,7 +203,7 @@ fn prepare_inner(
         .and_then(|b| get(&format!("branch.{b}.merge")));
     drop(config);
 
-    let _owner = AsOwner::of(repo.commondir());
+    let _owner = AsOwner::of_repo(&repo, ctx.act_as.as_ref());
     _owner.check_reachable(repo.commondir())?;
 
     let unpushed = match (head, &remote) {
@@ -330,6 +335,7 @@ fn prepare_inner(
         outcome.r#ref = Some(extra[0].remote_ref.clone());
         outcome.commit = Some(extra[0].tip.to_string());
         return Ok(Some(PushPlan {
+            act_as: ctx.act_as.clone(),
             repo_path: found.path.clone(),
             url,
             display,
@@ -395,6 +401,7 @@ fn prepare_inner(
                 last_pushed,
                 verify_only: true,
             }),
+            act_as: ctx.act_as.clone(),
             branch: None,
             extra,
         }));
@@ -490,6 +497,7 @@ fn prepare_inner(
                     .strip_prefix("refs/heads/")
                     .map(|s| format!("refs/remotes/{remote_name}/{s}"));
                 return Ok(Some(PushPlan {
+                    act_as: ctx.act_as.clone(),
                     repo_path: found.path.clone(),
                     url,
                     display,
@@ -577,6 +585,7 @@ fn prepare_inner(
         return Ok(None);
     };
     Ok(Some(PushPlan {
+        act_as: ctx.act_as.clone(),
         repo_path: found.path.clone(),
         url,
         display,
@@ -949,7 +958,7 @@ pub(crate) fn push(plan: &PushPlan, creds: &[Credential], deadline: Instant) -> 
             return res;
         }
     };
-    let _owner = AsOwner::of(repo.commondir());
+    let _owner = AsOwner::of_repo(&repo, plan.act_as.as_ref());
     if let Some(lease) = &plan.lease {
         push_snapshot(&repo, plan, lease, creds, deadline, &mut res);
     } else if let Some(spec) = &plan.refspec {

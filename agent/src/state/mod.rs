@@ -193,6 +193,19 @@ impl Shared {
         dry_run: bool,
         deadline: tokio::time::Instant,
     ) -> (Arc<crate::saverun::SaveRun>, bool) {
+        self.start_save_as(reason, only, dry_run, None, deadline)
+    }
+
+    /// [`Shared::start_save`] for a user who asked through the local API: a new run is
+    /// done with `act_as`'s permissions (see [`crate::save::SaveRequest::act_as`]).
+    pub fn start_save_as(
+        self: &Arc<Self>,
+        reason: crate::save::Reason,
+        only: Option<PathBuf>,
+        dry_run: bool,
+        act_as: Option<crate::save::fsids::Ids>,
+        deadline: tokio::time::Instant,
+    ) -> (Arc<crate::saverun::SaveRun>, bool) {
         let mut current = self.current_save.lock().expect("lock");
         let running = current
             .as_ref()
@@ -201,7 +214,7 @@ impl Shared {
         let (run, joined) = match running {
             Some(r) => (r, true),
             None => {
-                let run = crate::saverun::SaveRun::new(reason, only, dry_run);
+                let run = crate::saverun::SaveRun::new(reason, only, dry_run, act_as);
                 if !dry_run {
                     *current = Some(run.clone());
                 }
@@ -234,6 +247,7 @@ impl Shared {
             reason: run.reason,
             only: run.only.clone(),
             dry_run: run.dry_run,
+            act_as: run.act_as.clone(),
         };
         let observer: Arc<dyn crate::save::Observer> = run.clone();
         let outcomes = crate::save::save_all_observed(

@@ -25,6 +25,8 @@ pub struct RotatingFile {
     size: u64,
     /// An open failure was logged (once, until an open succeeds again).
     open_failed: bool,
+    /// Device and inode of the file last rotated to `name.log.1`.
+    rotated: Option<(u64, u64)>,
 }
 
 impl RotatingFile {
@@ -36,11 +38,26 @@ impl RotatingFile {
             file: None,
             size: 0,
             open_failed: false,
+            rotated: None,
         }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Device and inode of the files this process wrote: the one open, the one it last
+    /// rotated to `name.log.1`. The local API shows a log file only when it is one of
+    /// them (or the caller could read it anyway): a link or another file put at the
+    /// path is not.
+    pub fn own_files(&self) -> Vec<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()));
+        open.into_iter().chain(self.rotated).collect()
     }
 
     pub fn write_line(&mut self, line: &str) {
@@ -90,7 +107,13 @@ impl RotatingFile {
     }
 
     fn rotate(&mut self) {
-        self.file = None;
+        use std::os::unix::fs::MetadataExt;
+        self.rotated = self
+            .file
+            .take()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()))
+            .filter(|_| self.keep > 0);
         self.size = 0;
         let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
         // Names in the log directory: links are moved or removed, never followed.

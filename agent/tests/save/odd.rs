@@ -253,7 +253,8 @@ async fn root_saving_a_users_repo_the_user_cannot_reach_names_the_directory_in_t
     let err = o.error.as_deref().unwrap_or_default();
     assert!(
         err.contains(&format!(
-            "uid 1000, the owner of {}",
+            "uid 1000, the owner of {}, cannot reach {}",
+            dir.display(),
             dir.join(".git").display()
         )) && err.contains(&format!(
             "{} is not searchable by that user (mode 0700, owner uid 0)",

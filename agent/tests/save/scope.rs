@@ -24,6 +24,7 @@ async fn explicit_repos_outside_the_roots_are_saved_and_only_narrows_to_one_repo
     };
 
     let req = SaveRequest {
+        act_as: None,
         reason: Reason::Manual,
         only: Some(moved.join("b.txt")),
         dry_run: false,
@@ -49,6 +50,7 @@ async fn a_dry_run_reports_unsaved_work_and_writes_nothing() {
     let before = all_files(&dir.join(".git"));
     fx.server.clear_requests();
     let req = SaveRequest {
+        act_as: None,
         reason: Reason::Manual,
         only: None,
         dry_run: true,

@@ -77,6 +77,7 @@ async fn a_clean_sparse_checkout_is_clean() {
     let fx = Fixture::new();
     let dir = sparse_repo(&fx);
     let dry = SaveRequest {
+        act_as: None,
         reason: Reason::Manual,
         only: None,
         dry_run: true,

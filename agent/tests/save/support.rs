@@ -177,6 +177,7 @@ impl Fixture {
 /// A save for a workspace stop.
 pub fn stop() -> SaveRequest {
     SaveRequest {
+        act_as: None,
         reason: Reason::Stop,
         only: None,
         dry_run: false,

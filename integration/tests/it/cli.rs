@@ -304,7 +304,7 @@ fn logs_tail_and_follow_a_service() {
 /// directory only root may search (a `mktemp -d` target dir), where another uid gets
 /// "Permission denied" before the binary even runs. A hard link (or copy) in the
 /// workspace, which the caller makes 0755.
-fn bin_for_other_uids(ws: &Workspace) -> std::path::PathBuf {
+pub(crate) fn bin_for_other_uids(ws: &Workspace) -> std::path::PathBuf {
     let dst = ws.path().join("wsagent-any-uid");
     if !dst.exists() && std::fs::hard_link(wsagent_bin(), &dst).is_err() {
         std::fs::copy(wsagent_bin(), &dst).expect("copy wsagent");

@@ -4,6 +4,8 @@
 //!
 //! - `pid1`: init duties (reaping, exact exit codes, signals) as PID 1 and as subreaper.
 //! - `supervision`: restart and backoff, dependencies and health checks, stop order, reload.
+//! - `api`: the local API acts for the calling user (a real unprivileged uid against a
+//!   root daemon) and caps and times its connections.
 //! - `cli`: config errors, the socket's protection, secrets, the client without a daemon.
 //! - `faults`: the fault matrix (signals at bad moments, full disk, control-plane and git
 //!   server faults, misbehaving children): nothing lost, no token anywhere.
@@ -20,6 +22,7 @@
 //!   deadlines, labels) and their generated `codertemplate.yaml`.
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
+mod api;
 mod cli;
 mod containers;
 mod control;
