@@ -14,6 +14,8 @@ pub mod footprint;
 pub mod githttp;
 pub mod health;
 pub mod logging;
+pub mod logline;
+pub mod metrics;
 pub mod paths;
 pub mod procs;
 pub mod restore;

@@ -68,6 +68,10 @@ pub struct DaemonConfig {
     /// uid: the workspace user, so Coder's `shutdown_script` (`wsagent save`, run by the
     /// Coder agent as that user) works. The socket is then owned by that user (mode 0600).
     pub api_user: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address (`127.0.0.1:9100`) as well as
+    /// on the local API's `/v1/metrics`; off by default. Anyone who can reach the port
+    /// can read them: keep it on loopback or behind the pod's network policy.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -78,6 +82,7 @@ impl Default for DaemonConfig {
             socket: None,
             log_level: "info".into(),
             api_user: None,
+            metrics: None,
         }
     }
 }
