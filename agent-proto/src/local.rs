@@ -144,6 +144,9 @@ pub struct ServiceStatus {
     pub last_exit: Option<ExitInfo>,
     /// Why the service is in its state (e.g. the failing health check, the missing program).
     pub message: Option<String>,
+    /// When it entered this state, or its process started (RFC 3339 UTC).
+    #[serde(default)]
+    pub since: Option<String>,
 }
 
 /// One step of the startup pipeline or one phase of the stop sequence.

@@ -151,6 +151,7 @@ pub fn serve(
         .route("/v1/shutdown", post(shutdown))
         .route("/v1/events", get(events))
         .route("/v1/save", post(save))
+        .route("/v1/metrics", get(metrics))
         .merge(crate::startup::routes())
         .layer(axum::middleware::from_fn(read_body))
         .layer(axum::middleware::from_fn(check_peer))
@@ -190,6 +191,43 @@ async fn status(State(s): State<Arc<Shared>>) -> Json<Status> {
     Json(s.status())
 }
 
+/// Prometheus metrics (`/v1/metrics`, and `[daemon] metrics` over TCP).
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let st = s.status();
+    let body = crate::metrics::render(&st.services, st.lifecycle == Lifecycle::Ready);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Serve `/metrics` (and `/v1/metrics`) over TCP on `addr` until `cancel`: only the
+/// metrics, read-only, for a Prometheus scraper that cannot reach the unix socket.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    shared: Arc<Shared>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> std::io::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/metrics", get(metrics))
+        .with_state(shared);
+    tracing::info!(address = %bound, "metrics listening");
+    tracker.spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+    });
+    Ok(bound)
+}
+
 async fn service_action(
     State(s): State<Arc<Shared>>,
     UrlPath((name, action)): UrlPath<(String, String)>,
@@ -222,8 +260,45 @@ struct LogsQuery {
     n: Option<usize>,
     #[serde(default)]
     follow: bool,
+    /// Only lines from this time on (RFC 3339 UTC with milliseconds, as stored).
+    since: Option<String>,
+    /// Prefix each line with its time.
+    #[serde(default)]
+    timestamps: bool,
 }
 
+impl LogsQuery {
+    fn view(&self) -> crate::logline::View {
+        crate::logline::View {
+            since: self.since.clone(),
+            timestamps: self.timestamps,
+        }
+    }
+
+    /// The last `n` of `stored` that the view keeps, rendered, one per line.
+    fn head(&self, stored: Vec<String>, render: impl Fn(&str) -> Option<String>) -> String {
+        let mut lines: Vec<String> = stored.iter().filter_map(|l| render(l)).collect();
+        let skip = lines.len().saturating_sub(self.n.unwrap_or(100));
+        lines.drain(..skip);
+        let mut head = lines.join("\n");
+        if !head.is_empty() {
+            head.push('\n');
+        }
+        head
+    }
+
+    /// Lines read for [`LogsQuery::head`]: all of them when `since` filters.
+    fn wanted(&self) -> usize {
+        if self.since.is_some() {
+            usize::MAX
+        } else {
+            self.n.unwrap_or(100)
+        }
+    }
+}
+
+/// `wsagent logs NAME`: a service's output; else a one-time or startup task's; else,
+/// for `daemon`, the daemon's own log.
 async fn service_logs(
     State(s): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -236,7 +311,8 @@ async fn service_logs(
     let (path, own, follow_rx) = {
         let sup = s.services();
         let Some(h) = sup.get(&name) else {
-            return err(StatusCode::NOT_FOUND, format!("no service named {name:?}"));
+            drop(sup);
+            return other_logs(&s, &name, &q);
         };
         let (path, own) = h
             .sink
@@ -248,7 +324,7 @@ async fn service_logs(
     };
     // Opened without following links, for this caller: a link the user put at the
     // log's path is refused, not read as root.
-    let n = q.n.unwrap_or(100);
+    let n = q.wanted();
     let read = tokio::task::spawn_blocking(move || caller::read_log(&caller, &path, &own, n)).await;
     let lines = match read {
         Ok(Ok(lines)) => lines,
@@ -258,20 +334,24 @@ async fn service_logs(
         }
         Err(e) => return err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let mut head = lines.join("\n");
-    if !head.is_empty() {
-        head.push('\n');
-    }
+    let view = q.view();
+    let head = q.head(lines, |l| view.render(l));
     match follow_rx {
         None => head.into_response(),
         Some(rx) => {
             let first =
                 futures::stream::once(async move { Ok::<Bytes, Infallible>(Bytes::from(head)) });
-            let rest = futures::stream::unfold(rx, |mut rx| async move {
+            let rest = futures::stream::unfold((rx, view), |(mut rx, view)| async move {
                 loop {
                     match rx.recv().await {
                         Ok(line) => {
-                            return Some((Ok::<Bytes, Infallible>(Bytes::from(line + "\n")), rx));
+                            let Some(line) = view.render(&line) else {
+                                continue;
+                            };
+                            return Some((
+                                Ok::<Bytes, Infallible>(Bytes::from(line + "\n")),
+                                (rx, view),
+                            ));
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(_) => return None,
@@ -286,6 +366,59 @@ async fn service_logs(
             .into_response()
         }
     }
+}
+
+/// The logs of a task, or the daemon's own (`daemon`).
+fn other_logs(s: &Arc<Shared>, name: &str, q: &LogsQuery) -> Response {
+    let exit = s.exit.clone().cancelled_owned();
+    if let Some(task) = s.tasks.get(name) {
+        // A terminal's output: no per-line time to filter on or show.
+        let lines = crate::supervisor::output::tail(&task.log_path, q.wanted());
+        let head = q.head(lines, |l| Some(l.to_string()));
+        if !q.follow {
+            return head.into_response();
+        }
+        let (_, rx) = task.subscribe();
+        let first =
+            futures::stream::once(async move { Ok::<Bytes, Infallible>(Bytes::from(head)) });
+        let rest = futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(b) => {
+                        let text = String::from_utf8_lossy(&b).replace("\r\n", "\n");
+                        return Some((Ok::<Bytes, Infallible>(Bytes::from(text)), rx));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        });
+        return Body::from_stream(futures::StreamExt::take_until(
+            futures::StreamExt::chain(first, rest),
+            exit,
+        ))
+        .into_response();
+    }
+    if name != "daemon" {
+        return err(
+            StatusCode::NOT_FOUND,
+            format!("no service or task named {name:?} (`daemon` is the daemon's own log)"),
+        );
+    }
+    let path = s.state_dir.join("wsagent.log");
+    let view = q.view();
+    let render = |l: &str| view.render(&crate::logline::from_daemon_json(l));
+    let head = q.head(crate::supervisor::output::tail(&path, q.wanted()), render);
+    if !q.follow {
+        return head.into_response();
+    }
+    let first = futures::stream::once(async move { Ok::<Bytes, Infallible>(Bytes::from(head)) });
+    let rest = crate::logline::follow_daemon(path, view);
+    Body::from_stream(futures::StreamExt::take_until(
+        futures::StreamExt::chain(first, rest),
+        exit,
+    ))
+    .into_response()
 }
 
 fn is_final(ev: &Event) -> bool {

@@ -145,6 +145,12 @@ pub async fn run(
             false
         }
     };
+    if let Some(addr) = config.daemon.metrics
+        && let Err(e) =
+            crate::api::serve_metrics(addr, shared.clone(), &tracker, cancel.clone()).await
+    {
+        tracing::error!(address = %addr, error = %e, "cannot serve metrics; continuing without them");
+    }
 
     let mut config_changed = watch_config_files(&opts.sources, &tracker, cancel.clone());
     tracker.spawn(checkpoints(shared.clone()));

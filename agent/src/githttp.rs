@@ -513,6 +513,9 @@ impl Stream {
                     got
                 )));
             }
+            if !self.ls && self.service == "receive-pack" {
+                crate::metrics::pushed_bytes(self.body.len);
+            }
             if let Some(note) = &self.redirected {
                 let landed = resp.url().as_str();
                 let suffix = format!("/info/refs?service=git-{}", self.service);

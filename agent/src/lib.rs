@@ -14,6 +14,8 @@ mod footprint;
 mod githttp;
 mod health;
 mod logging;
+mod logline;
+mod metrics;
 mod paths;
 mod procs;
 mod restore;

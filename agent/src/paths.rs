@@ -11,6 +11,11 @@ pub fn home_dir() -> PathBuf {
 }
 
 /// Expand a leading `~` or `~/` to `home`; any other path is returned as it is.
+///
+/// Kept by hand rather than shellexpand: only this one form is meant (`~user` and
+/// `$VARS` must stay as written in a config path), and the home is the workspace
+/// user's, passed in, not the process's — shellexpand's `tilde_with_context` would be
+/// these same six lines behind a closure.
 pub fn expand_home(path: &str, home: &Path) -> PathBuf {
     if path == "~" {
         home.to_path_buf()

@@ -340,6 +340,11 @@ pub fn parse_signal(s: &str) -> Option<Signal> {
 }
 
 /// Find `program` the way `execvp` would, in `path` (a `PATH` value).
+///
+/// Kept by hand rather than the `which` crate: the search is in the service's own
+/// `PATH` (not the daemon's) and must never consult the daemon's working directory;
+/// `which::which_in` would need both spelled out and brings its own dependencies for
+/// these dozen lines.
 pub fn which(program: &str, path: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let is_exec = |p: &std::path::Path| {

@@ -2,12 +2,25 @@
 //!
 //! Every secret wsagent learns (the agent token, git tokens) is registered here the
 //! moment it is read; the logging layer passes every line through [`redact`], so a
-//! secret cannot reach stderr or a log file even when an error message quotes it.
+//! secret cannot reach stderr or a log file even when an error message quotes it. All of
+//! them are found in one pass over a line (aho-corasick), however many there are.
 
 use std::borrow::Cow;
 use std::sync::RwLock;
 
-static SECRETS: RwLock<Vec<String>> = RwLock::new(Vec::new());
+use aho_corasick::{AhoCorasick, MatchKind};
+
+/// The secrets, longest first, and one automaton that finds all of them in one pass
+/// over a line (rebuilt when a secret is added, which is rare).
+struct Known {
+    list: Vec<String>,
+    finder: Option<AhoCorasick>,
+}
+
+static SECRETS: RwLock<Known> = RwLock::new(Known {
+    list: Vec::new(),
+    finder: None,
+});
 
 /// What replaces a secret in output.
 pub const MASK: &str = "[REDACTED]";
@@ -19,27 +32,28 @@ pub fn register(secret: &str) {
     if s.len() < 6 {
         return;
     }
-    let mut v = SECRETS.write().unwrap_or_else(|e| e.into_inner());
-    if !v.iter().any(|x| x == s) {
-        v.push(s.to_string());
-        // Longest first, so a secret containing another is masked whole.
-        v.sort_by_key(|x| std::cmp::Reverse(x.len()));
+    let mut k = SECRETS.write().unwrap_or_else(|e| e.into_inner());
+    if !k.list.iter().any(|x| x == s) {
+        k.list.push(s.to_string());
+        k.list.sort_by_key(|x| std::cmp::Reverse(x.len()));
+        // Leftmost-longest: a secret containing another is masked whole.
+        k.finder = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostLongest)
+            .build(&k.list)
+            .ok();
     }
 }
 
 /// Mask every registered secret in `text`.
 pub fn redact(text: &str) -> Cow<'_, str> {
-    let v = SECRETS.read().unwrap_or_else(|e| e.into_inner());
-    if v.is_empty() || !v.iter().any(|s| text.contains(s.as_str())) {
+    let k = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+    let Some(finder) = &k.finder else {
+        return Cow::Borrowed(text);
+    };
+    if !finder.is_match(text) {
         return Cow::Borrowed(text);
     }
-    let mut out = text.to_string();
-    for s in v.iter() {
-        if out.contains(s.as_str()) {
-            out = out.replace(s.as_str(), MASK);
-        }
-    }
-    Cow::Owned(out)
+    Cow::Owned(finder.replace_all(text, &vec![MASK; k.list.len()]))
 }
 
 /// A secret value whose `Debug`/`Display` never show it.
@@ -86,17 +100,20 @@ pub struct StreamRedactor {
 impl StreamRedactor {
     /// Redact `chunk` (after what was held back) and return the bytes to pass on.
     pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
-        let v = SECRETS.read().unwrap_or_else(|e| e.into_inner());
+        let k = SECRETS.read().unwrap_or_else(|e| e.into_inner());
         let mut buf = std::mem::take(&mut self.held);
         buf.extend_from_slice(chunk);
-        if v.is_empty() {
+        let Some(finder) = &k.finder else {
             return buf;
+        };
+        if finder.is_match(&buf) {
+            buf = finder.replace_all_bytes(&buf, &vec![MASK.as_bytes(); k.list.len()]);
         }
-        for s in v.iter() {
-            buf = replace_bytes(&buf, s.as_bytes(), MASK.as_bytes());
-        }
-        // The longest tail of `buf` that a secret starts with.
-        let hold = v
+        // The longest tail of `buf` that a secret starts with. By hand: the automaton
+        // answers "where is a whole secret", not "which tail begins one", and this is a
+        // few comparisons per registered secret.
+        let hold = k
+            .list
             .iter()
             .filter_map(|s| {
                 let s = s.as_bytes();
@@ -124,24 +141,6 @@ impl StreamRedactor {
     pub fn finish(&mut self) -> Vec<u8> {
         self.release()
     }
-}
-
-fn replace_bytes(hay: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return hay.to_vec();
-    }
-    let mut out = Vec::with_capacity(hay.len());
-    let mut i = 0;
-    while i < hay.len() {
-        if hay[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-        } else {
-            out.push(hay[i]);
-            i += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]

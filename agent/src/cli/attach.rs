@@ -1,7 +1,7 @@
 //! The clients of `wsagent tasks` and `wsagent attach TASK` (the server side and the
 //! framing are in `startup::attach`).
 //!
-//! The client puts the user's terminal in raw mode (restored on every way out), forwards
+//! The client puts the user's terminal in raw mode (crossterm; restored on every way out), forwards
 //! SIGWINCH as a resize, and detaches on Ctrl-] (the task keeps running).
 
 use std::io::Write;
@@ -28,34 +28,41 @@ pub fn render_tasks(tasks: &[TaskStatus]) -> String {
     if tasks.is_empty() {
         return "no tasks configured ([[once]] and [[task]] in the config)\n".into();
     }
-    let mut out = format!(
-        "{:<20} {:<5} {:<10} {:>5} {:>10}  {}\n",
-        "TASK", "KIND", "STATE", "EXIT", "DURATION", "NOTE"
-    );
-    for t in tasks {
-        let exit = match (t.exit_code, t.signal) {
-            (Some(c), _) => c.to_string(),
-            (None, Some(s)) => format!("sig{s}"),
-            _ => "-".into(),
-        };
-        let dur = t
-            .duration_ms
-            .map(|d| {
-                let d = std::time::Duration::from_millis(d);
-                crate::supervisor::service::fmt_dur(d)
-            })
-            .unwrap_or_else(|| "-".into());
-        out.push_str(&format!(
-            "{:<20} {:<5} {:<10} {:>5} {:>10}  {}\n",
-            t.name,
-            t.kind.as_str(),
-            t.state.as_str(),
-            exit,
-            dur,
-            t.message.clone().unwrap_or_default()
-        ));
-    }
-    out
+    let rows = tasks
+        .iter()
+        .map(|t| {
+            let exit = match (t.exit_code, t.signal) {
+                (Some(c), _) => c.to_string(),
+                (None, Some(s)) => format!("sig{s}"),
+                _ => "-".into(),
+            };
+            let dur = t
+                .duration_ms
+                .map(|d| crate::supervisor::service::fmt_dur(std::time::Duration::from_millis(d)))
+                .unwrap_or_else(|| "-".into());
+            vec![
+                t.name.clone(),
+                t.kind.as_str().to_string(),
+                t.state.as_str().to_string(),
+                exit,
+                dur,
+                t.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    use super::table::{left, right};
+    super::table::render(
+        &[
+            left("TASK"),
+            left("KIND"),
+            left("STATE"),
+            right("EXIT"),
+            right("DURATION"),
+            left("NOTE"),
+        ],
+        rows,
+        "",
+    )
 }
 
 /// `wsagent tasks [--json]`.
@@ -78,49 +85,37 @@ pub async fn cli_tasks(client: &Client, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Puts a terminal in raw mode and restores it when dropped.
-struct RawMode {
-    saved: nix::sys::termios::Termios,
-}
+/// Puts the user's terminal in raw mode (crossterm) and restores it when dropped; only
+/// when stdin is a terminal (crossterm would otherwise reach for /dev/tty).
+struct RawMode;
 
 impl RawMode {
     fn enable() -> Option<RawMode> {
-        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
-        let stdin = std::io::stdin();
-        let saved = tcgetattr(&stdin).ok()?;
-        let mut raw = saved.clone();
-        cfmakeraw(&mut raw);
-        tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
-        Some(RawMode { saved })
+        use std::io::IsTerminal;
+        if !std::io::stdin().is_terminal() {
+            return None;
+        }
+        crossterm::terminal::enable_raw_mode().ok()?;
+        Some(RawMode)
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(
-            std::io::stdin(),
-            nix::sys::termios::SetArg::TCSANOW,
-            &self.saved,
-        );
+        let _ = crossterm::terminal::disable_raw_mode();
     }
 }
 
-/// The size of the user's terminal, if stdout or stdin is one.
+/// The size of the user's terminal (columns, rows), if there is one.
 fn terminal_size() -> Option<(u16, u16)> {
-    for fd in [libc::STDOUT_FILENO, libc::STDIN_FILENO] {
-        let mut ws = libc::winsize {
-            ws_row: 0,
-            ws_col: 0,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCGWINSZ writes one `winsize` into the pointer, valid for the call.
-        let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
-        if r == 0 && ws.ws_col > 0 && ws.ws_row > 0 {
-            return Some((ws.ws_col, ws.ws_row));
-        }
+    use std::io::IsTerminal;
+    // Without a terminal crossterm would ask `tput`: there is no size to send then.
+    if !std::io::stdout().is_terminal() && !std::io::stdin().is_terminal() {
+        return None;
     }
-    None
+    crossterm::terminal::size()
+        .ok()
+        .filter(|(c, r)| *c > 0 && *r > 0)
 }
 
 async fn upgrade(client: &Client, name: &str) -> Result<hyper::upgrade::Upgraded, ExitCode> {

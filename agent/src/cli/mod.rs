@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub mod attach;
+mod progress;
+pub(crate) mod table;
 
 use agent_proto::local::{Event, EventKind, Health, Lifecycle, ServiceState, Status};
 use clap::{Parser, Subcommand};
@@ -85,8 +87,10 @@ enum Cmd {
         #[command(flatten)]
         wait: WaitArgs,
     },
-    /// Show a service's output.
+    /// Show a service's output, a one-time or startup task's (by its name), or the
+    /// daemon's own log (`daemon`).
     Logs {
+        /// A service, a task, or `daemon`.
         name: String,
         /// Keep following new lines.
         #[arg(short, long)]
@@ -94,6 +98,14 @@ enum Cmd {
         /// How many lines of history.
         #[arg(short = 'n', long, default_value_t = 100)]
         lines: usize,
+        /// Only lines from this long ago (`10m`, `2h`) or this time on (RFC 3339:
+        /// `2026-12-03T16:00:00Z`). A task's output (a terminal's) has no per-line time
+        /// and is shown whole.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<std::time::SystemTime>,
+        /// Show each line's time (UTC).
+        #[arg(short, long)]
+        timestamps: bool,
     },
     /// List the one-time and startup tasks with state, exit code and duration.
     Tasks {
@@ -205,6 +217,18 @@ enum Cmd {
         #[arg(long)]
         marker: PathBuf,
     },
+}
+
+/// `--since`: a duration before now (`10m`) or a time (RFC 3339, any offset).
+fn parse_since(s: &str) -> Result<std::time::SystemTime, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return std::time::SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| format!("{s:?} is too long ago"));
+    }
+    crate::control::git::parse_expiry(s).ok_or_else(|| {
+        format!("{s:?} is neither a duration (`10m`, `2h`) nor an RFC 3339 time (`2026-12-03T16:00:00Z`)")
+    })
 }
 
 /// How `start`, `stop` and `restart` wait for the service to get there.
@@ -531,18 +555,36 @@ fn saves_cmd(repo: Option<PathBuf>, json: bool, remote: bool) -> ExitCode {
         println!("no snapshot of {}", repo.display());
         return ExitCode::SUCCESS;
     }
-    for s in &snaps {
-        println!(
-            "{}  {:<10}  {:<12}  {}  {:>4} files  {}  {}",
-            s.at,
-            s.reason,
-            s.branch,
-            &s.commit[..12],
-            s.files_changed,
-            if s.pushed { "pushed    " } else { "local only" },
-            s.r#ref
-        );
-    }
+    let rows = snaps
+        .iter()
+        .map(|s| {
+            vec![
+                s.at.clone(),
+                s.reason.clone(),
+                s.branch.clone(),
+                s.commit.get(..12).unwrap_or(&s.commit).to_string(),
+                s.files_changed.to_string(),
+                if s.pushed { "pushed" } else { "local only" }.to_string(),
+                s.r#ref.clone(),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &[
+                table::left("TIME"),
+                table::left("WHY"),
+                table::left("BRANCH"),
+                table::left("COMMIT"),
+                table::right("FILES"),
+                table::left("WHERE"),
+                table::left("REF"),
+            ],
+            rows,
+            "",
+        )
+    );
     ExitCode::SUCCESS
 }
 
@@ -694,8 +736,15 @@ async fn client_cmd(cmd: Cmd, socket: PathBuf) -> ExitCode {
             name,
             follow,
             lines,
+            since,
+            timestamps,
         } => {
-            let path = format!("/v1/services/{name}/logs?n={lines}&follow={follow}");
+            let mut path = format!(
+                "/v1/services/{name}/logs?n={lines}&follow={follow}&timestamps={timestamps}"
+            );
+            if let Some(t) = since {
+                path.push_str(&format!("&since={}", humantime::format_rfc3339_millis(t)));
+            }
             let mut reply = match client.request("GET", &path, None).await {
                 Ok(r) => r,
                 Err(e) => return fail(e),
@@ -803,6 +852,11 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
     }
     let mut outcomes = None;
     let mut failed_to_run = None;
+    let live = if json {
+        None
+    } else {
+        progress::Live::on_terminal()
+    };
     while let Some(line) = reply.next_line().await {
         let Ok(parsed) = serde_json::from_str::<SaveLine>(&line) else {
             continue;
@@ -821,18 +875,28 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
                 } else {
                     "repositories"
                 };
-                if joined {
-                    println!("following the {reason} save already running: {repos} {what}");
+                let header = if joined {
+                    format!("following the {reason} save already running: {repos} {what}")
                 } else if dry_run {
-                    println!("checking {repos} {what}...");
+                    format!("checking {repos} {what}…")
                 } else {
-                    println!("saving {repos} {what}...");
+                    format!("saving {repos} {what}…")
+                };
+                match &live {
+                    Some(l) => l.found(repos, &header),
+                    None => println!("{header}"),
                 }
             }
-            SaveLine::Repo { outcome } if !json => println!("{}", outcome_line(&outcome)),
+            SaveLine::Repo { outcome } if !json => match &live {
+                Some(l) => l.landed(&outcome_line(&outcome), &outcome.repo),
+                None => println!("{}", outcome_line(&outcome)),
+            },
             SaveLine::Progress { event } => {
                 if !json {
-                    eprintln!("{}", event.message);
+                    match &live {
+                        Some(l) => l.note(&event.message),
+                        None => eprintln!("{}", event.message),
+                    }
                 }
                 if event.level == agent_proto::local::Level::Error {
                     failed_to_run = Some(event.message);
@@ -841,6 +905,9 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
             SaveLine::Done { outcomes: o } => outcomes = Some(o),
             _ => {}
         }
+    }
+    if let Some(l) = &live {
+        l.finish();
     }
     let Some(outcomes) = outcomes else {
         if failed_to_run.is_none() {
@@ -872,6 +939,7 @@ async fn save(client: &Client, repo: Option<PathBuf>, dry_run: bool, json: bool)
             eprintln!("not saved to a remote:");
             for o in &bad {
                 eprintln!("  {}", outcome_line(o));
+                eprintln!("    fix: {}", fix_for(o));
             }
         }
     }
@@ -955,6 +1023,11 @@ fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
             .as_deref()
             .map(|e| e.strip_prefix("not pushed: ").unwrap_or(e))
             .or(o.note.as_deref())
+            // The line already says it was committed locally and not pushed.
+            .map(|w| {
+                w.strip_suffix(": committed locally, not pushed")
+                    .unwrap_or(w)
+            })
             .unwrap_or(fallback)
             .to_string()
     };
@@ -990,6 +1063,36 @@ fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
         line.push_str(&format!("\n              {f}"));
     }
     line
+}
+
+/// What to do about a repository that was not pushed, from its reason.
+fn fix_for(o: &agent_proto::save::RepoOutcome) -> String {
+    let why = o
+        .error
+        .as_deref()
+        .or(o.note.as_deref())
+        .unwrap_or("")
+        .to_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| why.contains(w));
+    if has(&["no remote"]) || (o.remote.is_none() && o.error.is_none()) {
+        format!(
+            "give it a remote: git -C {} remote add origin URL, then wsagent save --repo {}",
+            o.repo, o.repo
+        )
+    } else if has(&["401", "authentication", "no token", "403", "forbidden"]) {
+        "sign in to the git provider in Coder (wsagent token prints the sign-in URL), then wsagent save".into()
+    } else if has(&["non-fast-forward", "rejected", "fetch first"]) {
+        format!(
+            "the remote ref moved: fetch and look (git -C {} fetch), then wsagent save",
+            o.repo
+        )
+    } else if has(&["permission denied", "read-only", "no space"]) {
+        "free the disk or fix the permissions named above, then wsagent save".into()
+    } else if has(&["timed out", "deadline", "connect", "resolve", "unreachable"]) {
+        "check the network and the remote's URL, then wsagent save".into()
+    } else {
+        "see wsagent logs daemon, then wsagent save".into()
+    }
 }
 
 /// "2 pushed, 1 unchanged, 1 failed".
@@ -1173,6 +1276,27 @@ async fn wait_for_service(
     }
 }
 
+/// How long a running service has been up (`3m 12s`), else since when (UTC) it has been
+/// in its state (`since 16:02:11`).
+fn since(svc: &agent_proto::local::ServiceStatus) -> String {
+    let Some(at) = svc
+        .since
+        .as_deref()
+        .and_then(|t| humantime::parse_rfc3339_weak(t).ok())
+    else {
+        return "-".into();
+    };
+    if svc.state == ServiceState::Running {
+        let up = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        humantime::format_duration(Duration::from_secs(up.as_secs())).to_string()
+    } else {
+        let t = humantime::format_rfc3339_seconds(at).to_string();
+        format!("since {}", t.get(11..19).unwrap_or(&t))
+    }
+}
+
 /// Human status: readable at a glance.
 pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
@@ -1189,60 +1313,81 @@ pub fn render_status(s: &Status) -> String {
         out.push_str(&format!("control plane: {cp}\n"));
     }
     if !s.services.is_empty() {
-        out.push_str(&format!(
-            "\n{:<16} {:<10} {:>8} {:>8}  {:<10} {}\n",
-            "SERVICE", "STATE", "PID", "RESTARTS", "HEALTH", "LAST EXIT / NOTE"
+        use table::{left, right};
+        let rows = s
+            .services
+            .iter()
+            .map(|svc| {
+                let health = match svc.health {
+                    Health::None => "-",
+                    Health::Unknown => "unknown",
+                    Health::Healthy => "healthy",
+                    Health::Unhealthy => "unhealthy",
+                };
+                let state = if svc.state == ServiceState::Failed {
+                    "FAILED".to_string()
+                } else {
+                    svc.state.to_string()
+                };
+                vec![
+                    svc.name.clone(),
+                    state,
+                    svc.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    since(svc),
+                    svc.restarts.to_string(),
+                    health.to_string(),
+                    svc.last_exit
+                        .as_ref()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    svc.message.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table::render(
+            &[
+                left("SERVICE"),
+                left("STATE"),
+                right("PID"),
+                left("UPTIME/SINCE"),
+                right("RESTARTS"),
+                left("HEALTH"),
+                left("LAST EXIT"),
+                left("NOTE"),
+            ],
+            rows,
+            "",
         ));
-        for svc in &s.services {
-            let health = match svc.health {
-                Health::None => "-",
-                Health::Unknown => "unknown",
-                Health::Healthy => "healthy",
-                Health::Unhealthy => "unhealthy",
-            };
-            let mut note = svc
-                .last_exit
-                .as_ref()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            if let Some(m) = &svc.message {
-                if !note.is_empty() {
-                    note.push_str("; ");
-                }
-                note.push_str(m);
-            }
-            let pid = svc.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            let state = if svc.state == ServiceState::Failed {
-                "FAILED".to_string()
-            } else {
-                svc.state.to_string()
-            };
-            out.push_str(&format!(
-                "{:<16} {:<10} {:>8} {:>8}  {:<10} {}\n",
-                svc.name, state, pid, svc.restarts, health, note
-            ));
-        }
     }
     for (title, steps) in [("startup", &s.startup), ("shutdown", &s.shutdown)] {
         if steps.is_empty() {
             continue;
         }
         out.push_str(&format!("\n{title}:\n"));
-        for st in steps {
-            let d = st
-                .duration_ms
-                .map(|d| format!("{d} ms"))
-                .unwrap_or_default();
-            let m = st
-                .message
-                .clone()
-                .map(|m| format!("  {m}"))
-                .unwrap_or_default();
-            out.push_str(&format!(
-                "  {:<14} {:<8} {:>8}{}\n",
-                st.name, st.outcome, d, m
-            ));
-        }
+        let rows = steps
+            .iter()
+            .map(|st| {
+                vec![
+                    st.name.clone(),
+                    st.outcome.clone(),
+                    st.duration_ms
+                        .map(|d| format!("{d} ms"))
+                        .unwrap_or_default(),
+                    st.message.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table::render(
+            &[
+                table::left(""),
+                table::left(""),
+                table::right(""),
+                table::left(""),
+            ],
+            rows,
+            "  ",
+        ));
     }
     if !s.remote_snapshots.is_empty() {
         out.push_str("\nnewer on the remote:\n");
@@ -1259,16 +1404,28 @@ pub fn render_status(s: &Status) -> String {
     }
     if !s.last_save.is_empty() {
         out.push_str("\nlast save:\n");
-        for o in &s.last_save {
-            let r = o.r#ref.clone().unwrap_or_default();
-            out.push_str(&format!(
-                "  {:<40} {:<10} {} {}\n",
-                o.repo,
-                o.result,
-                r,
-                o.error.clone().unwrap_or_default()
-            ));
-        }
+        let rows = s
+            .last_save
+            .iter()
+            .map(|o| {
+                vec![
+                    o.repo.clone(),
+                    o.result.clone(),
+                    o.r#ref.clone().unwrap_or_default(),
+                    o.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table::render(
+            &[
+                table::left(""),
+                table::left(""),
+                table::left(""),
+                table::left(""),
+            ],
+            rows,
+            "  ",
+        ));
     }
     out
 }

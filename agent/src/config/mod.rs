@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod check;
 pub mod control;
 pub mod providers;
 pub mod save;
@@ -68,6 +69,10 @@ pub struct DaemonConfig {
     /// uid: the workspace user, so Coder's `shutdown_script` (`wsagent save`, run by the
     /// Coder agent as that user) works. The socket is then owned by that user (mode 0600).
     pub api_user: Option<String>,
+    /// Serve Prometheus metrics over HTTP on this address (`127.0.0.1:9100`) as well as
+    /// on the local API's `/v1/metrics`; off by default. Anyone who can reach the port
+    /// can read them: keep it on loopback or behind the pod's network policy.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -78,6 +83,7 @@ impl Default for DaemonConfig {
             socket: None,
             log_level: "info".into(),
             api_user: None,
+            metrics: None,
         }
     }
 }
@@ -516,6 +522,13 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
 /// Parse one file and type-check each section on its own, so that one bad section does
 /// not hide the problems of the others.
 fn check_layer(name: &str, text: &str, problems: &mut Vec<Problem>) {
+    let first = problems.len();
+    check_sections(name, text, problems);
+    // In the file's order.
+    problems[first..].sort_by_key(|p| (p.line, p.column));
+}
+
+fn check_sections(name: &str, text: &str, problems: &mut Vec<Problem>) {
     let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
     if !errors.is_empty() {
         for e in errors {
@@ -540,22 +553,44 @@ fn check_layer(name: &str, text: &str, problems: &mut Vec<Problem>) {
                 };
                 for (svc, body) in table.iter() {
                     let k = format!("services.{}", svc.get_ref());
-                    let de = toml::de::ValueDeserializer::from(body.clone());
-                    if let Err(e) = ServiceConfig::deserialize(de) {
-                        problems.push(toml_problem(name, text, &e, Some(&k)));
+                    let found = check::every_problem(body, |b| {
+                        ServiceConfig::deserialize(toml::de::ValueDeserializer::from(b)).map(|_| ())
+                    });
+                    for f in found {
+                        problems.push(found_problem(name, text, &k, f));
                     }
                 }
             }
             _ => {
-                let mut one = toml::de::DeTable::new();
-                one.insert(key.clone(), value.clone());
-                let span = 0..text.len();
-                let de = toml::de::Deserializer::from(toml::Spanned::new(span, one));
-                if let Err(e) = Config::deserialize(de) {
-                    problems.push(toml_problem(name, text, &e, Some(&section)));
+                let found = check::every_problem(value, |v| {
+                    let mut one = toml::de::DeTable::new();
+                    one.insert(key.clone(), v);
+                    let span = 0..text.len();
+                    let de = toml::de::Deserializer::from(toml::Spanned::new(span, one));
+                    Config::deserialize(de).map(|_| ())
+                });
+                for f in found {
+                    problems.push(found_problem(name, text, &section, f));
                 }
             }
         }
+    }
+}
+
+fn found_problem(file: &str, text: &str, section: &str, f: check::Found) -> Problem {
+    let (line, column) = match f.span {
+        Some(span) => {
+            let (l, c) = line_col(text, span.start);
+            (Some(l), Some(c))
+        }
+        None => (None, None),
+    };
+    Problem {
+        file: file.into(),
+        line,
+        column,
+        key: Some(check::dotted(section, &f.path)),
+        message: f.message,
     }
 }
 

@@ -148,6 +148,7 @@ impl LogQueue {
         if self.lines.len() >= self.max_lines {
             self.lines.pop_front();
             self.dropped += 1;
+            crate::metrics::dashboard_dropped(1);
         }
         self.lines.push_back(line);
     }
@@ -326,6 +327,7 @@ impl Shipper {
     }
 
     fn count_lagged(&self, n: u64) {
+        crate::metrics::dashboard_dropped(n);
         let mut q = self.queue();
         q.dropped += n;
         let d = q.dropped;
@@ -371,6 +373,7 @@ impl Shipper {
         match r {
             Ok(_) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::dashboard_sent(body.logs.len() as u64);
                 st.oversize_lines = 0;
                 st.bytes_sent += batch.output_bytes;
                 if let Some(seq) = batch.last_seq {
@@ -406,6 +409,7 @@ impl Shipper {
                     tracing::info!(error = %e, lines = n, "log batch too large for coderd; sending it in halves");
                 } else {
                     tracing::warn!(error = %e, "one log line too large for coderd; dropped");
+                    crate::metrics::dashboard_dropped(1);
                     if let Some(seq) = batch.last_seq {
                         self.queue().ack(seq);
                     }
@@ -431,6 +435,7 @@ impl Shipper {
             Err(e) => {
                 self.board().rejected(&e);
                 tracing::warn!(error = %e, lines = body.logs.len(), "coderd refused a log batch; dropped");
+                crate::metrics::dashboard_dropped(body.logs.len() as u64);
                 if let Some(seq) = batch.last_seq {
                     self.queue().ack(seq);
                 }

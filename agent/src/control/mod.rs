@@ -450,6 +450,7 @@ impl ControlHandle {
     fn apply(&self, id: &str, r: Result<Fetched, client::ApiError>) -> Option<Fetched> {
         match r {
             Ok(Fetched::Token(t, expires)) => {
+                crate::metrics::token_fetched(id);
                 {
                     let mut b = lock(&self.inner.board);
                     b.reached(true, None);

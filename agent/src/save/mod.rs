@@ -221,6 +221,25 @@ pub async fn save_all_observed(
     deadline: tokio::time::Instant,
     observer: Option<Arc<dyn Observer>>,
 ) -> Vec<RepoOutcome> {
+    let t0 = std::time::Instant::now();
+    let outcomes = save_all_counted(cfg, env, req, deadline, observer).await;
+    if !req.dry_run {
+        crate::metrics::save_done(
+            req.reason.as_str(),
+            t0.elapsed(),
+            outcomes.iter().map(|o| o.result.as_str()),
+        );
+    }
+    outcomes
+}
+
+async fn save_all_counted(
+    cfg: &SaveConfig,
+    env: &SaveEnv,
+    req: &SaveRequest,
+    deadline: tokio::time::Instant,
+    observer: Option<Arc<dyn Observer>>,
+) -> Vec<RepoOutcome> {
     fsids::prepare_for_root(&env.home);
     repo::init_libgit2();
     let journal = Arc::new(Journal::new(&env.state_dir));

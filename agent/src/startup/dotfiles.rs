@@ -498,6 +498,7 @@ async fn run_script(
                 Ok(())
             } else {
                 let last = crate::supervisor::output::tail(&log, 1);
+                let last: Vec<&str> = last.iter().map(|l| crate::logline::split(l).1).collect();
                 let tail = match last.first() {
                     Some(l) if !l.starts_with("--- running") => format!(" (last output: {l})"),
                     _ => String::new(),

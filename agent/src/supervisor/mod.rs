@@ -148,6 +148,7 @@ impl Supervisor {
             health: Health::Unknown,
             last_exit: None,
             message: None,
+            since: Some(crate::logline::now()),
         };
         let (status_tx, status_rx) = watch::channel(initial);
         let deps = cfg

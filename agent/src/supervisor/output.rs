@@ -1,5 +1,5 @@
-//! Service output: split into lines, logged with the service name, appended to a
-//! size-bounded rotated file, and broadcast to `wsagent logs -f` followers.
+//! Service output: split into lines, logged with the service name, appended with its
+//! time (`crate::logline`) to a size-bounded rotated file, and broadcast to `wsagent logs -f` followers.
 //!
 //! Lines longer than [`MAX_LINE`] are cut into pieces, so a child printing megabytes
 //! without a newline cannot grow memory.
@@ -151,10 +151,12 @@ impl Sink {
     pub fn line(&self, stream: &'static str, line: &str) {
         let line = crate::secrets::redact(line);
         tracing::info!(target: "wsagent::service", service = %self.service, stream, "{line}");
+        // Stored with its time, for `wsagent logs --since/--timestamps`.
+        let stored = crate::logline::stamp(&line);
         if let Ok(mut f) = self.file.lock() {
-            f.write_line(&line);
+            f.write_line(&stored);
         }
-        let _ = self.follow.send(line.into_owned());
+        let _ = self.follow.send(stored);
     }
 }
 

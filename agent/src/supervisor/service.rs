@@ -140,6 +140,9 @@ impl Task {
             );
         }
         self.status.send_modify(|s| {
+            if s.state != state || s.pid != pid {
+                s.since = Some(crate::logline::now());
+            }
             s.state = state;
             s.health = health;
             s.pid = pid;

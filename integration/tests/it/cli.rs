@@ -736,3 +736,52 @@ fn service_output_is_not_duplicated_in_the_daemons_log_file() {
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// `config check` of a file with seven mistakes in nested sections reports all seven in
+/// one pass, in the file's order, each with file:line:column, the full key path and
+/// words of TOML (no Rust type names); exit 78.
+#[test]
+fn config_check_reports_every_problem_with_its_full_key_path_in_one_pass() {
+    let ws = Workspace::new();
+    let file = ws.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        r#"[daemon]
+log_level = 5
+
+[services.web]
+command = ["python3"]
+restart = "sometimes"
+
+[services.web.health]
+kind = "http"
+url = 42
+interval = "soon"
+
+[services.api]
+command = "not-a-list"
+stop_timeout = "10 parsecs"
+
+[save]
+depth = "deep"
+"#,
+    )
+    .unwrap();
+    let out = ws.cli(["config".as_ref(), "check".as_ref(), file.as_os_str()]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let f = file.display();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "wsagent: invalid configuration (7 problems)
+  {f}:2:13: daemon.log_level: found the number `5`, expected text in quotes
+  {f}:6:11: services.web.restart: unknown value `sometimes`, expected one of `always`, `on-failure`, `never`
+  {f}:10:7: services.web.health.url: found the number `42`, expected text in quotes
+  {f}:11:12: services.web.health.interval: the text \"soon\" is not a duration (`10s`, `5m`, `1h`)
+  {f}:14:11: services.api.command: found the text \"not-a-list\", expected a list (`[...]`)
+  {f}:15:16: services.api.stop_timeout: the text \"10 parsecs\" is not a duration (`10s`, `5m`, `1h`)
+  {f}:18:9: save.depth: found the text \"deep\", expected a whole number of 0 or more
+"
+        )
+    );
+}

@@ -15,11 +15,15 @@
 //! - `control`: reporting to the fake coderd, fresh tokens for the stop-time push.
 //! - `startup`: directories, skeleton, dotfiles, one-time tasks, tasks in terminals, attach.
 //! - `root_boundary`: a root daemon never follows the links of the HOME's unprivileged user.
+//! - `save_output`: what `wsagent save` prints in a pipe, as JSON, on a terminal.
+//! - `tables`: the CLI's tables (`status`, `tasks`) line up and say what they should.
 //! - `gitserver`: the test smart-HTTP git server itself.
 //! - `real_services`: real dockerd and code-server supervised by wsagent.
 //! - `containers`: the image of `Dockerfile.base` run by a real Docker engine.
 //! - `template`: the Coder templates' wiring (token, init script, stop hooks, probes,
 //!   deadlines, labels) and their generated `codertemplate.yaml`.
+//! - `logs`: `wsagent logs` of services, tasks and the daemon, by time.
+//! - `metrics`: Prometheus metrics scraped over TCP and the local API.
 //! - `images`: the workspace images' files (entrypoint, healthcheck, shipped config).
 
 mod api;
@@ -29,15 +33,19 @@ mod control;
 mod faults;
 mod gitserver;
 mod images;
+mod logs;
+mod metrics;
 mod pid1;
 mod real_services;
 mod repos;
 mod root_boundary;
 mod save;
+mod save_output;
 mod snapshots;
 mod startup;
 mod supervision;
 mod support;
+mod tables;
 mod template;
 
 /// The repository root (the workspace's top directory).

@@ -453,7 +453,7 @@ fn a_second_wsagent_save_during_a_running_one_joins_it() {
     assert!(first.status.success(), "{first:?}");
     assert!(second.status.success(), "{second:?}");
     assert!(
-        t1.starts_with("saving 1 repository...") && t1.contains(&pushed),
+        t1.starts_with("saving 1 repository…") && t1.contains(&pushed),
         "{t1}"
     );
     assert!(
@@ -576,7 +576,7 @@ fn the_dotfiles_clone_and_caches_under_home_are_not_saved() {
 
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
-    assert!(text.starts_with("saving 1 repository..."), "{text}");
+    assert!(text.starts_with("saving 1 repository…"), "{text}");
     assert!(
         !text.contains("dotfiles") && !text.contains(".cache"),
         "{text}"
