@@ -994,7 +994,9 @@ fn push_once(
             crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::daemon::home_dir())
         })
         .unwrap_or_default();
-    let scope = crate::githttp::Scope::new(creds, Some(deadline)).with_http(http);
+    let scope = crate::githttp::Scope::new(creds, Some(deadline))
+        .with_http(http)
+        .with_ref_filter(push_bases_filter(repo, plan, refspecs));
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     // What the remote says on git's sideband (hook output: `remote: ...` in git's CLI).
     let said: RefCell<Vec<u8>> = RefCell::new(Vec::new());
@@ -1057,6 +1059,27 @@ fn push_once(
         )))));
     }
     Ok(())
+}
+
+/// What libgit2 is shown of the remote's refs for this push: the refs pushed and the
+/// commits the push is based on ([`super::bases`]), with the upstream tracking tips of
+/// HEAD's branch and of the other branches pushed as what the remote is known to have.
+fn push_bases_filter(
+    repo: &Repository,
+    plan: &PushPlan,
+    refspecs: &[String],
+) -> crate::githttp::RefFilter {
+    let head = repo
+        .head()
+        .ok()
+        .filter(|h| h.is_branch())
+        .and_then(|h| h.shorthand().ok().map(str::to_string));
+    let branches = head
+        .iter()
+        .map(String::as_str)
+        .chain(plan.extra.iter().map(|e| e.branch.as_str()));
+    let known = super::bases::upstreams(repo, branches);
+    super::bases::ref_filter(repo.path().to_path_buf(), refspecs, known)
 }
 
 /// Bytes of the remote's sideband text kept for an error message.

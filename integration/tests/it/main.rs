@@ -27,6 +27,7 @@ mod pid1;
 mod real_services;
 mod repos;
 mod save;
+mod save_scale;
 mod startup;
 mod supervision;
 mod support;
