@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin shell over
 //! [`cli::main`].
 
+pub(crate) mod alloc;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -10,7 +11,6 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod events;
-pub mod footprint;
 pub mod githttp;
 pub mod health;
 pub mod logging;
