@@ -385,23 +385,6 @@ async fn startup_pipeline(shared: Arc<Shared>) {
             }
         }
     }
-    // Startup's code and garbage are not needed while the workspace runs. The release
-    // waits until what follows `ready` (status reports, the first watch polls, writing
-    // the log lines) has run, and the line about it is written before it, so the pages
-    // left afterwards are those the idle daemon itself uses. A stop meanwhile ends this
-    // future before the release (it is not polled once stopping).
-    tokio::time::sleep(crate::footprint::SETTLE).await;
-    let before = crate::footprint::rss_kib().unwrap_or(0);
-    tracing::info!(
-        rss_before_kib = before,
-        "releasing startup memory: RSS {:.1} MiB",
-        before as f64 / 1024.0
-    );
-    // The log line is written by the log writer's thread: let it run first.
-    tokio::time::sleep(crate::footprint::WRITER_GRACE).await;
-    // Nothing is logged after it: even a filtered-out event runs the subscriber's code
-    // the first time its call site is reached.
-    crate::footprint::trim();
 }
 
 /// `save.checkpoint`: once the start has ended, every interval (read anew each time, so

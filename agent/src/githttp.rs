@@ -43,7 +43,23 @@ struct Context {
     /// The credential the next request sends (the index into `creds`).
     next: Cell<usize>,
     auth_failed: Cell<bool>,
+    /// What libgit2 is shown of a receive-pack ref advertisement ([`Scope::with_ref_filter`]).
+    ref_filter: Option<RefFilter>,
 }
+
+/// One line of a ref advertisement: an object id (hex) and a ref name (`.have` for an
+/// object the server has that no ref names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertisedRef {
+    pub oid: String,
+    pub name: String,
+}
+
+/// Given the refs a server advertised for a push, the ones libgit2 should see: libgit2
+/// hides every advertised commit it has locally from the pack and walks each one's whole
+/// tree, so a push shows it only what the new objects are based on (see
+/// `save::push_bases`).
+pub type RefFilter = Box<dyn Fn(&[AdvertisedRef]) -> Vec<AdvertisedRef>>;
 
 thread_local! {
     static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
@@ -65,6 +81,7 @@ impl Scope {
                 http: HttpConfig::default(),
                 next: Cell::new(0),
                 auth_failed: Cell::new(false),
+                ref_filter: None,
             })
         });
         Scope(())
@@ -75,6 +92,17 @@ impl Scope {
         CONTEXT.with(|c| {
             if let Some(c) = c.borrow_mut().as_mut() {
                 c.http = http;
+            }
+        });
+        self
+    }
+
+    /// Show libgit2 only `filter`'s choice of the refs a receive-pack advertisement
+    /// lists (the capabilities and the server's reply are untouched).
+    pub fn with_ref_filter(self, filter: RefFilter) -> Scope {
+        CONTEXT.with(|c| {
+            if let Some(c) = c.borrow_mut().as_mut() {
+                c.ref_filter = Some(filter);
             }
         });
         self
@@ -344,6 +372,7 @@ impl SmartSubtransport for HttpTransport {
             base,
             body: Body::default(),
             response: None,
+            rewritten: None,
             redirected: ls.then(|| self.redirected.clone()),
         }))
     }
@@ -395,6 +424,8 @@ struct Stream {
     base: String,
     body: Body,
     response: Option<reqwest::blocking::Response>,
+    /// A receive-pack advertisement rewritten by the scope's ref filter, read from here.
+    rewritten: Option<io::Cursor<Vec<u8>>>,
     redirected: Option<Redirect>,
 }
 
@@ -531,6 +562,144 @@ impl Stream {
     }
 }
 
+/// Largest ref advertisement rewritten (a server with millions of refs is passed through).
+const ADVERTISEMENT_MAX: u64 = 64 << 20;
+
+/// The advertisement in `resp` as the scope's ref filter wants it, or `None` when there
+/// is no filter (or it is too large to hold): the reply is then read as it comes.
+fn filter_advertisement(resp: &mut reqwest::blocking::Response) -> io::Result<Option<Vec<u8>>> {
+    let has_filter = CONTEXT.with(|c| c.borrow().as_ref().is_some_and(|c| c.ref_filter.is_some()));
+    if !has_filter || resp.content_length().is_some_and(|n| n > ADVERTISEMENT_MAX) {
+        return Ok(None);
+    }
+    let mut raw = Vec::new();
+    resp.by_ref()
+        .take(ADVERTISEMENT_MAX + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| other(format!("reading the git server's reply: {e}")))?;
+    if raw.len() as u64 > ADVERTISEMENT_MAX {
+        return Err(other(
+            "the git server's ref advertisement is larger than 64 MiB",
+        ));
+    }
+    let Some(adv) = Advertisement::parse(&raw) else {
+        // Not what we know how to read: libgit2 reads it as it is and says what is wrong.
+        return Ok(Some(raw));
+    };
+    let shown = CONTEXT.with(|c| {
+        let c = c.borrow();
+        match c.as_ref().and_then(|c| c.ref_filter.as_ref()) {
+            Some(f) => f(&adv.refs),
+            None => adv.refs.clone(),
+        }
+    });
+    Ok(Some(adv.render(&shown)))
+}
+
+/// A receive-pack ref advertisement (protocol v0) taken apart: the lines before the refs
+/// (`# service=` and its flush), the refs, the capabilities of the first line.
+struct Advertisement<'a> {
+    head: &'a [u8],
+    refs: Vec<AdvertisedRef>,
+    caps: String,
+}
+
+/// One pkt-line: its payload (`None` for a flush) and the offset just past it.
+type PktLine<'a> = (Option<&'a [u8]>, usize);
+
+/// Splits pkt-lines; `None` when `data` is not made of them.
+fn pkt_lines(mut data: &[u8]) -> Option<Vec<PktLine<'_>>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while !data.is_empty() {
+        let len = usize::from_str_radix(std::str::from_utf8(data.get(..4)?).ok()?, 16).ok()?;
+        if len == 0 {
+            out.push((None, at + 4));
+            data = &data[4..];
+            at += 4;
+            continue;
+        }
+        if len < 4 || len > data.len() {
+            return None;
+        }
+        out.push((Some(&data[4..len]), at + len));
+        data = &data[len..];
+        at += len;
+    }
+    Some(out)
+}
+
+impl<'a> Advertisement<'a> {
+    fn parse(raw: &'a [u8]) -> Option<Advertisement<'a>> {
+        let lines = pkt_lines(raw)?;
+        let mut i = 0;
+        let mut head_end = 0;
+        if let Some((Some(first), _)) = lines.first()
+            && first.starts_with(b"# service=")
+        {
+            // The service line and the flush after it.
+            if !matches!(lines.get(1), Some((None, _))) {
+                return None;
+            }
+            head_end = lines[1].1;
+            i = 2;
+        }
+        let mut refs = Vec::new();
+        let mut caps = None;
+        for (line, _) in &lines[i..] {
+            let Some(line) = line else { break };
+            let text = std::str::from_utf8(line).ok()?.trim_end_matches('\n');
+            let (text, c) = match text.split_once('\0') {
+                Some((t, c)) => (t, Some(c)),
+                None => (text, None),
+            };
+            if caps.is_none() {
+                caps = Some(c?.to_string());
+            }
+            let (oid, name) = text.split_once(' ')?;
+            if oid.len() != 40 || !oid.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            if name == "capabilities^{}" {
+                continue;
+            }
+            refs.push(AdvertisedRef {
+                oid: oid.to_string(),
+                name: name.to_string(),
+            });
+        }
+        Some(Advertisement {
+            head: &raw[..head_end],
+            refs,
+            caps: caps?,
+        })
+    }
+
+    /// The advertisement with only `refs`, the capabilities on the first line.
+    fn render(&self, refs: &[AdvertisedRef]) -> Vec<u8> {
+        let mut out = self.head.to_vec();
+        let mut pkt = |payload: String| {
+            out.extend_from_slice(format!("{:04x}", payload.len() + 4).as_bytes());
+            out.extend_from_slice(payload.as_bytes());
+        };
+        match refs.split_first() {
+            None => pkt(format!(
+                "{} capabilities^{{}}\0{}\n",
+                "0".repeat(40),
+                self.caps
+            )),
+            Some((first, rest)) => {
+                pkt(format!("{} {}\0{}\n", first.oid, first.name, self.caps));
+                for r in rest {
+                    pkt(format!("{} {}\n", r.oid, r.name));
+                }
+            }
+        }
+        out.extend_from_slice(b"0000");
+        out
+    }
+}
+
 /// A reqwest error as one line, with its causes and without any URL.
 fn describe(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -564,8 +733,15 @@ fn strip_userinfo(url: &str) -> String {
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.response.is_none() {
-            self.response = Some(self.send()?);
+            let mut resp = self.send()?;
             self.body = Body::default();
+            if self.ls && self.service == "receive-pack" {
+                self.rewritten = filter_advertisement(&mut resp)?.map(io::Cursor::new);
+            }
+            self.response = Some(resp);
+        }
+        if let Some(r) = self.rewritten.as_mut() {
+            return r.read(buf);
         }
         match self.response.as_mut() {
             Some(r) => r.read(buf).map_err(|e| match e.kind() {
@@ -673,6 +849,71 @@ mod tests {
                 .starts_with("http.sslCAInfo /nonexistent/ca.pem:"),
             "{e}"
         );
+    }
+
+    fn pkt(s: &str) -> String {
+        format!("{:04x}{s}", s.len() + 4)
+    }
+
+    #[test]
+    fn a_ref_advertisement_is_rewritten_with_its_capabilities_on_the_first_line() {
+        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        let raw = format!(
+            "{}0000{}{}{}0000",
+            pkt("# service=git-receive-pack\n"),
+            pkt(&format!(
+                "{a} refs/heads/main\0report-status side-band-64k\n"
+            )),
+            pkt(&format!("{b} refs/tags/v1\n")),
+            pkt(&format!("{c} refs/heads/wip/x\n")),
+        );
+        let adv = Advertisement::parse(raw.as_bytes()).unwrap();
+        let names: Vec<&str> = adv.refs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["refs/heads/main", "refs/tags/v1", "refs/heads/wip/x"]
+        );
+        assert_eq!(adv.caps, "report-status side-band-64k");
+        let kept = vec![
+            adv.refs[2].clone(),
+            AdvertisedRef {
+                oid: b.clone(),
+                name: ".have".into(),
+            },
+        ];
+        assert_eq!(
+            String::from_utf8(adv.render(&kept)).unwrap(),
+            format!(
+                "{}0000{}{}0000",
+                pkt("# service=git-receive-pack\n"),
+                pkt(&format!(
+                    "{c} refs/heads/wip/x\0report-status side-band-64k\n"
+                )),
+                pkt(&format!("{b} .have\n")),
+            )
+        );
+        // Nothing kept: git's line for a repository without refs carries the capabilities.
+        let zero = "0".repeat(40);
+        assert_eq!(
+            String::from_utf8(adv.render(&[])).unwrap(),
+            format!(
+                "{}0000{}0000",
+                pkt("# service=git-receive-pack\n"),
+                pkt(&format!(
+                    "{zero} capabilities^{{}}\0report-status side-band-64k\n"
+                )),
+            )
+        );
+        let empty = format!(
+            "{}0000{}0000",
+            pkt("# service=git-receive-pack\n"),
+            pkt(&format!("{zero} capabilities^{{}}\0ofs-delta\n"))
+        );
+        let adv = Advertisement::parse(empty.as_bytes()).unwrap();
+        assert!(adv.refs.is_empty());
+        assert_eq!(adv.caps, "ofs-delta");
+        // Not pkt-lines: left for libgit2 to read and report.
+        assert!(Advertisement::parse(b"<html>nope</html>").is_none());
     }
 
     #[test]

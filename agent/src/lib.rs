@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map. The binary (`main.rs`) is a thin shell over
 //! [`cli::main`].
 
+mod alloc;
 mod api;
 pub mod cli;
 pub mod config;
@@ -10,7 +11,6 @@ pub mod control;
 mod daemon;
 mod demo;
 pub mod events;
-mod footprint;
 mod githttp;
 mod health;
 mod logging;

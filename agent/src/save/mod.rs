@@ -17,6 +17,7 @@
 //! global config read from the user's HOME ([`fsids::prepare_for_root`]). (Pushes go
 //! through our own HTTP transport, `githttp`, which takes the deadline itself.)
 
+mod bases;
 pub mod discover;
 pub mod fsids;
 pub mod journal;

@@ -9,6 +9,14 @@
 //! holds (nothing the repository already has) and stores the pack through the
 //! repository's own pack backend (a `.pack` and its `.idx`, named by their content).
 //!
+//! A flush of fewer than [`UNPACK_LIMIT`] objects (a checkpoint's few changed files)
+//! writes them loose instead, as git itself stores what a small fetch or push brings
+//! (`transfer.unpackLimit`, 100): a pack per checkpoint would leave the repository with
+//! thousands of packs, which git only merges at 50 (`gc.autoPackLimit`) by rewriting
+//! them all, while loose objects are what the user's next `git gc --auto` packs anyway
+//! (at 6 700, `gc.auto`). wsagent never repacks or deletes anything itself: the
+//! user's git may be running.
+//!
 //! Nothing may refer to a staged object before it is flushed: callers flush before they
 //! write the index or move a ref. Objects left staged when the repository is dropped are
 //! discarded, which is right for the paths that move no ref.
@@ -29,6 +37,8 @@ const PRIORITY: i32 = 1000;
 pub(crate) const LARGE_BLOB: u64 = 1024 * 1024;
 /// Staged content past which the staged objects are packed at once.
 const FLUSH_AT: u64 = 32 * 1024 * 1024;
+/// A flush of fewer objects writes them loose (git's `transfer.unpackLimit`).
+pub(crate) const UNPACK_LIMIT: usize = 100;
 
 // libgit2's `sys/mempack.h`; compiled into the vendored libgit2 but not declared by
 // libgit2-sys.
@@ -52,6 +62,7 @@ pub(crate) struct Staged<'o, 'r> {
     mem: Mempack<'o>,
     bytes: u64,
     flush_at: u64,
+    unpack_limit: usize,
     /// A handle of the same repository without the in-memory backend, for large blobs.
     direct: Option<Repository>,
 }
@@ -65,6 +76,7 @@ impl<'o, 'r> Staged<'o, 'r> {
             mem: odb.add_new_mempack_backend(PRIORITY)?,
             bytes: 0,
             flush_at: FLUSH_AT,
+            unpack_limit: UNPACK_LIMIT,
             direct: None,
         })
     }
@@ -73,15 +85,20 @@ impl<'o, 'r> Staged<'o, 'r> {
     /// disk when large.
     pub fn blob_from_file(&mut self, path: &Path, len: u64) -> Result<Oid, git2::Error> {
         if len >= LARGE_BLOB {
-            if self.direct.is_none() {
-                // The common dir holds the objects (also for a linked worktree).
-                self.direct = Some(Repository::open(self.repo.commondir())?);
-            }
-            return self.direct.as_ref().expect("opened").blob_path(path);
+            return self.direct()?.blob_path(path);
         }
         let id = self.repo.blob_path(path)?;
         self.bytes += len;
         Ok(id)
+    }
+
+    /// The repository's own object database, without the in-memory backend.
+    fn direct(&mut self) -> Result<&Repository, git2::Error> {
+        if self.direct.is_none() {
+            // The common dir holds the objects (also for a linked worktree).
+            self.direct = Some(Repository::open(self.repo.commondir())?);
+        }
+        Ok(self.direct.as_ref().expect("opened"))
     }
 
     /// Flush if the staged content has passed the bound (see the module documentation).
@@ -101,8 +118,8 @@ impl<'o, 'r> Staged<'o, 'r> {
         if code < 0 { 0 } else { n }
     }
 
-    /// Write the staged objects to the repository as one pack and empty the memory.
-    /// Returns how many objects were written.
+    /// Write the staged objects to the repository, as one pack or (fewer than
+    /// [`UNPACK_LIMIT`]) loose, and empty the memory. Returns how many were written.
     pub fn flush(&mut self) -> Result<usize, git2::Error> {
         let n = self.pending();
         if n == 0 {
@@ -115,6 +132,12 @@ impl<'o, 'r> Staged<'o, 'r> {
             // `pb`; the call only inserts the backend's object ids into the builder.
             check(unsafe { git_mempack_write_thin_pack(self.mem.raw().cast(), pb.raw().cast()) })?;
             pb.write_buf(&mut buf)?;
+        }
+        if n < self.unpack_limit {
+            self.write_loose(&buf)?;
+            self.mem.reset()?;
+            self.bytes = 0;
+            return Ok(n);
         }
         let pack_dir = self.repo.commondir().join("objects/pack");
         let mut w = self
@@ -131,6 +154,43 @@ impl<'o, 'r> Staged<'o, 'r> {
         self.bytes = 0;
         Ok(n)
     }
+}
+
+impl Staged<'_, '_> {
+    /// Write the objects of `pack` (the staged objects, packed) loose: the pack is
+    /// indexed in a temporary directory for their ids, each is read from memory and
+    /// written through the repository's own (loose) backend.
+    fn write_loose(&mut self, pack: &[u8]) -> Result<(), git2::Error> {
+        let objects = self.repo.commondir().join("objects");
+        let io = |e: std::io::Error| pack_error(&objects, git2::Error::from_str(&e.to_string()));
+        let tmp = tempfile::tempdir().map_err(io)?;
+        let mut indexer = git2::Indexer::new(None, tmp.path(), 0o600, false)?;
+        indexer.write_all(pack).map_err(io)?;
+        let name = indexer.commit()?;
+        let idx = std::fs::read(tmp.path().join(format!("pack-{name}.idx"))).map_err(io)?;
+        let ids = idx_ids(&idx).ok_or_else(|| {
+            git2::Error::from_str("the index of the staged objects is not a pack index v2")
+        })?;
+        let odb = self.odb;
+        let direct = self.direct()?.odb()?;
+        for id in ids {
+            let obj = odb.read(id)?;
+            direct
+                .write(obj.kind(), obj.data())
+                .map_err(|e| pack_error(&objects, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The object ids listed by a pack index (version 2).
+fn idx_ids(idx: &[u8]) -> Option<Vec<Oid>> {
+    if idx.get(..8)? != b"\xfftOc\0\0\0\x02" {
+        return None;
+    }
+    let n = u32::from_be_bytes(idx.get(8 + 255 * 4..8 + 256 * 4)?.try_into().ok()?) as usize;
+    let ids = idx.get(8 + 1024..8 + 1024 + n * 20)?;
+    ids.chunks(20).map(|c| Oid::from_bytes(c).ok()).collect()
 }
 
 /// An error writing the pack into `dir`, named as the user would: a full disk is
@@ -193,6 +253,8 @@ mod tests {
 
         let odb = repo.odb().unwrap();
         let mut staged = Staged::attach(&repo, &odb).unwrap();
+        // Past the loose limit (lowered here): one pack.
+        staged.unpack_limit = 10;
         let mut tb = repo.treebuilder(None).unwrap();
         for i in 0..20 {
             let p = dir.path().join(format!("f{i}"));
@@ -241,6 +303,50 @@ mod tests {
     }
 
     #[test]
+    fn a_few_objects_are_written_loose_not_as_a_pack_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        let odb = repo.odb().unwrap();
+        let mut staged = Staged::attach(&repo, &odb).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, format!("small {i}\n")).unwrap();
+            ids.push(staged.blob_from_file(&p, 8).unwrap());
+        }
+        let mut tb = repo.treebuilder(None).unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            tb.insert(format!("f{i}"), *id, 0o100644).unwrap();
+        }
+        let tree = tb.write().unwrap();
+        drop(tb);
+        assert_eq!(loose_count(&repo), 0, "staged, not written yet");
+        assert_eq!(staged.flush().unwrap(), 6);
+        assert_eq!(staged.pending(), 0);
+        assert!(packs(&repo).is_empty(), "no pack for six objects");
+        assert_eq!(loose_count(&repo), 6);
+        drop(staged);
+        drop(odb);
+        drop(repo);
+        let out = std::process::Command::new("git")
+            .args(["-C", &dir.path().display().to_string(), "fsck", "--strict"])
+            .arg(tree.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = std::process::Command::new("git")
+            .args(["-C", &dir.path().display().to_string(), "cat-file", "-p"])
+            .arg(format!("{tree}:f3"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "small 3\n");
+    }
+
+    #[test]
     fn large_files_are_streamed_loose_and_staged_bytes_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(dir.path()).unwrap();
@@ -255,6 +361,7 @@ mod tests {
 
         // Staged content past the bound is packed at once.
         staged.flush_at = 100;
+        staged.unpack_limit = 0;
         for i in 0..4u8 {
             let p = dir.path().join(format!("m{i}"));
             std::fs::write(&p, vec![b'a' + i; 24]).unwrap();

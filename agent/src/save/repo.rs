@@ -1033,7 +1033,8 @@ fn push_leased(
             }
         }
     };
-    push_once(repo, plan, &mut decide, creds, deadline)?;
+    let candidates = [format!("{}:{}", lease.commit, lease.want)];
+    push_once(repo, plan, &candidates, &mut decide, creds, deadline)?;
     landed
         .into_inner()
         .ok_or_else(|| PushFail::Other("the remote advertised no refs".into()))
@@ -1133,7 +1134,12 @@ fn push_extra(
             .map(|(i, e)| format!("{} -> {}", e.branch, dsts.get(i).unwrap_or(&e.remote_ref)))
             .collect()
     };
-    match push_once(repo, plan, &mut decide, creds, deadline) {
+    let candidates: Vec<String> = plan
+        .extra
+        .iter()
+        .map(|e| format!("{}:{}", e.tip, e.remote_ref))
+        .collect();
+    match push_once(repo, plan, &candidates, &mut decide, creds, deadline) {
         Ok(()) => {
             let dsts = chosen.into_inner();
             for e in &plan.extra {
@@ -1180,7 +1186,14 @@ fn push_main(
     res: &mut PushResult,
 ) {
     let fixed = |_: &Advertised| Ok(vec![spec.to_string()]);
-    match push_once(repo, plan, &mut { fixed }, creds, deadline) {
+    match push_once(
+        repo,
+        plan,
+        &[spec.to_string()],
+        &mut { fixed },
+        creds,
+        deadline,
+    ) {
         Ok(()) => {
             res.pushed = true;
             res.pushed_ref = spec.split(':').nth(1).map(str::to_string);
@@ -1245,6 +1258,7 @@ type Advertised = BTreeMap<String, Oid>;
 fn push_once(
     repo: &Repository,
     plan: &PushPlan,
+    candidates: &[String],
     refspecs: &mut dyn FnMut(&Advertised) -> Result<Vec<String>, PushFail>,
     creds: &[Credential],
     deadline: Instant,
@@ -1266,7 +1280,9 @@ fn push_once(
         .config()
         .map(|c| crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::paths::home_dir()))
         .unwrap_or_default();
-    let scope = crate::githttp::Scope::new(creds, Some(deadline)).with_http(http);
+    let scope = crate::githttp::Scope::new(creds, Some(deadline))
+        .with_http(http)
+        .with_ref_filter(push_bases_filter(repo, plan, candidates));
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     // What the remote says on git's sideband (hook output: `remote: ...` in git's CLI).
     let said: RefCell<Vec<u8>> = RefCell::new(Vec::new());
@@ -1350,6 +1366,27 @@ fn push_once(
         )))));
     }
     Ok(())
+}
+
+/// What libgit2 is shown of the remote's refs for this push: the refs pushed and the
+/// commits the push is based on ([`super::bases`]), with the upstream tracking tips of
+/// HEAD's branch and of the other branches pushed as what the remote is known to have.
+fn push_bases_filter(
+    repo: &Repository,
+    plan: &PushPlan,
+    refspecs: &[String],
+) -> crate::githttp::RefFilter {
+    let head = repo
+        .head()
+        .ok()
+        .filter(|h| h.is_branch())
+        .and_then(|h| h.shorthand().ok().map(str::to_string));
+    let branches = head
+        .iter()
+        .map(String::as_str)
+        .chain(plan.extra.iter().map(|e| e.branch.as_str()));
+    let known = super::bases::upstreams(repo, branches);
+    super::bases::ref_filter(repo.path().to_path_buf(), refspecs, known)
 }
 
 /// Bytes of the remote's sideband text kept for an error message.

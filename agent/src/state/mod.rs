@@ -259,6 +259,8 @@ impl Shared {
             Some(observer),
         )
         .await;
+        // What the save allocated is free now: give it back (issue 16, "memory").
+        crate::alloc::release_free_memory();
         if !run.dry_run {
             let mut last = self.last_save.lock().expect("lock");
             for o in &outcomes {

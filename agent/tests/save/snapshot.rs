@@ -71,15 +71,15 @@ async fn snapshot_pushes_the_whole_worktree_and_leaves_head_index_worktree_and_c
         "HEAD, index, config and worktree unchanged"
     );
     assert_eq!(git(&dir, &["rev-parse", "HEAD"]), head);
-    // The new objects (blobs, trees, the commit) were written as one pack, not as
-    // loose files, and git reads them.
+    // The few new objects (blobs, trees, the commits) were written loose, as git writes
+    // a small commit (a pack each save would pile up; `git gc --auto` handles loose
+    // ones), no pack was added, and git reads them.
     let (loose, packs) = object_files(&dir);
-    assert_eq!(loose, loose_before, "no loose object written");
-    assert_eq!(
-        packs.len(),
-        packs_before.len() + 2,
-        "one .pack + .idx: {packs:?}"
+    assert!(
+        loose > loose_before && loose - loose_before < 100,
+        "a few loose objects: {loose_before} -> {loose}"
     );
+    assert_eq!(packs.len(), packs_before.len(), "no pack added: {packs:?}");
     assert_fsck(&dir);
     assert_eq!(
         git(&dir, &["cat-file", "-p", &format!("{wip}:src/deep/new.rs")]),

@@ -41,6 +41,7 @@ mod repos;
 mod root_boundary;
 mod save;
 mod save_output;
+mod save_scale;
 mod snapshots;
 mod startup;
 mod supervision;
