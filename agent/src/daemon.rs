@@ -21,6 +21,7 @@ use crate::signals::Signal;
 use crate::state::{Shared, Stage, StepOutcome};
 use crate::supervisor::Supervisor;
 use crate::supervisor::service::fmt_dur;
+use agent_proto::save::SaveResult;
 
 /// The running stop sequence: its exit code and the budget's deadline.
 type StopFuture =
@@ -424,7 +425,7 @@ async fn checkpoints(shared: Arc<Shared>) {
             Ok(outcomes) => {
                 let changed = outcomes
                     .iter()
-                    .filter(|o| !matches!(o.result.as_str(), "unchanged" | "clean"))
+                    .filter(|o| !matches!(o.result, SaveResult::Unchanged | SaveResult::Clean))
                     .count();
                 tracing::debug!(
                     repos = outcomes.len(),
@@ -770,7 +771,10 @@ fn summarize_save(outcomes: &[agent_proto::save::RepoOutcome]) -> Phase {
 
 /// A repository whose work is safe on its remote (or had nothing to save).
 pub fn save_ok(o: &agent_proto::save::RepoOutcome) -> bool {
-    matches!(o.result.as_str(), "pushed" | "clean" | "unchanged")
+    matches!(
+        o.result,
+        SaveResult::Pushed | SaveResult::Clean | SaveResult::Unchanged
+    )
 }
 
 /// The flush phase: deliver the last reports to the control plane, within the budget.

@@ -137,7 +137,7 @@ mod tests {
     fn outcome(repo: &str, result: &str) -> RepoOutcome {
         RepoOutcome {
             repo: repo.into(),
-            result: result.into(),
+            result: result.parse().unwrap(),
             ..Default::default()
         }
     }

@@ -20,6 +20,7 @@ use clap::{Parser, Subcommand};
 
 use crate::api::{Client, ClientError};
 use crate::config::{self, Sources};
+use agent_proto::save::SaveResult;
 
 pub const EX_FAILED: u8 = 1;
 /// `status`: something is not as configured (systemctl's "not running" code).
@@ -1031,30 +1032,30 @@ fn outcome_line(o: &agent_proto::save::RepoOutcome) -> String {
             .unwrap_or(fallback)
             .to_string()
     };
-    let mut line = match o.result.as_str() {
-        "pushed" => format!(
+    let mut line = match o.result {
+        SaveResult::Pushed => format!(
             "pushed      {} -> {} on {}",
             o.repo,
             o.r#ref.as_deref().unwrap_or("?"),
             o.remote.as_deref().unwrap_or("?")
         ),
-        "committed" => format!(
+        SaveResult::Committed => format!(
             "not pushed  {}: committed locally on {}: {}",
             o.repo,
             o.r#ref.as_deref().unwrap_or("?"),
             why("no remote to push to")
         ),
-        "failed" => format!("failed      {}: {}", o.repo, why("unknown error")),
-        "clean" => format!("clean       {} (nothing to save)", o.repo),
-        "unchanged" => format!("unchanged   {} (already saved)", o.repo),
-        "would-save" => match (&o.r#ref, &o.remote) {
+        SaveResult::Failed => format!("failed      {}: {}", o.repo, why("unknown error")),
+        SaveResult::Clean => format!("clean       {} (nothing to save)", o.repo),
+        SaveResult::Unchanged => format!("unchanged   {} (already saved)", o.repo),
+        SaveResult::WouldSave => match (&o.r#ref, &o.remote) {
             (Some(r), Some(remote)) => format!("would save  {} -> {r} on {remote}", o.repo),
             _ => format!("would save  {} (no remote: locally only)", o.repo),
         },
         other => format!("{other:<11} {}", o.repo),
     };
-    if o.result != "committed"
-        && o.result != "failed"
+    if o.result != SaveResult::Committed
+        && o.result != SaveResult::Failed
         && let Some(n) = &o.note
     {
         line.push_str(&format!(" [{n}]"));
@@ -1114,7 +1115,7 @@ fn save_summary(outcomes: &[agent_proto::save::RepoOutcome]) -> String {
     }
     let other = outcomes
         .iter()
-        .filter(|o| !order.iter().any(|(r, _)| *r == o.result))
+        .filter(|o| !order.iter().any(|(r, _)| o.result == *r))
         .count();
     if other > 0 {
         parts.push(format!("{other} other"));
@@ -1410,7 +1411,7 @@ pub fn render_status(s: &Status) -> String {
             .map(|o| {
                 vec![
                     o.repo.clone(),
-                    o.result.clone(),
+                    o.result.to_string(),
                     o.r#ref.clone().unwrap_or_default(),
                     o.error.clone().unwrap_or_default(),
                 ]

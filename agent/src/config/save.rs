@@ -4,27 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-/// How unsaved work is saved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum SaveMode {
-    /// One commit of the whole worktree on the snapshot ref; HEAD, index and worktree
-    /// untouched.
-    #[default]
-    Snapshot,
-    /// Stage all, commit on the current branch, push to its upstream; the snapshot ref
-    /// when that cannot be done.
-    Branch,
-}
-
-impl SaveMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SaveMode::Snapshot => "snapshot",
-            SaveMode::Branch => "branch",
-        }
-    }
-}
+pub use agent_proto::save::SaveMode;
 
 /// `[save]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use agent_proto::save::RepoOutcome;
+use agent_proto::save::SaveResult;
 
 /// File name of the journal inside the state directory.
 pub const JOURNAL_FILE: &str = "save-journal.jsonl";
@@ -149,7 +150,7 @@ pub fn last_outcomes(state_dir: &Path) -> Vec<RepoOutcome> {
 pub(crate) fn last_finished(state_dir: &Path) -> BTreeMap<String, RepoOutcome> {
     let mut by_repo = BTreeMap::new();
     for o in read_journal(state_dir) {
-        if o.result != "started" {
+        if o.result != SaveResult::Started {
             by_repo.insert(o.repo.clone(), o);
         }
     }
@@ -203,7 +204,7 @@ pub fn previous_save_summary(state_dir: &Path) -> Option<String> {
     let mut s = format!("last save: {}", parts.join(", "));
     let interrupted: Vec<&str> = last
         .iter()
-        .filter(|o| o.result == "started")
+        .filter(|o| o.result == SaveResult::Started)
         .map(|o| o.repo.as_str())
         .collect();
     if !interrupted.is_empty() {
@@ -220,7 +221,7 @@ pub fn previous_save_summary(state_dir: &Path) -> Option<String> {
     }
     let failed: Vec<String> = last
         .iter()
-        .filter(|o| o.result == "failed" || o.result == "committed")
+        .filter(|o| o.result == SaveResult::Failed || o.result == SaveResult::Committed)
         .map(|o| {
             format!(
                 "{} ({})",
@@ -248,7 +249,7 @@ mod tests {
     fn line(repo: &str, result: &str) -> RepoOutcome {
         RepoOutcome {
             repo: repo.into(),
-            result: result.into(),
+            result: result.parse().unwrap(),
             ..Default::default()
         }
     }

@@ -34,6 +34,7 @@ use std::sync::Arc;
 
 use agent_proto::local::{EventKind, Level};
 use agent_proto::save::RepoOutcome;
+use agent_proto::save::SaveResult;
 use futures::FutureExt;
 
 pub use crate::config::save::{
@@ -42,28 +43,7 @@ pub use crate::config::save::{
 pub use journal::{Journal, last_outcomes, previous_save_summary};
 
 /// Why a save runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    /// The workspace is stopping.
-    Stop,
-    /// `wsagent save` by hand.
-    Manual,
-    /// SIGUSR1.
-    Signal,
-    /// `save.checkpoint`: the periodic save while the workspace runs.
-    Checkpoint,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Stop => "stop",
-            Reason::Manual => "manual",
-            Reason::Signal => "signal",
-            Reason::Checkpoint => "checkpoint",
-        }
-    }
-}
+pub use agent_proto::save::SaveReason as Reason;
 
 /// Who and where: what the daemon knows that the save needs.
 #[derive(Clone)]
@@ -164,9 +144,9 @@ fn outcome_base(path: &Path, mode: SaveMode, reason: Reason) -> RepoOutcome {
     RepoOutcome {
         at: crate::events::now_rfc3339(),
         repo: path.display().to_string(),
-        mode: mode.as_str().into(),
-        reason: reason.as_str().into(),
-        result: "started".into(),
+        mode,
+        reason,
+        result: agent_proto::save::SaveResult::Started,
         ..Default::default()
     }
 }
@@ -321,7 +301,7 @@ async fn save_all_counted(
         .into_iter()
         .map(|(path, e)| {
             let mut o = outcome_base(&path, cfg.mode, req.reason);
-            o.result = "failed".into();
+            o.result = agent_proto::save::SaveResult::Failed;
             o.error = Some(format!(
                 "cannot search {} for repositories: {e}",
                 path.display()
@@ -430,7 +410,7 @@ async fn save_all_counted(
                 let _ = tx.send(());
                 let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
                 scrub(&mut o);
-                if !(quiet && matches!(o.result.as_str(), "unchanged" | "clean")) {
+                if !(quiet && matches!(o.result, SaveResult::Unchanged | SaveResult::Clean)) {
                     // Journaled the moment it is known: a daemon killed while other
                     // repositories still push has recorded what this one did.
                     if !dry_run && let Err(e) = journal.append(&o) {
@@ -464,7 +444,7 @@ async fn save_all_counted(
     let outcomes = futures::future::join_all(tasks).await;
     if outcomes
         .iter()
-        .any(|o| o.commit.is_some() && o.result != "pushed")
+        .any(|o| o.commit.is_some() && o.result != SaveResult::Pushed)
     {
         let _ = tokio::time::timeout_at(deadline, durable).await;
     }
@@ -516,7 +496,7 @@ async fn commit_one(
     let mut p = match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
-            fallback.result = "failed".into();
+            fallback.result = agent_proto::save::SaveResult::Failed;
             fallback.error = Some(format!("internal error while committing: {e}"));
             repo::Prepared {
                 outcome: fallback,
@@ -524,7 +504,7 @@ async fn commit_one(
             }
         }
         Err(_) => {
-            fallback.result = "failed".into();
+            fallback.result = agent_proto::save::SaveResult::Failed;
             fallback.error = Some("deadline passed before the local commit was made".into());
             repo::Prepared {
                 outcome: fallback,
@@ -642,7 +622,7 @@ async fn push_one(
     match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(r)) => {
             if r.pushed {
-                outcome.result = "pushed".into();
+                outcome.result = agent_proto::save::SaveResult::Pushed;
                 outcome.pushed = true;
                 if let Some(rf) = r.pushed_ref {
                     outcome.r#ref = Some(rf);
@@ -669,9 +649,9 @@ async fn push_one(
                 Some("not pushed: deadline passed while pushing; committed locally".into());
         }
     }
-    if outcome.error.is_some() && outcome.result == "unchanged" {
+    if outcome.error.is_some() && outcome.result == SaveResult::Unchanged {
         // The remote could not be seen to still have it: only the local commit is sure.
-        outcome.result = "committed".into();
+        outcome.result = agent_proto::save::SaveResult::Committed;
         outcome.pushed = false;
     }
     outcome.duration_ms += t0.elapsed().as_millis() as u64;
@@ -763,8 +743,8 @@ fn only_repo(path: &Path, act_as: Option<&fsids::Ids>) -> Vec<discover::Found> {
 }
 
 fn report(env: &SaveEnv, o: &RepoOutcome) {
-    let (level, line) = match o.result.as_str() {
-        "pushed" => (
+    let (level, line) = match o.result {
+        SaveResult::Pushed => (
             Level::Info,
             format!(
                 "saved {}: pushed {} to {}",
@@ -773,7 +753,7 @@ fn report(env: &SaveEnv, o: &RepoOutcome) {
                 o.remote.as_deref().unwrap_or("?")
             ),
         ),
-        "committed" => (
+        SaveResult::Committed => (
             Level::Warn,
             format!(
                 "saved {} locally on {}, not pushed{}",
@@ -787,7 +767,7 @@ fn report(env: &SaveEnv, o: &RepoOutcome) {
                     .unwrap_or_default()
             ),
         ),
-        "failed" => (
+        SaveResult::Failed => (
             Level::Error,
             format!(
                 "could not save {}: {}",
@@ -797,8 +777,8 @@ fn report(env: &SaveEnv, o: &RepoOutcome) {
         ),
         other => (Level::Info, format!("{}: {other}", o.repo)),
     };
-    let line = match (&o.note, o.result.as_str()) {
-        (Some(n), "pushed") => format!("{line} ({n})"),
+    let line = match (&o.note, o.result) {
+        (Some(n), SaveResult::Pushed) => format!("{line} ({n})"),
         _ => line,
     };
     if !o.left_out.is_empty() {

@@ -21,6 +21,7 @@ use super::url::RemoteUrl;
 use super::worktree::{pending_changes, restore_skip_worktree, skip_worktree_paths, worktree_tree};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
+use agent_proto::save::SaveResult;
 
 const EMPTY_TREE: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904";
 
@@ -144,7 +145,7 @@ pub(crate) fn prepare(ctx: &Ctx, found: &Found, mut outcome: RepoOutcome) -> Pre
     match prepare_inner(ctx, found, &mut outcome) {
         Ok(push) => Prepared { outcome, push },
         Err(e) => {
-            outcome.result = "failed".into();
+            outcome.result = agent_proto::save::SaveResult::Failed;
             outcome.error = Some(crate::secrets::redact(&e.to_string()).into_owned());
             Prepared {
                 outcome,
@@ -173,7 +174,7 @@ fn prepare_inner(
         source,
     })?;
     if repo.is_bare() {
-        outcome.result = "clean".into();
+        outcome.result = agent_proto::save::SaveResult::Clean;
         add_note(outcome, "bare repository: no worktree to commit");
         return Ok(None);
     }
@@ -276,11 +277,10 @@ fn prepare_inner(
             pending.push(format!("unpushed branches {}", names.join(", ")));
         }
         outcome.result = if pending.is_empty() {
-            "clean"
+            agent_proto::save::SaveResult::Clean
         } else {
-            "would-save"
-        }
-        .into();
+            agent_proto::save::SaveResult::WouldSave
+        };
         if !pending.is_empty() {
             add_note(outcome, pending.join(" and "));
         }
@@ -323,14 +323,14 @@ fn prepare_inner(
     let remote_url = remote.as_ref().map(|(_, u)| push_url(u, &ctx.known_hosts));
     if !dirty && !unpushed {
         let Some((url, display, authority)) = remote_url.filter(|_| !extra.is_empty()) else {
-            outcome.result = "clean".into();
+            outcome.result = agent_proto::save::SaveResult::Clean;
             if remote.is_none() {
                 add_note(outcome, "no remote");
             }
             return Ok(None);
         };
         // The worktree is saved; other branches are not.
-        outcome.result = "committed".into();
+        outcome.result = agent_proto::save::SaveResult::Committed;
         outcome.remote = Some(display.clone());
         outcome.r#ref = Some(extra[0].remote_ref.clone());
         outcome.commit = Some(extra[0].tip.to_string());
@@ -372,10 +372,10 @@ fn prepare_inner(
             .r#ref
             .as_deref()
             .is_some_and(|r| super::lease::same_family(r, &snap_ref))
-        && (prev.pushed || (remote.is_none() && prev.result == "committed"))
+        && (prev.pushed || (remote.is_none() && prev.result == SaveResult::Committed))
         && extra.is_empty()
     {
-        outcome.result = "unchanged".into();
+        outcome.result = agent_proto::save::SaveResult::Unchanged;
         outcome.commit = prev.commit.clone();
         outcome.r#ref = prev.r#ref.clone();
         outcome.pushed = prev.pushed;
@@ -481,7 +481,7 @@ fn prepare_inner(
                 } else {
                     head.expect("unpushed implies a HEAD")
                 };
-                outcome.result = "committed".into();
+                outcome.result = agent_proto::save::SaveResult::Committed;
                 outcome.commit = Some(new_head.to_string());
                 // The repository's state is now (tree, new HEAD): what the next save
                 // compares against.
@@ -577,7 +577,7 @@ fn prepare_inner(
     staged.flush().map_err(commit_err)?;
     repo.reference(&snap_ref, commit, true, "wsagent: save snapshot")
         .map_err(commit_err)?;
-    outcome.result = "committed".into();
+    outcome.result = agent_proto::save::SaveResult::Committed;
     outcome.commit = Some(commit.to_string());
     outcome.r#ref = Some(snap_ref.clone());
     let Some((url, display, authority)) = remote_url else {

@@ -36,7 +36,7 @@ async fn a_save_after_a_torn_line_journals_whole_lines_and_the_torn_one_is_count
     assert_eq!(one(&second, &dir).result, "pushed", "{second:#?}");
     let results: Vec<String> = read_journal(&fx.state)
         .into_iter()
-        .map(|o| o.result)
+        .map(|o| o.result.to_string())
         .collect();
     assert_eq!(results, ["started", "pushed", "started", "pushed"]);
     let summary = previous_save_summary(&fx.state).unwrap();
@@ -50,7 +50,7 @@ fn a_save_killed_after_a_torn_line_is_reported_interrupted() {
     let j = Journal::new(tmp.path());
     let line = |result: &str| RepoOutcome {
         repo: "/home/coder/projects/app".into(),
-        result: result.into(),
+        result: result.parse().unwrap(),
         ..Default::default()
     };
     j.append(&line("pushed")).unwrap();

@@ -163,7 +163,7 @@ async fn two_saves_at_once_run_one_after_the_other_and_the_second_finds_nothing_
         fx.save(&cfg, Duration::from_secs(30))
     );
 
-    let mut results = [one(&a, &dir).result.clone(), one(&b, &dir).result.clone()];
+    let mut results = [one(&a, &dir).result, one(&b, &dir).result];
     results.sort();
     assert_eq!(results, ["pushed", "unchanged"]);
 }

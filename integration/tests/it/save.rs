@@ -242,7 +242,7 @@ fn manual_save_then_sigterm_saves_only_what_changed() {
         .status()
         .last_save
         .into_iter()
-        .map(|o| (o.repo, o.result))
+        .map(|o| (o.repo, o.result.to_string()))
         .collect();
     assert_eq!(
         last,
