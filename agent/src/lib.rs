@@ -5,6 +5,7 @@
 
 mod alloc;
 mod api;
+mod backoff;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -1,5 +1,5 @@
 //! The HTTP client of coderd's agent API: one request at a time, typed errors, and the
-//! retry policy (exponential backoff with full jitter; `Retry-After` on 429).
+//! retry policy ([`crate::backoff::Backoff`] with full jitter; `Retry-After` on 429).
 //!
 //! The agent token travels only in the `Coder-Session-Token` header (marked sensitive);
 //! error messages name the route path and never the token or a full URL.
@@ -79,43 +79,6 @@ impl ApiError {
             ApiError::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
-    }
-}
-
-/// Exponential backoff with full jitter: the n-th delay is uniform in
-/// `[0, min(cap, base * 2^n)]`.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    pub base: Duration,
-    pub cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The upper bound of the next delay (before jitter).
-    pub fn ceiling(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.cap)
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        use rand::Rng;
-        let ceiling = self.ceiling();
-        self.attempt = self.attempt.saturating_add(1);
-        let ms = ceiling.as_millis().min(u64::MAX as u128) as u64;
-        Duration::from_millis(rand::rng().random_range(0..=ms))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -304,7 +267,8 @@ impl Client {
         body: Option<&B>,
         deadline: Instant,
     ) -> Result<(u16, R), ApiError> {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let attempt = self
@@ -390,20 +354,6 @@ fn parse_retry_after(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_bounded_by_an_exponential_ceiling() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let mut ceilings = Vec::new();
-        for _ in 0..6 {
-            ceilings.push(b.ceiling().as_millis());
-            let d = b.next_delay();
-            assert!(d <= Duration::from_secs(1));
-        }
-        assert_eq!(ceilings, [100, 200, 400, 800, 1000, 1000]);
-        b.reset();
-        assert_eq!(b.ceiling(), Duration::from_millis(100));
-    }
 
     #[test]
     fn only_transient_failures_are_retried() {

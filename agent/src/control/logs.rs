@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Board;
-use super::client::{ApiError, Backoff, Client};
+use super::client::{ApiError, Client};
+use crate::backoff::Backoff;
 
 /// Lines per batch; a queue this long is sent without waiting for the interval.
 pub const MAX_LINES_PER_BATCH: usize = 100;

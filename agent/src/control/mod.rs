@@ -33,13 +33,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 pub use crate::config::control::{
     ControlPlaneConfig, DEFAULT_LOG_BUDGET, MIN_LOG_BUDGET, validate,
 };
 use crate::events::Events;
 use crate::secrets::Secret;
 use crate::tokens::{FreshFetch, GitProvider};
-use client::{Backoff, Client};
+use client::Client;
 use git::Fetched;
 
 pub use git::{

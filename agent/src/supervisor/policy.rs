@@ -64,12 +64,10 @@ pub fn after_exit(
     AfterExit::Restart(delay)
 }
 
-/// `initial * 2^attempt`, capped at `max`, scaled by `jitter` in [0.8, 1.2] (still capped).
+/// `initial * 2^attempt`, capped at `max`, scaled by `jitter` in [0.8, 1.2] (still capped):
+/// the one policy of [`crate::backoff`].
 pub fn backoff_delay(b: &BackoffConfig, attempt: u32, jitter: f64) -> Duration {
-    let base = b.initial.as_secs_f64() * 2f64.powi(attempt.min(30) as i32);
-    let capped = base.min(b.max.as_secs_f64());
-    let j = jitter.clamp(0.8, 1.2);
-    Duration::from_secs_f64((capped * j).min(b.max.as_secs_f64()))
+    crate::backoff::scaled(b.initial, b.max, attempt, jitter)
 }
 
 #[cfg(test)]
