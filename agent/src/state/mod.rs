@@ -206,10 +206,19 @@ impl Shared {
         act_as: Option<crate::save::fsids::Ids>,
         deadline: tokio::time::Instant,
     ) -> (Arc<crate::saverun::SaveRun>, bool) {
+        // A checkpoint saves the snapshot ref whatever the mode: in branch mode a stop's
+        // or a manual save (a commit on the branch) runs after it instead of joining it.
+        let branch_mode =
+            self.config.read().expect("lock").config.save.mode == crate::save::SaveMode::Branch;
         let mut current = self.current_save.lock().expect("lock");
         let running = current
             .as_ref()
             .filter(|r| !dry_run && !r.is_done() && r.covers(only.as_deref()))
+            .filter(|r| {
+                !(branch_mode
+                    && r.reason == crate::save::Reason::Checkpoint
+                    && reason != crate::save::Reason::Checkpoint)
+            })
             .cloned();
         let (run, joined) = match running {
             Some(r) => (r, true),
