@@ -94,6 +94,7 @@ pub async fn run(
         fresh_token: Mutex::new(None),
         tasks: crate::state::tasks::State::default(),
         open_streams: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        quiet: crate::save::quiet::Quiet::new(),
     });
     // The reporter subscribes first, so the dashboard gets every line from here on.
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();

@@ -40,10 +40,35 @@ pub fn discover_checked(
     explicit: &[PathBuf],
     exclude: &globset::GlobSet,
 ) -> (Vec<Found>, Vec<(PathBuf, String)>) {
+    discover_with(roots, depth, explicit, exclude, None)
+}
+
+/// What the walk may skip: the worktrees the dirty set knows unchanged since the walk
+/// last went through them (their nested repositories are those found then), under a
+/// fingerprint of the exclusions (a reload that changes them walks anew).
+pub struct Skip<'a> {
+    pub quiet: &'a super::quiet::Quiet,
+    pub fingerprint: u64,
+}
+
+/// [`discover_checked`], not entering the worktrees `skip` knows unchanged.
+pub fn discover_with(
+    roots: &[PathBuf],
+    depth: usize,
+    explicit: &[PathBuf],
+    exclude: &globset::GlobSet,
+    skip: Option<&Skip<'_>>,
+) -> (Vec<Found>, Vec<(PathBuf, String)>) {
     let mut found: BTreeMap<PathBuf, Found> = BTreeMap::new();
     let mut errors = Vec::new();
+    let mut w = Walk {
+        found: &mut found,
+        exclude,
+        errors: &mut errors,
+        skip,
+    };
     for root in roots {
-        walk(root, depth, &mut found, exclude, &mut errors);
+        w.walk(root, depth);
     }
     for p in explicit {
         if let Some(f) = probe(p) {
@@ -129,60 +154,97 @@ fn probe_inner(dir: &Path) -> Option<Found> {
     })
 }
 
-fn walk(
-    dir: &Path,
-    depth_left: usize,
-    found: &mut BTreeMap<PathBuf, Found>,
-    exclude: &globset::GlobSet,
-    errors: &mut Vec<(PathBuf, String)>,
-) {
-    if exclude.is_match(dir) {
-        return;
-    }
-    match probe_checked(dir) {
-        Ok(Some(f)) if f.bare => {
-            add(found, f);
+struct Walk<'a, 'b> {
+    found: &'a mut BTreeMap<PathBuf, Found>,
+    exclude: &'a globset::GlobSet,
+    errors: &'a mut Vec<(PathBuf, String)>,
+    skip: Option<&'a Skip<'b>>,
+}
+
+impl Walk<'_, '_> {
+    fn walk(&mut self, dir: &Path, depth_left: usize) {
+        if self.exclude.is_match(dir) {
             return;
         }
-        Ok(Some(f)) => add(found, f),
-        Ok(None) => {}
-        Err(e) => {
-            errors.push((dir.to_path_buf(), e.to_string()));
-            return;
-        }
-    }
-    if depth_left == 0 {
-        return;
-    }
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if is_failure(&e) => {
-            errors.push((dir.to_path_buf(), e.to_string()));
-            return;
-        }
-        Err(_) => return,
-    };
-    let mut children: Vec<PathBuf> = Vec::new();
-    for e in rd {
-        let e = match e {
-            Ok(e) => e,
+        let worktree = match probe_checked(dir) {
+            Ok(Some(f)) if f.bare => {
+                add(self.found, f);
+                return;
+            }
+            Ok(Some(f)) => {
+                add(self.found, f);
+                Some(canonical(dir))
+            }
+            Ok(None) => None,
             Err(e) => {
-                errors.push((dir.to_path_buf(), e.to_string()));
+                self.errors.push((dir.to_path_buf(), e.to_string()));
                 return;
             }
         };
-        match e.file_type() {
-            Ok(t) if t.is_dir() && e.file_name() != ".git" => children.push(e.path()),
-            Ok(_) => {}
-            Err(err) if is_failure(&err) => {
-                errors.push((e.path(), err.to_string()));
+        if depth_left == 0 {
+            return;
+        }
+        // A worktree known unchanged since the last walk: what was inside it then.
+        let fingerprint = self.skip.map(|s| s.fingerprint ^ depth_left as u64);
+        let ticket = match (self.skip, &worktree, fingerprint) {
+            (Some(s), Some(w), Some(fp)) => {
+                if let Some(inside) = s.quiet.nested(w, fp) {
+                    for f in inside {
+                        add(self.found, f);
+                    }
+                    return;
+                }
+                s.quiet.walk_ticket(w)
             }
-            Err(_) => {}
+            _ => None,
+        };
+        let errors_before = self.errors.len();
+        self.walk_children(dir, depth_left);
+        if let (Some(s), Some(w), Some(t), Some(fp)) = (self.skip, &worktree, ticket, fingerprint)
+            && self.errors.len() == errors_before
+        {
+            let inside: Vec<Found> = self
+                .found
+                .range(w.clone()..)
+                .skip(1)
+                .take_while(|(k, _)| k.starts_with(w))
+                .map(|(_, f)| f.clone())
+                .collect();
+            s.quiet.walked(w, t, fp, inside);
         }
     }
-    children.sort();
-    for c in children {
-        walk(&c, depth_left - 1, found, exclude, errors);
+
+    fn walk_children(&mut self, dir: &Path, depth_left: usize) {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if is_failure(&e) => {
+                self.errors.push((dir.to_path_buf(), e.to_string()));
+                return;
+            }
+            Err(_) => return,
+        };
+        let mut children: Vec<PathBuf> = Vec::new();
+        for e in rd {
+            let e = match e {
+                Ok(e) => e,
+                Err(e) => {
+                    self.errors.push((dir.to_path_buf(), e.to_string()));
+                    return;
+                }
+            };
+            match e.file_type() {
+                Ok(t) if t.is_dir() && e.file_name() != ".git" => children.push(e.path()),
+                Ok(_) => {}
+                Err(err) if is_failure(&err) => {
+                    self.errors.push((e.path(), err.to_string()));
+                }
+                Err(_) => {}
+            }
+        }
+        children.sort();
+        for c in children {
+            self.walk(&c, depth_left - 1);
+        }
     }
 }
 

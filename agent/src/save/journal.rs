@@ -1,5 +1,6 @@
 //! The save journal: one JSON line per save attempt in `<state_dir>/save-journal.jsonl`,
-//! fsynced, so the outcome of a save survives the container that made it.
+//! fsynced when it records work done, so the outcome of a save survives the container
+//! that made it.
 //!
 //! A `started` line is written before a repository is touched and its outcome line
 //! after; a repository whose last line is `started` was being saved when wsagent died
@@ -44,12 +45,16 @@ impl Journal {
         }
     }
 
-    /// Append one line and fsync it.
+    /// Append one line (see [`Journal::append_all`]).
     pub fn append(&self, outcome: &RepoOutcome) -> Result<(), JournalError> {
         self.append_all(std::slice::from_ref(outcome))
     }
 
-    /// Append several lines with one write and one fsync.
+    /// Append several lines with one write, fsynced when one of them records work done
+    /// (committed, pushed, failed...). A `started` line, or one that found nothing to do,
+    /// is in the page cache at once, so a killed daemon (the end of a grace period) leaves
+    /// it; only a crash of the machine itself could lose it, and with it nothing but the
+    /// trace of an attempt. (An idle `wsagent save` then costs no disk flush.)
     pub fn append_all(&self, outcomes: &[RepoOutcome]) -> Result<(), JournalError> {
         let err = |source| JournalError {
             path: self.path.display().to_string(),
@@ -82,7 +87,14 @@ impl Journal {
         // One write call: a crash leaves at most one torn last line, which the reader
         // skips.
         f.write_all(line.as_bytes()).map_err(err)?;
-        f.sync_data().map_err(err)?;
+        if outcomes.iter().any(|o| {
+            !matches!(
+                o.result,
+                SaveResult::Started | SaveResult::Clean | SaveResult::Unchanged
+            )
+        }) {
+            f.sync_data().map_err(err)?;
+        }
         Ok(())
     }
 }

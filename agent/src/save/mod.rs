@@ -23,6 +23,7 @@ pub mod fsids;
 pub mod journal;
 mod lease;
 mod objects;
+pub mod quiet;
 pub mod remote_check;
 mod repo;
 pub mod url;
@@ -62,6 +63,9 @@ pub struct SaveEnv {
     pub ref_owner: Option<String>,
     pub tokens: crate::tokens::Tokens,
     pub events: crate::events::Events,
+    /// The daemon's dirty set: a checkpoint or a snapshot save skips the repositories it
+    /// knows unchanged. `None` (a save outside the daemon): every repository is looked at.
+    pub quiet: Option<quiet::Quiet>,
 }
 
 impl SaveEnv {
@@ -88,6 +92,7 @@ impl SaveEnv {
             ref_owner: nonempty("CODER_WORKSPACE_OWNER_NAME"),
             tokens,
             events,
+            quiet: None,
         }
     }
 }
@@ -248,9 +253,25 @@ async fn save_all_counted(
     let state_dir = env.state_dir.clone();
     let ref_template = fill_owner(&cfg.ref_template, env.ref_owner.as_deref());
     let (template, workspace) = (ref_template.clone(), env.workspace.clone());
+    // The walk does not enter a worktree the dirty set knows unchanged since it last
+    // went through it (never for the stop, which always looks everywhere).
+    let skip_quiet = env
+        .quiet
+        .clone()
+        .filter(|_| req.reason != Reason::Stop && !req.dry_run && req.act_as.is_none());
+    let fingerprint = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&cfg.exclude, &env.home).hash(&mut h);
+        h.finish()
+    };
     let found = tokio::task::spawn_blocking(move || {
         // The whole set is needed even for `only`: ref suffixes depend on it.
-        let (all, unsearched) = discover::discover_checked(&roots, depth, &explicit, &exclude);
+        let skip = skip_quiet
+            .as_ref()
+            .map(|quiet| discover::Skip { quiet, fingerprint });
+        let (all, unsearched) =
+            discover::discover_with(&roots, depth, &explicit, &exclude, skip.as_ref());
         let mut found = match &only {
             Some(p) => only_repo(p, act_as.as_ref()),
             None => all.clone(),
@@ -355,6 +376,17 @@ async fn save_all_counted(
     });
     let parallelism = cfg.parallelism.max(1);
     let started = std::time::Instant::now();
+    // The dirty set spares a look only where a look would have found nothing to do: never
+    // for the stop (it always looks), a branch-mode commit, a dry run, or another user.
+    if let Some(q) = &env.quiet {
+        q.set_own_refs(ref_prefix(&cfg.ref_template));
+    }
+    let dirty_set = env.quiet.clone().filter(|_| {
+        req.reason != Reason::Stop
+            && ctx.mode == SaveMode::Snapshot
+            && !req.dry_run
+            && req.act_as.is_none()
+    });
 
     // A checkpoint's outcome is only worth a line when it changed something.
     let quiet = req.reason == Reason::Checkpoint;
@@ -404,11 +436,32 @@ async fn save_all_counted(
             let (env, observer) = (env.clone(), observer.clone());
             let (journal, dry_run) = (journal.clone(), req.dry_run);
             let low = quiet;
+            let dirty_set = dirty_set.clone().filter(|_| !f.bare);
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
-                let prepared = commit_one(ctx, f, &commit_slots, deadline).await;
+                // How to look at the worktree: the dirty set may know its tree, or the
+                // few paths that can differ from the index.
+                let (look, ticket) = match &dirty_set {
+                    Some(q) => {
+                        let (q, p) = (q.clone(), f.path.clone());
+                        blocking(low, move || q.look(&p))
+                            .await
+                            .unwrap_or((quiet::Look::Full, None))
+                    }
+                    None => (quiet::Look::Full, None),
+                };
+                let (path, was_known) = (f.path.clone(), matches!(look, quiet::Look::Known(_)));
+                let mut prepared = commit_one(ctx, f, &commit_slots, deadline, look).await;
                 let _ = tx.send(());
+                let tree = prepared.worktree.take();
                 let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
+                if let Some(q) = &dirty_set {
+                    match ticket {
+                        Some(t) => q.settle(&path, t, &o, tree),
+                        None if was_known && !quiet::is_settled(&o) => q.forget(&path),
+                        None => {}
+                    }
+                }
                 scrub(&mut o);
                 if !(quiet && matches!(o.result, SaveResult::Unchanged | SaveResult::Clean)) {
                     // Journaled the moment it is known: a daemon killed while other
@@ -484,6 +537,7 @@ async fn commit_one(
     f: discover::Found,
     slots: &tokio::sync::Semaphore,
     deadline: tokio::time::Instant,
+    look: quiet::Look,
 ) -> repo::Prepared {
     let base = outcome_base(&f.path, ctx.mode, ctx.reason);
     let mut fallback = base.clone();
@@ -491,7 +545,7 @@ async fn commit_one(
     let low = ctx.reason == Reason::Checkpoint;
     let work = async {
         let _slot = slots.acquire().await;
-        blocking(low, move || repo::prepare(&ctx, &f, base)).await
+        blocking(low, move || repo::prepare(&ctx, &f, base, look)).await
     };
     let mut p = match tokio::time::timeout_at(deadline, work).await {
         Ok(Ok(p)) => p,
@@ -501,6 +555,7 @@ async fn commit_one(
             repo::Prepared {
                 outcome: fallback,
                 push: None,
+                worktree: None,
             }
         }
         Err(_) => {
@@ -509,6 +564,7 @@ async fn commit_one(
             repo::Prepared {
                 outcome: fallback,
                 push: None,
+                worktree: None,
             }
         }
     };
@@ -608,7 +664,9 @@ async fn push_one(
     deadline: tokio::time::Instant,
     low: bool,
 ) -> RepoOutcome {
-    let repo::Prepared { mut outcome, push } = p;
+    let repo::Prepared {
+        mut outcome, push, ..
+    } = p;
     let Some(plan) = push else {
         return outcome;
     };

@@ -17,8 +17,11 @@ use git2::{ErrorCode, Oid, PushOptions, RemoteCallbacks, Repository, RepositoryS
 use super::discover::Found;
 use super::fsids::AsOwner;
 use super::objects::Staged;
+use super::quiet::Look;
 use super::url::RemoteUrl;
-use super::worktree::{pending_changes, restore_skip_worktree, skip_worktree_paths, worktree_tree};
+use super::worktree::{
+    WorktreeTree, pending_changes, restore_skip_worktree, skip_worktree_paths, worktree_tree,
+};
 use super::{Reason, SaveMode};
 use crate::tokens::Credential;
 use agent_proto::save::SaveResult;
@@ -137,19 +140,28 @@ pub(crate) struct BranchPush {
 pub(crate) struct Prepared {
     pub outcome: RepoOutcome,
     pub push: Option<PushPlan>,
+    /// The worktree's tree this save used (for the dirty set to remember).
+    pub worktree: Option<WorktreeTree>,
 }
 
 /// Make the local commit of one repository. Never panics on odd repository states:
-/// every problem becomes a `failed` outcome naming the repository.
-pub(crate) fn prepare(ctx: &Ctx, found: &Found, mut outcome: RepoOutcome) -> Prepared {
-    match prepare_inner(ctx, found, &mut outcome) {
-        Ok(push) => Prepared { outcome, push },
+/// every problem becomes a `failed` outcome naming the repository. `look`: how much of
+/// the worktree to look at, from the dirty set ([`super::quiet`]).
+pub(crate) fn prepare(ctx: &Ctx, found: &Found, mut outcome: RepoOutcome, look: Look) -> Prepared {
+    let mut worktree = None;
+    match prepare_inner(ctx, found, &mut outcome, look, &mut worktree) {
+        Ok(push) => Prepared {
+            outcome,
+            push,
+            worktree,
+        },
         Err(e) => {
             outcome.result = agent_proto::save::SaveResult::Failed;
             outcome.error = Some(crate::secrets::redact(&e.to_string()).into_owned());
             Prepared {
                 outcome,
                 push: None,
+                worktree: None,
             }
         }
     }
@@ -167,6 +179,8 @@ fn prepare_inner(
     ctx: &Ctx,
     found: &Found,
     outcome: &mut RepoOutcome,
+    look: Look,
+    worktree: &mut Option<WorktreeTree>,
 ) -> Result<Option<PushPlan>, SaveError> {
     let path = found.path.display().to_string();
     let repo = Repository::open(&found.path).map_err(|source| SaveError::Open {
@@ -312,7 +326,15 @@ fn prepare_inner(
     };
     let odb = repo.odb().map_err(worktree_err)?;
     let mut staged = Staged::attach(&repo, &odb).map_err(worktree_err)?;
-    let wt = worktree_tree(&repo, &mut staged, ctx.max_file_size).map_err(worktree_err)?;
+    let wt = match look {
+        Look::Known(known) => known,
+        Look::Only(paths) => worktree_tree(&repo, &mut staged, ctx.max_file_size, Some(&paths))
+            .map_err(worktree_err)?,
+        Look::Full => {
+            worktree_tree(&repo, &mut staged, ctx.max_file_size, None).map_err(worktree_err)?
+        }
+    };
+    *worktree = Some(wt.clone());
     outcome.tree = Some(wt.tree.to_string());
     outcome.left_out = wt.left_out.clone();
     let head_tree = head.and_then(|h| repo.find_commit(h).ok().map(|c| c.tree_id()));

@@ -83,6 +83,7 @@ fn worktree_bits() -> Status {
 }
 
 /// The worktree's tree, and the files left out of it (with why).
+#[derive(Debug, Clone)]
 pub struct WorktreeTree {
     pub tree: Oid,
     pub left_out: Vec<String>,
@@ -90,14 +91,31 @@ pub struct WorktreeTree {
     pub changed: usize,
     /// The tree of the index as it is (the staged state), when it has no conflict.
     pub index_tree: Option<Oid>,
+    /// The paths that differ from the index (at most [`MAX_TOUCHED`]; `None` past it):
+    /// with the paths changed since, all a later look needs to look at.
+    pub touched: Option<Vec<Vec<u8>>>,
+}
+
+/// The most paths [`WorktreeTree::touched`] keeps.
+pub const MAX_TOUCHED: usize = 1000;
+
+fn kept(touched: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    (touched.len() <= MAX_TOUCHED).then(|| touched.to_vec())
 }
 
 /// Build the tree of `repo`'s worktree; blobs and trees are written through `staged`
 /// (`repo`'s staged writes).
+///
+/// `only`: look at these paths only (each a file or a directory, relative to the
+/// worktree): every other path is taken to be as in the index. The dirty set
+/// ([`super::quiet`]) gives the paths that differed from the index at the last look and
+/// those changed since; libgit2 then visits just them (its path list, no pattern
+/// matching), instead of every file of the worktree.
 pub(crate) fn worktree_tree(
     repo: &Repository,
     staged: &mut Staged<'_, '_>,
     max_file_size: u64,
+    only: Option<&[Vec<u8>]>,
 ) -> Result<WorktreeTree, git2::Error> {
     let workdir = repo
         .workdir()
@@ -130,6 +148,12 @@ pub(crate) fn worktree_tree(
         .renames_index_to_workdir(false)
         // The tree starts from the index: HEAD against the index is not needed.
         .show(git2::StatusShow::Workdir);
+    if let Some(paths) = only {
+        for p in paths {
+            opts.pathspec(p.clone());
+        }
+        opts.disable_pathspec_match(true);
+    }
     let statuses = repo.statuses(Some(&mut opts))?;
     let mut left_out = Vec::new();
     let mut changed = 0;
@@ -206,6 +230,7 @@ pub(crate) fn worktree_tree(
             left_out,
             changed,
             index_tree,
+            touched: kept(&touched),
         });
     }
     // A few changes in a big repository: a copy of the index with just those entries
@@ -228,6 +253,7 @@ pub(crate) fn worktree_tree(
             left_out,
             changed,
             index_tree,
+            touched: kept(&touched),
         });
     }
     let mut mem = git2::Index::new()?;
@@ -240,6 +266,7 @@ pub(crate) fn worktree_tree(
         left_out,
         changed,
         index_tree,
+        touched: kept(&touched),
     })
 }
 
@@ -385,4 +412,98 @@ fn blob_from_disk(
         MODE_FILE
     };
     Ok(Some((mode, id)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn git(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
+            .arg(dir)
+            .args(args)
+            .output()
+            .expect("git");
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+    }
+
+    fn look(dir: &Path, only: Option<&[Vec<u8>]>) -> WorktreeTree {
+        let repo = Repository::open(dir).unwrap();
+        let odb = repo.odb().unwrap();
+        let mut staged = Staged::attach(&repo, &odb).unwrap();
+        let wt = worktree_tree(&repo, &mut staged, u64::MAX, only).unwrap();
+        staged.flush().unwrap();
+        wt
+    }
+
+    /// The limited look (the paths that differed from the index last time, and those
+    /// changed since) gives exactly the tree of the full look, whatever changed: files
+    /// in place, new directories, a deleted directory of tracked files, a renamed one,
+    /// a symlink, an exec bit, a file that came back to its index version.
+    #[test]
+    fn looking_only_at_the_changed_paths_gives_the_full_looks_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for d in ["a", "b/c", "gone/deep", "moved"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        for f in [
+            "a/1",
+            "a/2",
+            "b/c/3",
+            "gone/4",
+            "gone/deep/5",
+            "moved/6",
+            "top",
+        ] {
+            std::fs::write(dir.join(f), f).unwrap();
+        }
+        std::fs::write(dir.join(".gitignore"), "*.log\n").unwrap();
+        git(dir, &["init", "-q"]);
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-qm", "base"]);
+
+        // A first round of changes, seen by a full look.
+        std::fs::write(dir.join("a/1"), "changed").unwrap();
+        std::fs::write(dir.join("new-untracked"), "n").unwrap();
+        let first = look(dir, None);
+        let touched = first.touched.clone().unwrap();
+        assert_eq!(touched.len(), 2, "{touched:?}");
+
+        // What changes after it, each named as the dirty set would name it.
+        let mut changed: Vec<&str> = Vec::new();
+        std::fs::write(dir.join("a/2"), "changed too").unwrap();
+        changed.push("a/2");
+        std::fs::write(dir.join("a/1"), "a/1").unwrap(); // back to its index version
+        changed.push("a/1");
+        std::fs::create_dir_all(dir.join("fresh/sub")).unwrap();
+        std::fs::write(dir.join("fresh/sub/x"), "x").unwrap();
+        changed.push("fresh");
+        std::fs::remove_dir_all(dir.join("gone")).unwrap();
+        changed.push("gone");
+        std::fs::rename(dir.join("moved"), dir.join("renamed")).unwrap();
+        changed.extend(["moved", "renamed"]);
+        symlink("top", dir.join("link")).unwrap();
+        changed.push("link");
+        std::fs::set_permissions(dir.join("b/c/3"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        changed.push("b/c/3");
+        std::fs::write(dir.join("noise.log"), "ignored").unwrap();
+        changed.push("noise.log");
+
+        let mut only: Vec<Vec<u8>> = touched;
+        only.extend(changed.iter().map(|c| c.as_bytes().to_vec()));
+        let limited = look(dir, Some(&only));
+        let full = look(dir, None);
+        assert_eq!(limited.tree, full.tree, "the limited look missed a change");
+        assert_ne!(full.tree, first.tree);
+        assert_eq!(limited.touched, full.touched);
+
+        // And with nothing named, a change is not seen: the look really is limited.
+        std::fs::write(dir.join("b/c/3"), "unseen").unwrap();
+        let blind = look(dir, Some(&[b"top".to_vec()]));
+        assert_ne!(blind.tree, look(dir, None).tree);
+    }
 }

@@ -101,6 +101,9 @@ pub struct Shared {
     /// Event streams of the local API still open (`shutdown --wait`, `events`):
     /// the exit waits a little for them to be read, and not at all when there are none.
     pub open_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// Which repositories changed since their last save (inotify): an idle checkpoint
+    /// looks at none of the others.
+    pub quiet: crate::save::quiet::Quiet,
 }
 
 impl Shared {
@@ -159,12 +162,14 @@ impl Shared {
         let mut tokens =
             crate::tokens::Tokens::new(config.git_providers.clone(), self.home.clone());
         tokens.fresh = self.fresh_token.lock().expect("lock").clone();
-        crate::save::SaveEnv::from_env(
+        let mut env = crate::save::SaveEnv::from_env(
             self.home.clone(),
             self.state_dir.clone(),
             tokens,
             self.events.clone(),
-        )
+        );
+        env.quiet = Some(self.quiet.clone());
+        env
     }
 
     /// Save git work, returning by `deadline`: joins the save already running when it

@@ -5,6 +5,7 @@
 mod branch;
 mod credentials;
 mod deadline;
+mod dirtyset;
 mod httpconfig;
 mod journal;
 mod odd;

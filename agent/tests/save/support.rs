@@ -92,6 +92,7 @@ impl Fixture {
             ref_owner: None,
             tokens: Tokens::new(providers, self.home.clone()),
             events: self.events.clone(),
+            quiet: None,
         }
     }
 
