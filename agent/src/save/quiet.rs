@@ -692,7 +692,7 @@ mod tests {
         let (look, t) = q.look(&repo);
         assert!(matches!(look, Look::Full), "{look:?}");
         // A look that never settles leaves nothing to build on.
-        drop(t);
+        let _ = t;
         std::fs::write(repo.join("a/other"), "o").unwrap();
         wait_until("the write seen", || {
             lock(&q.state).repos[&repo]
