@@ -448,8 +448,12 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
         &loaded.config.daemon.log_level,
         &loaded.config.state_dir(&home),
     );
+    // Blocking threads (a save's commits, file reads) end 1 s after their last task
+    // instead of tokio's 10 s: an idle daemon holds no thread, and a thread's stack goes
+    // back to the kernel when it ends (issue 16, "memory").
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .thread_keep_alive(Duration::from_secs(1))
         .build()
     {
         Ok(rt) => rt,
