@@ -21,6 +21,10 @@
 //!   inotify limit, an unreadable directory), a queue overflow or any error of the
 //!   watcher makes every repository concerned be looked at, and watched anew.
 //!
+//! What it cannot see, both bounded by [`TRUST_FOR`] and the stop's full look: a file
+//! written in a directory made an instant before, after a look and before notify has
+//! added that directory's watch; and writes from another host to a network filesystem.
+//!
 //! Events tell the daemon which paths changed, nothing more: no file is read.
 
 use std::collections::{BTreeMap, BTreeSet};
