@@ -491,6 +491,7 @@ fn on_event(state: &Mutex<State>, ev: notify::Result<notify::Event>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::worktree::tests::git;
     use super::*;
 
     #[test]
@@ -578,16 +579,6 @@ mod tests {
             assert!(Instant::now() < end, "timed out waiting: {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-
-    fn git(dir: &Path, args: &[&str]) {
-        let st = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
-            .arg(dir)
-            .args(args)
-            .output()
-            .expect("git");
-        assert!(st.status.success(), "git {args:?}: {st:?}");
     }
 
     #[test]

@@ -415,11 +415,12 @@ fn blob_from_disk(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
-    fn git(dir: &Path, args: &[&str]) {
+    /// `git -C dir ARGS` with a committer, asserting success (the save module's unit tests).
+    pub(in crate::save) fn git(dir: &Path, args: &[&str]) {
         let out = std::process::Command::new("git")
             .args(["-c", "user.name=t", "-c", "user.email=t@t", "-C"])
             .arg(dir)
