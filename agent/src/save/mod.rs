@@ -267,8 +267,10 @@ async fn save_all_counted(
     };
     let found = tokio::task::spawn_blocking(move || {
         // The whole set is needed even for `only`: ref suffixes depend on it.
+        // Only once every change made before now has been counted.
         let skip = skip_quiet
             .as_ref()
+            .filter(|q| q.sync())
             .map(|quiet| discover::Skip { quiet, fingerprint });
         let (all, unsearched) =
             discover::discover_with(&roots, depth, &explicit, &exclude, skip.as_ref());

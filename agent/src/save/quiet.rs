@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use agent_proto::save::{RepoOutcome, SaveResult};
@@ -52,14 +52,28 @@ const RETRY_WATCH: Duration = Duration::from_secs(600);
 #[derive(Clone)]
 pub struct Quiet {
     state: Arc<Mutex<State>>,
-    watcher: Arc<Mutex<Option<notify::RecommendedWatcher>>>,
+    /// Told when a marker's event has been handled ([`Quiet::sync`]).
+    synced: Arc<Condvar>,
+    watcher: Arc<Mutex<Option<Watching>>>,
     max_dirs: usize,
 }
+
+/// The watcher, and a private directory (the daemon's own, 0700) whose marker files
+/// tell when every event before them has been handled.
+struct Watching {
+    watcher: notify::RecommendedWatcher,
+    marker: tempfile::TempDir,
+    next: u64,
+}
+
+/// How long [`Quiet::sync`] waits for its marker before it gives up (then: a full look).
+const SYNC_WAIT: Duration = Duration::from_secs(2);
 
 impl Default for Quiet {
     fn default() -> Quiet {
         Quiet {
             state: Arc::default(),
+            synced: Arc::default(),
             watcher: Arc::default(),
             max_dirs: MAX_DIRS,
         }
@@ -72,6 +86,11 @@ struct State {
     /// Where the saves' own local refs live (`refs/heads/wip/`): their writes are not
     /// the user's changes.
     own_refs: String,
+    /// The marker directory ([`Watching::marker`]), and the last marker seen in it.
+    marker: Option<PathBuf>,
+    marker_seen: u64,
+    /// Bumped when events were lost (a marker may never come).
+    lost: u64,
 }
 
 struct Entry {
@@ -188,11 +207,13 @@ impl Quiet {
     /// looks: known unchanged (no look), only at the paths that can differ from the
     /// index (those that did at the last settled look and those changed since), or all.
     pub fn look(&self, repo: &Path) -> (Look, Option<Ticket>) {
-        if let Some(k) = self.known(repo) {
+        // Every change made before this look must be counted first.
+        let synced = self.sync();
+        if synced && let Some(k) = self.known(repo) {
             return (Look::Known(k), None);
         }
         let (ticket, changed, prev) = self.begin(repo);
-        let only = match (prev, changed) {
+        let only = match (prev, changed.filter(|_| synced)) {
             (Some(prev), Some(changed)) if prev.at.elapsed() < TRUST_FOR => {
                 prev.tree.touched.map(|touched| {
                     let mut all: BTreeSet<Vec<u8>> = touched.into_iter().collect();
@@ -208,6 +229,36 @@ impl Quiet {
             }
             _ => (Look::Full, Some(ticket)),
         }
+    }
+
+    /// Wait until every event of a change made before this call has been handled (an
+    /// event reaches the daemon a moment after the change): a marker file written in the
+    /// private marker directory, whose event comes after all of those. False when that
+    /// could not be made sure of (then nothing the set says is to be trusted now).
+    pub fn sync(&self) -> bool {
+        let (path, n) = {
+            let mut w = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(w) = w.as_mut() else {
+                // Nothing watched: nothing pending.
+                return true;
+            };
+            w.next += 1;
+            let path = w.marker.path().join(w.next.to_string());
+            if std::fs::write(&path, b"").is_err() {
+                return false;
+            }
+            (path, w.next)
+        };
+        let st = lock(&self.state);
+        let lost = st.lost;
+        let (st, timeout) = self
+            .synced
+            .wait_timeout_while(st, SYNC_WAIT, |st| st.marker_seen < n && st.lost == lost)
+            .unwrap_or_else(|e| e.into_inner());
+        let ok = !timeout.timed_out() && st.marker_seen >= n;
+        drop(st);
+        let _ = std::fs::remove_file(&path);
+        ok
     }
 
     /// Before a save looks at `repo`: watch it if it is not; take the change count the
@@ -289,12 +340,7 @@ impl Quiet {
         }
         let mut w = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
         if w.is_none() {
-            let state = self.state.clone();
-            let config = notify::Config::default().with_follow_symlinks(false);
-            match notify::RecommendedWatcher::new(
-                move |ev: notify::Result<notify::Event>| on_event(&state, ev),
-                config,
-            ) {
+            match self.make_watcher() {
                 Ok(made) => *w = Some(made),
                 Err(e) => {
                     tracing::debug!(error = %e, "no inotify watcher");
@@ -302,7 +348,7 @@ impl Quiet {
                 }
             }
         }
-        let Some(watcher) = w.as_mut() else {
+        let Some(Watching { watcher, .. }) = w.as_mut() else {
             return false;
         };
         for r in roots {
@@ -326,6 +372,31 @@ pub fn is_settled(outcome: &RepoOutcome) -> bool {
             outcome.result,
             SaveResult::Clean | SaveResult::Unchanged | SaveResult::Pushed
         )
+}
+
+impl Quiet {
+    fn make_watcher(&self) -> Result<Watching, String> {
+        let (state, synced) = (self.state.clone(), self.synced.clone());
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let mut watcher = notify::RecommendedWatcher::new(
+            move |ev: notify::Result<notify::Event>| on_event(&state, &synced, ev),
+            config,
+        )
+        .map_err(|e| e.to_string())?;
+        let marker = tempfile::Builder::new()
+            .prefix("wsagent-quiet-")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        watcher
+            .watch(marker.path(), RecursiveMode::NonRecursive)
+            .map_err(|e| e.to_string())?;
+        lock(&self.state).marker = Some(marker.path().to_path_buf());
+        Ok(Watching {
+            watcher,
+            marker,
+            next: 0,
+        })
+    }
 }
 
 /// The directories to watch for the repository whose worktree is `repo`: the worktree,
@@ -442,7 +513,7 @@ fn note_path(e: &mut Entry, path: &Path, gitdirs: &[PathBuf]) {
     }
 }
 
-fn on_event(state: &Mutex<State>, ev: notify::Result<notify::Event>) {
+fn on_event(state: &Mutex<State>, synced: &Condvar, ev: notify::Result<notify::Event>) {
     let mut st = lock(state);
     let ev = match ev {
         Ok(ev) if !ev.need_rescan() => ev,
@@ -455,9 +526,21 @@ fn on_event(state: &Mutex<State>, ev: notify::Result<notify::Event>) {
                 e.paths = None;
                 e.watched = false;
             }
+            st.lost += 1;
+            synced.notify_all();
             return;
         }
     };
+    // A marker of [`Quiet::sync`]: every event before it has been handled.
+    if let Some(m) = st.marker.clone()
+        && let Some(p) = ev.paths.iter().find(|p| p.parent() == Some(m.as_path()))
+    {
+        if let Some(n) = p.file_name().and_then(|n| n.to_str()?.parse::<u64>().ok()) {
+            st.marker_seen = st.marker_seen.max(n);
+            synced.notify_all();
+        }
+        return;
+    }
     if !kind_matters(&ev.kind) {
         return;
     }
@@ -696,6 +779,34 @@ mod tests {
                 .is_some_and(|p| !p.is_empty())
         });
         assert!(matches!(q.look(&repo).0, Look::Full));
+    }
+
+    #[test]
+    fn a_look_counts_every_change_made_before_it_however_late_its_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = std::fs::canonicalize(tmp.path()).unwrap().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q"]);
+        let q = Quiet::new();
+        let (_, t) = q.look(&repo);
+        q.settle(&repo, t.unwrap(), &settled(&repo), Some(tree()));
+        // Many changes while the event handler is held up (as on a loaded machine),
+        // then a look at once: no waiting for their events.
+        let names: Vec<Vec<u8>> = (0..300).map(|i| format!("f{i}").into_bytes()).collect();
+        {
+            let _held_up = lock(&q.state);
+            for n in &names {
+                std::fs::write(repo.join(std::str::from_utf8(n).unwrap()), "x").unwrap();
+            }
+        }
+        match q.look(&repo).0 {
+            Look::Only(p) => assert_eq!(p, {
+                let mut all = names.clone();
+                all.sort();
+                all
+            }),
+            other => panic!("expected a limited look, got {other:?}"),
+        }
     }
 
     #[test]

@@ -50,6 +50,15 @@ async fn checkpoints_with_the_dirty_set_push_every_change_and_nothing_when_idle(
     let cfg = fx.config();
     let budget = Duration::from_secs(30);
     let snap_ref = "refs/heads/wip/ws/main";
+    // A checkpoint that pushes, after which the remote's snapshot is the worktree.
+    let pushed_as_the_worktree = || async {
+        let out = fx.save_with(&env, &cfg, &checkpoint(), budget).await;
+        assert_eq!(one(&out, &dir).result, SaveResult::Pushed, "{out:#?}");
+        assert_eq!(
+            fx.cloned_files("app.git", snap_ref),
+            worktree_files(&dir, &[".git", "debug.log"])
+        );
+    };
 
     // First checkpoint: a full look, pushed.
     let out = fx.save_with(&env, &cfg, &checkpoint(), budget).await;
@@ -86,35 +95,20 @@ async fn checkpoints_with_the_dirty_set_push_every_change_and_nothing_when_idle(
     std::fs::write(dir.join("debug.log"), "ignored\n").unwrap();
     wait_until("the changes seen", || quiet.known(&dir).is_none());
 
-    let out = fx.save_with(&env, &cfg, &checkpoint(), budget).await;
-    assert_eq!(one(&out, &dir).result, SaveResult::Pushed, "{out:#?}");
     // What the remote has is the worktree, exactly (the ignored file left out).
-    assert_eq!(
-        fx.cloned_files("app.git", snap_ref),
-        worktree_files(&dir, &[".git", "debug.log"])
-    );
+    pushed_as_the_worktree().await;
 
     // One more change, in a file that differed from the index before (keep.txt): still
     // the whole worktree.
     std::fs::write(dir.join("keep.txt"), "changed again\n").unwrap();
     wait_until("the change seen", || quiet.known(&dir).is_none());
-    let out = fx.save_with(&env, &cfg, &checkpoint(), budget).await;
-    assert_eq!(one(&out, &dir).result, SaveResult::Pushed, "{out:#?}");
-    assert_eq!(
-        fx.cloned_files("app.git", snap_ref),
-        worktree_files(&dir, &[".git", "debug.log"])
-    );
+    pushed_as_the_worktree().await;
 
     // The user stages something (the index changes): a full look, same guarantee.
     std::fs::write(dir.join("new/dir/file.txt"), "staged\n").unwrap();
     git(&dir, &["add", "new"]);
     wait_until("the index seen", || quiet.known(&dir).is_none());
-    let out = fx.save_with(&env, &cfg, &checkpoint(), budget).await;
-    assert_eq!(one(&out, &dir).result, SaveResult::Pushed, "{out:#?}");
-    assert_eq!(
-        fx.cloned_files("app.git", snap_ref),
-        worktree_files(&dir, &[".git", "debug.log"])
-    );
+    pushed_as_the_worktree().await;
     assert_fsck(&dir);
 
     // The stop never trusts the set: it looks, and finds the snapshot on the remote.
