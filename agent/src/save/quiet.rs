@@ -11,6 +11,10 @@
 //! save whose outcome is settled (clean, unchanged or pushed) records the count it
 //! started from; the next save that finds the count the same answers from that record.
 //!
+//! An event reaches the daemon a moment after its change: before the set is trusted, a
+//! look waits for the event of a marker file written in a private directory
+//! ([`Quiet::sync`]), which comes after those of every change made before it.
+//!
 //! The set only ever spares a look that would find nothing; it never stands for one:
 //! - the stop's save, a branch-mode save, a dry run and a save done for another user
 //!   always look;
