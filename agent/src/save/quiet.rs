@@ -118,8 +118,9 @@ struct Entry {
 struct Settled {
     /// The change count the settled save started from.
     from: u64,
-    /// When that save looked.
-    at: Instant,
+    /// When the last full look this record builds on began (a limited look carries its
+    /// base's): what [`TRUST_FOR`] counts from.
+    full_at: Instant,
     tree: WorktreeTree,
 }
 
@@ -135,9 +136,10 @@ pub enum Look {
     Only(Vec<Vec<u8>>),
 }
 
-/// What [`Quiet::look`] hands to [`Quiet::settle`]: the count a save started from.
+/// What [`Quiet::look`] hands to [`Quiet::settle`]: the count a save started from, and
+/// when the full look it builds on began.
 #[derive(Debug, Clone, Copy)]
-pub struct Ticket(u64);
+pub struct Ticket(u64, Instant);
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -155,7 +157,8 @@ impl Quiet {
         let st = lock(&self.state);
         let e = st.repos.get(repo)?;
         let s = e.settled.as_ref()?;
-        (e.watched && s.from == e.changes && s.at.elapsed() < TRUST_FOR).then(|| s.tree.clone())
+        (e.watched && s.from == e.changes && s.full_at.elapsed() < TRUST_FOR)
+            .then(|| s.tree.clone())
     }
 
     /// For the discovery walk: the repositories found inside the worktree `repo` when
@@ -168,7 +171,7 @@ impl Quiet {
         let settled_recently = e
             .settled
             .as_ref()
-            .is_some_and(|s| s.at.elapsed() < TRUST_FOR);
+            .is_some_and(|s| s.full_at.elapsed() < TRUST_FOR);
         (e.watched && settled_recently && *from == e.changes && *w == walk).then(|| found.clone())
     }
 
@@ -177,7 +180,7 @@ impl Quiet {
     pub fn walk_ticket(&self, repo: &Path) -> Option<Ticket> {
         let st = lock(&self.state);
         let e = st.repos.get(repo)?;
-        e.watched.then_some(Ticket(e.changes))
+        e.watched.then_some(Ticket(e.changes, Instant::now()))
     }
 
     /// After the discovery walk went through the worktree `repo` from `ticket` with the
@@ -218,19 +221,20 @@ impl Quiet {
         }
         let (ticket, changed, prev) = self.begin(repo);
         let only = match (prev, changed.filter(|_| synced)) {
-            (Some(prev), Some(changed)) if prev.at.elapsed() < TRUST_FOR => {
+            (Some(prev), Some(changed)) if prev.full_at.elapsed() < TRUST_FOR => {
                 prev.tree.touched.map(|touched| {
                     let mut all: BTreeSet<Vec<u8>> = touched.into_iter().collect();
                     all.extend(changed);
-                    all
+                    (all, prev.full_at)
                 })
             }
             _ => None,
         };
         match only {
-            Some(all) if !all.is_empty() && all.len() <= MAX_TOUCHED => {
-                (Look::Only(all.into_iter().collect()), Some(ticket))
-            }
+            Some((all, full_at)) if !all.is_empty() && all.len() <= MAX_TOUCHED => (
+                Look::Only(all.into_iter().collect()),
+                Some(Ticket(ticket.0, full_at)),
+            ),
             _ => (Look::Full, Some(ticket)),
         }
     }
@@ -307,9 +311,9 @@ impl Quiet {
             Some(e) => {
                 let changed = e.paths.replace(BTreeSet::new());
                 let prev = e.settled.take().filter(|_| e.watched);
-                (Ticket(e.changes), changed, prev)
+                (Ticket(e.changes, Instant::now()), changed, prev)
             }
-            None => (Ticket(0), None, None),
+            None => (Ticket(0, Instant::now()), None, None),
         }
     }
 
@@ -327,7 +331,7 @@ impl Quiet {
         if let Some(e) = st.repos.get_mut(repo) {
             e.settled = tree.filter(|_| is_settled(outcome)).map(|tree| Settled {
                 from: ticket.0,
-                at: Instant::now(),
+                full_at: ticket.1,
                 tree,
             });
         }
