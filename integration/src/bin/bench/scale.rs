@@ -384,7 +384,9 @@ fn memory(s: &Settings, rows: &mut Vec<Row>) {
             git(&src, &["add", "-A"]);
             git(&src, &["commit", "-q", "-m", "base"]);
             git(&src, &["push", "-q", &bare.display().to_string(), "main"]);
-            std::fs::remove_dir_all(&src).unwrap();
+            // Only a scratch copy: a git process still writing into it (auto maintenance
+            // after the commit) must not end the run.
+            remove_dir_eventually(&src);
         },
         |dir| five_changes(dir, "big"),
     );
@@ -553,4 +555,16 @@ fn packs(s: &Settings, rows: &mut Vec<Row>) {
             wp <= gp + 1 && fsck.status.success(),
         ),
     );
+}
+
+/// Remove a scratch directory, trying again while something still writes into it;
+/// whatever is left is left (it is under the run's temporary directory).
+fn remove_dir_eventually(dir: &Path) {
+    for _ in 0..50 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("bench: could not remove {} (left)", dir.display());
 }
