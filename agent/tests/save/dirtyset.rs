@@ -4,7 +4,7 @@
 //! byte.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent::save::quiet::Quiet;
 use agent::save::{Reason, SaveRequest};
@@ -23,11 +23,7 @@ fn checkpoint() -> SaveRequest {
 
 /// Wait (bounded) until `f` holds.
 fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    integration::wait::wait_until(Duration::from_secs(10), what, f)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
