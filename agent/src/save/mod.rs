@@ -24,6 +24,7 @@ pub mod journal;
 mod lease;
 mod objects;
 pub mod quiet;
+mod refresh;
 pub mod remote_check;
 mod repo;
 pub mod url;

@@ -20,6 +20,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::SystemTime;
 
 use git2::{IndexEntry, IndexTime, Oid, Repository, Status, StatusOptions};
 
@@ -154,7 +155,30 @@ pub(crate) fn worktree_tree(
         }
         opts.disable_pathspec_match(true);
     }
+    // A full look: files whose stat data is stale but whose bytes are the index's are
+    // made to look unmodified first (refresh.rs), so libgit2 does not hash them again.
+    let written = std::fs::metadata(repo.path().join("index"))
+        .and_then(|m| m.modified())
+        .ok();
+    let t0 = std::time::Instant::now();
+    let mut fresh = match only {
+        None => super::refresh::refreshed_index(&index, &workdir, written, SystemTime::now())?,
+        Some(_) => None,
+    };
+    let t1 = std::time::Instant::now();
+    let swapped = match &mut fresh {
+        Some((mem, _)) => Some(super::refresh::Swapped::new(repo, mem)?),
+        None => None,
+    };
     let statuses = repo.statuses(Some(&mut opts))?;
+    drop(swapped);
+    tracing::debug!(
+        refresh_ms = (t1 - t0).as_millis() as u64,
+        status_ms = t1.elapsed().as_millis() as u64,
+        refreshed = ?fresh.as_ref().map(|f| f.1),
+        entries = index.len(),
+        "looked at the worktree"
+    );
     let mut left_out = Vec::new();
     let mut changed = 0;
     // The paths whose entry differs from the index's.

@@ -148,9 +148,11 @@ impl Fixture {
     /// `wsagent save` on a running daemon: seconds.
     fn save(&self, d: &Daemon) -> f64 {
         // BENCH_PERF=FILE: a `perf record` of the daemon during the save (for profiling).
+        // BENCH_PERF_CG=dwarf: unwind with DWARF (a release build with debug info).
         let perf = std::env::var_os("BENCH_PERF").map(|out| {
+            let cg = std::env::var("BENCH_PERF_CG").unwrap_or_else(|_| "fp".into());
             let c = Command::new("perf")
-                .args(["record", "-q", "-F", "2000", "-g", "-o"])
+                .args(["record", "-q", "-F", "1000", "--call-graph", &cg, "-o"])
                 .arg(out)
                 .args(["-p", &d.pid().to_string()])
                 .stdout(Stdio::null())
