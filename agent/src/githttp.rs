@@ -45,6 +45,8 @@ struct Context {
     auth_failed: Cell<bool>,
     /// What libgit2 is shown of a receive-pack ref advertisement ([`Scope::with_ref_filter`]).
     ref_filter: Option<RefFilter>,
+    /// The pack a push sends in place of libgit2's empty one ([`Scope::with_pack`]).
+    pack: Option<PackSource>,
 }
 
 /// One line of a ref advertisement: an object id (hex) and a ref name (`.have` for an
@@ -60,6 +62,12 @@ pub struct AdvertisedRef {
 /// tree, so a push shows it only what the new objects are based on (see
 /// `save::push_bases`).
 pub type RefFilter = Box<dyn Fn(&[AdvertisedRef]) -> Vec<AdvertisedRef>>;
+
+/// Given the new ids of a push's commands, the pack to send (a file and its length),
+/// or `None` to send libgit2's. Asked only when libgit2's pack is empty: the ref
+/// filter showed it the pushed tips as objects the server has, so that it would not
+/// read (and hold) every object it sends (see `save::pack`).
+pub type PackSource = Box<dyn Fn(&[git2::Oid]) -> io::Result<Option<(std::fs::File, u64)>>>;
 
 thread_local! {
     static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
@@ -82,6 +90,7 @@ impl Scope {
                 next: Cell::new(0),
                 auth_failed: Cell::new(false),
                 ref_filter: None,
+                pack: None,
             })
         });
         Scope(())
@@ -103,6 +112,16 @@ impl Scope {
         CONTEXT.with(|c| {
             if let Some(c) = c.borrow_mut().as_mut() {
                 c.ref_filter = Some(filter);
+            }
+        });
+        self
+    }
+
+    /// Send `source`'s pack with a push whose own pack libgit2 left empty.
+    pub fn with_pack(self, source: PackSource) -> Scope {
+        CONTEXT.with(|c| {
+            if let Some(c) = c.borrow_mut().as_mut() {
+                c.pack = Some(source);
             }
         });
         self
@@ -382,13 +401,17 @@ impl SmartSubtransport for HttpTransport {
     }
 }
 
-/// A request body: what libgit2 wrote before its first read.
+/// A request body: what libgit2 wrote before its first read (then, for a push whose
+/// pack the scope makes, the pack's file after it).
 #[derive(Default)]
 struct Body {
     memory: Vec<u8>,
     file: Option<std::fs::File>,
     len: u64,
 }
+
+/// The length of an empty version 2 pack: its header and its SHA-1.
+const EMPTY_PACK_LEN: usize = 12 + 20;
 
 impl Body {
     fn write(&mut self, data: &[u8]) -> io::Result<()> {
@@ -411,10 +434,63 @@ impl Body {
             Some(f) => {
                 let mut f = f.try_clone()?;
                 f.rewind()?;
-                reqwest::blocking::Body::sized(f, self.len)
+                let head = io::Cursor::new(self.memory.clone());
+                reqwest::blocking::Body::sized(head.chain(f), self.len)
             }
             None => reqwest::blocking::Body::from(self.memory.clone()),
         })
+    }
+
+    /// A push body of commands and an empty pack: the commands' new ids and where the
+    /// pack starts. `None` for anything else (libgit2's pack is then sent as it is).
+    fn empty_push(&self) -> Option<(Vec<git2::Oid>, usize)> {
+        if self.file.is_some() {
+            return None;
+        }
+        let data = &self.memory;
+        let mut at = 0;
+        let mut news = Vec::new();
+        loop {
+            let len =
+                usize::from_str_radix(std::str::from_utf8(data.get(at..at + 4)?).ok()?, 16).ok()?;
+            if len == 0 {
+                at += 4;
+                break;
+            }
+            let line = data.get(at + 4..at + len)?;
+            let text = std::str::from_utf8(line.split(|b| *b == 0).next()?).ok()?;
+            let mut words = text.split(' ');
+            let (_old, new) = (words.next()?, words.next()?);
+            let new = git2::Oid::from_str(new).ok()?;
+            if !new.is_zero() {
+                news.push(new);
+            }
+            at += len;
+        }
+        let pack = &data[at..];
+        let empty = pack.len() == EMPTY_PACK_LEN
+            && pack.starts_with(b"PACK")
+            && pack[4..12] == [0, 0, 0, 2, 0, 0, 0, 0];
+        (empty && !news.is_empty()).then_some((news, at))
+    }
+
+    /// Replace an empty push pack by the scope's pack (see [`PackSource`]).
+    fn use_scope_pack(&mut self) -> io::Result<()> {
+        let Some((news, at)) = self.empty_push() else {
+            return Ok(());
+        };
+        let made = CONTEXT.with(
+            |c| match c.borrow().as_ref().and_then(|c| c.pack.as_ref()) {
+                Some(source) => source(&news),
+                None => Ok(None),
+            },
+        )?;
+        if let Some((file, len)) = made {
+            self.memory.truncate(at);
+            self.len = at as u64 + len;
+            self.file = Some(file);
+        }
+        Ok(())
     }
 }
 
@@ -446,6 +522,9 @@ impl Stream {
     /// reply is git's.
     fn send(&mut self) -> io::Result<reqwest::blocking::Response> {
         let url = self.url();
+        if !self.ls && self.service == "receive-pack" {
+            self.body.use_scope_pack()?;
+        }
         loop {
             let (mut cred, timeout, http) = CONTEXT.with(|c| {
                 let c = c.borrow();

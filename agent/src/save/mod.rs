@@ -23,6 +23,7 @@ pub mod fsids;
 pub mod journal;
 mod lease;
 mod objects;
+mod pack;
 pub mod quiet;
 mod refresh;
 pub mod remote_check;

@@ -1302,9 +1302,11 @@ fn push_once(
         .config()
         .map(|c| crate::githttp::HttpConfig::from_git(&c, &plan.display, &crate::paths::home_dir()))
         .unwrap_or_default();
+    let (filter, pack) = push_bases(repo, plan, candidates);
     let scope = crate::githttp::Scope::new(creds, Some(deadline))
         .with_http(http)
-        .with_ref_filter(push_bases_filter(repo, plan, candidates));
+        .with_ref_filter(filter)
+        .with_pack(pack);
     let rejected: RefCell<Vec<String>> = RefCell::new(Vec::new());
     // What the remote says on git's sideband (hook output: `remote: ...` in git's CLI).
     let said: RefCell<Vec<u8>> = RefCell::new(Vec::new());
@@ -1390,14 +1392,14 @@ fn push_once(
     Ok(())
 }
 
-/// What libgit2 is shown of the remote's refs for this push: the refs pushed and the
-/// commits the push is based on ([`super::bases`]), with the upstream tracking tips of
-/// HEAD's branch and of the other branches pushed as what the remote is known to have.
-fn push_bases_filter(
+/// What libgit2 is shown of the remote's refs for this push and the pack sent in place
+/// of its own ([`super::bases`]), with the upstream tracking tips of HEAD's branch and
+/// of the other branches pushed as what the remote is known to have.
+fn push_bases(
     repo: &Repository,
     plan: &PushPlan,
     refspecs: &[String],
-) -> crate::githttp::RefFilter {
+) -> (crate::githttp::RefFilter, crate::githttp::PackSource) {
     let head = repo
         .head()
         .ok()
@@ -1408,7 +1410,7 @@ fn push_bases_filter(
         .map(String::as_str)
         .chain(plan.extra.iter().map(|e| e.branch.as_str()));
     let known = super::bases::upstreams(repo, branches);
-    super::bases::ref_filter(repo.path().to_path_buf(), refspecs, known)
+    super::bases::for_push(repo.path().to_path_buf(), refspecs, known)
 }
 
 /// Bytes of the remote's sideband text kept for an error message.

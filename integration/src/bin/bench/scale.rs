@@ -463,7 +463,12 @@ fn large(s: &Settings, rows: &mut Vec<Row>) {
                 .args(["bs=1M", &format!("count={mb}"), "status=none"]));
         },
     );
-    fx.extra_config = format!("max_file_size = {}\n", (mb + 100) << 20);
+    // git takes about a minute for 500 MiB here: more than the default stop budget
+    // (25 s), which would cut either tool's push.
+    fx.extra_config = format!(
+        "max_file_size = {}\n[shutdown]\nbudget = \"10m\"\n",
+        (mb + 100) << 20
+    );
     let (mut w, mut wp, mut g, mut gp) = Default::default();
     for r in 0..s.runs.min(2) {
         note(format!("large run {}", r + 1));

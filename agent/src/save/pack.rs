@@ -1,0 +1,405 @@
+//! The pack a push sends, written here instead of by libgit2's packbuilder.
+//!
+//! libgit2 builds a push's pack in memory object by object: each object is read whole
+//! (a loose one twice over: its compressed file, then the inflated object), considered
+//! for deltas, and deflated. A new 500 MiB file made a save peak at a gigabyte (issue
+//! 16), and several at once (`save.parallelism`) could make PID 1 the process the OOM
+//! killer picks. [`write`] streams instead: the objects a push must send are found from
+//! the commits alone, by comparing each new commit's tree with its parents' (entries
+//! the same at the same path are never opened, so the cost follows the change, not the
+//! repository), and written one after the other into a file as a version 2 pack with no
+//! deltas; a large blob is read from its loose object through an inflating reader and
+//! deflated again a buffer at a time. The push's memory stays a few buffers, whatever
+//! the size of the files.
+//!
+//! The HTTP transport ([`crate::githttp`]) sends this pack in place of libgit2's, which
+//! is empty because the push shows libgit2 the new tips as objects the server has
+//! (`save::bases`). Only git's smart HTTP goes through that transport; a push to a
+//! local path or over SSH keeps libgit2's own pack.
+//!
+//! No deltas: a save's new objects are the changed files and the trees above them, and
+//! libgit2's push made no deltas against what the remote has either (no thin packs).
+//! A large blob the repository holds only in a pack (not loose) is read whole: a
+//! save writes every new large file loose, so only an old commit's file that `git gc`
+//! packed before it was ever pushed takes that path.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use flate2::Compression;
+use flate2::read::ZlibDecoder;
+use flate2::write::ZlibEncoder;
+use git2::{ObjectType, Oid, Repository, Tree};
+use sha1::{Digest, Sha1};
+
+/// Blobs this large are streamed (and deflated at zlib's fastest level, as git stores
+/// loose objects): the same bound as the save's own streaming of large files.
+const STREAM_AT: usize = super::objects::LARGE_BLOB as usize;
+/// The buffer a large blob moves through.
+const CHUNK: usize = 256 * 1024;
+
+/// What a written pack holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub objects: u32,
+    pub bytes: u64,
+}
+
+/// The objects the remote lacks for `tips`, given the commits it has (`have`): every
+/// commit reachable from a tip and not from `have`, and of each one's tree what is not
+/// the same at the same path in one of its parents' trees. A parent missing locally (a
+/// shallow clone) counts as having nothing.
+pub(crate) fn objects(
+    repo: &Repository,
+    tips: &[Oid],
+    have: &[Oid],
+) -> Result<Vec<(Oid, ObjectType)>, git2::Error> {
+    let mut walk = repo.revwalk()?;
+    for t in tips {
+        walk.push(*t)?;
+    }
+    for h in have {
+        // Not a commit, or not here: nothing to hide.
+        let _ = walk.hide(*h);
+    }
+    let mut out = Vec::new();
+    let mut seen: HashSet<Oid> = HashSet::new();
+    for id in walk {
+        let commit = repo.find_commit(id?)?;
+        if !seen.insert(commit.id()) {
+            continue;
+        }
+        out.push((commit.id(), ObjectType::Commit));
+        let bases: Vec<Tree<'_>> = commit.parents().filter_map(|p| p.tree().ok()).collect();
+        let tree = commit.tree()?;
+        if bases.iter().any(|b| b.id() == tree.id()) {
+            continue;
+        }
+        add_tree(repo, &tree, &bases, &mut seen, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// `tree` and what under it is not the same in `bases` (the same directory in the
+/// parents), depth first.
+fn add_tree(
+    repo: &Repository,
+    tree: &Tree<'_>,
+    bases: &[Tree<'_>],
+    seen: &mut HashSet<Oid>,
+    out: &mut Vec<(Oid, ObjectType)>,
+) -> Result<(), git2::Error> {
+    if !seen.insert(tree.id()) {
+        return Ok(());
+    }
+    out.push((tree.id(), ObjectType::Tree));
+    for entry in tree.iter() {
+        let id = entry.id();
+        let kind = match entry.kind() {
+            Some(k @ (ObjectType::Blob | ObjectType::Tree)) => k,
+            // A submodule's commit lives in another repository.
+            _ => continue,
+        };
+        if seen.contains(&id) {
+            continue;
+        }
+        let name = entry.name_bytes();
+        let same: Vec<Option<Oid>> = bases
+            .iter()
+            .map(|b| b.get_name_bytes(name).map(|e| e.id()))
+            .collect();
+        if same.contains(&Some(id)) {
+            continue;
+        }
+        if kind == ObjectType::Blob {
+            seen.insert(id);
+            out.push((id, kind));
+            continue;
+        }
+        let sub: Vec<Tree<'_>> = bases
+            .iter()
+            .filter_map(|b| b.get_name_bytes(name))
+            .filter(|e| e.kind() == Some(ObjectType::Tree))
+            .filter_map(|e| repo.find_tree(e.id()).ok())
+            .collect();
+        add_tree(repo, &repo.find_tree(id)?, &sub, seen, out)?;
+    }
+    Ok(())
+}
+
+/// Write a pack of `objects` of `repo` to `out`; returns what it holds.
+pub(crate) fn write(
+    repo: &Repository,
+    objects: &[(Oid, ObjectType)],
+    out: File,
+) -> Result<Written, PackError> {
+    let count = u32::try_from(objects.len())
+        .map_err(|_| PackError::Other("more than 2^32 objects to push".into()))?;
+    let odb = repo.odb()?;
+    let loose_dir = repo.commondir().join("objects");
+    let mut w = Hashing {
+        out: BufWriter::with_capacity(CHUNK, out),
+        hash: Sha1::new(),
+        bytes: 0,
+    };
+    w.write_all(b"PACK")?;
+    w.write_all(&2u32.to_be_bytes())?;
+    w.write_all(&count.to_be_bytes())?;
+    for (id, _) in objects {
+        let (size, kind) = odb.read_header(*id)?;
+        if kind == ObjectType::Blob && size >= STREAM_AT {
+            write_large_blob(&odb, &loose_dir, *id, size, &mut w)?;
+        } else {
+            let obj = odb.read(*id)?;
+            entry_header(&mut w, obj.kind(), obj.len())?;
+            let mut z = ZlibEncoder::new(&mut w, Compression::default());
+            z.write_all(obj.data())?;
+            z.finish()?;
+        }
+    }
+    let digest = w.hash.finalize();
+    let mut out = w.out;
+    out.write_all(&digest)?;
+    out.flush()?;
+    Ok(Written {
+        objects: count,
+        bytes: w.bytes + digest.len() as u64,
+    })
+}
+
+/// A large blob, inflated from its loose object and deflated into the pack a buffer at
+/// a time; read whole only when it is not loose.
+fn write_large_blob(
+    odb: &git2::Odb<'_>,
+    loose_dir: &std::path::Path,
+    id: Oid,
+    size: usize,
+    w: &mut Hashing,
+) -> Result<(), PackError> {
+    let hex = id.to_string();
+    let path: PathBuf = loose_dir.join(&hex[..2]).join(&hex[2..]);
+    let Ok(file) = File::open(&path) else {
+        let obj = odb.read(id)?;
+        entry_header(w, ObjectType::Blob, obj.len())?;
+        let mut z = ZlibEncoder::new(w, Compression::fast());
+        z.write_all(obj.data())?;
+        z.finish()?;
+        return Ok(());
+    };
+    let mut src = ZlibDecoder::new(BufReader::with_capacity(CHUNK, file));
+    // The loose object's header: `blob <size>\0`.
+    let mut head = Vec::with_capacity(32);
+    let mut b = [0u8; 1];
+    loop {
+        src.read_exact(&mut b)
+            .map_err(|e| PackError::Object(id, format!("reading its header: {e}")))?;
+        if b[0] == 0 {
+            break;
+        }
+        head.push(b[0]);
+        if head.len() > 32 {
+            return Err(PackError::Object(id, "its header is not git's".into()));
+        }
+    }
+    if head != format!("blob {size}").as_bytes() {
+        return Err(PackError::Object(
+            id,
+            format!("its header says {:?}", String::from_utf8_lossy(&head)),
+        ));
+    }
+    entry_header(w, ObjectType::Blob, size)?;
+    let mut z = ZlibEncoder::new(w, Compression::fast());
+    let copied = io::copy(&mut (&mut src).take(size as u64), &mut z)?;
+    if copied != size as u64 || src.read(&mut b)? != 0 {
+        return Err(PackError::Object(
+            id,
+            format!("holds a different number of bytes than its header's {size}"),
+        ));
+    }
+    z.finish()?;
+    Ok(())
+}
+
+/// A pack entry's header: the type and the size, seven bits at a time.
+fn entry_header(w: &mut impl Write, kind: ObjectType, size: usize) -> io::Result<()> {
+    let t: u8 = match kind {
+        ObjectType::Commit => 1,
+        ObjectType::Tree => 2,
+        ObjectType::Blob => 3,
+        ObjectType::Tag => 4,
+        other => return Err(io::Error::other(format!("cannot pack a {other} object"))),
+    };
+    let mut size = size as u64;
+    let mut head = Vec::with_capacity(10);
+    let mut byte = (t << 4) | (size & 0x0f) as u8;
+    size >>= 4;
+    while size > 0 {
+        head.push(byte | 0x80);
+        byte = (size & 0x7f) as u8;
+        size >>= 7;
+    }
+    head.push(byte);
+    w.write_all(&head)
+}
+
+/// The pack file, its SHA-1 kept as it is written (git's pack trailer).
+struct Hashing {
+    out: BufWriter<File>,
+    hash: Sha1,
+    bytes: u64,
+}
+
+impl Write for Hashing {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(data)?;
+        self.hash.update(&data[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// Why a pack could not be written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PackError {
+    #[error("{}", .0.message())]
+    Git(#[from] git2::Error),
+    #[error("writing the pack: {0}")]
+    Io(#[from] io::Error),
+    #[error("object {0}: {1}")]
+    Object(Oid, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .expect("git runs");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// A repository whose remote has its first commit; then two local commits on top
+    /// (a change deep in a directory, a new large file) and a merge of a side branch.
+    /// The pack of what the remote lacks, fed to git's `index-pack` in the remote,
+    /// makes the remote hold the whole new history, and nothing it had is in the pack.
+    #[test]
+    fn the_pack_holds_exactly_what_the_remote_lacks_and_git_reads_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let work = tmp.path().join("work");
+        let remote = tmp.path().join("remote.git");
+        std::fs::create_dir_all(work.join("a/b")).unwrap();
+        git(
+            tmp.path(),
+            &["init", "-q", "-b", "main", work.to_str().unwrap()],
+        );
+        git(
+            tmp.path(),
+            &["init", "-q", "--bare", remote.to_str().unwrap()],
+        );
+        for i in 0..20 {
+            std::fs::write(work.join(format!("a/b/f{i}.txt")), format!("file {i}\n")).unwrap();
+            std::fs::write(work.join(format!("top{i}.txt")), format!("top {i}\n")).unwrap();
+        }
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-qm", "base"]);
+        let base = git(&work, &["rev-parse", "HEAD"]);
+        git(&work, &["push", "-q", remote.to_str().unwrap(), "main"]);
+
+        git(&work, &["checkout", "-qb", "side"]);
+        std::fs::write(work.join("side.txt"), "side\n").unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-qm", "side"]);
+        git(&work, &["checkout", "-q", "main"]);
+        std::fs::write(work.join("a/b/f3.txt"), "changed\n").unwrap();
+        git(&work, &["commit", "-qam", "change"]);
+        // Random-looking bytes past the streaming bound, written loose by git.
+        let big: Vec<u8> = (0..(STREAM_AT + 12345) as u64)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(work.join("a/big.bin"), &big).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-qm", "big"]);
+        git(&work, &["merge", "-q", "--no-edit", "side"]);
+        let tip = git(&work, &["rev-parse", "HEAD"]);
+
+        let repo = Repository::open(&work).unwrap();
+        let tip_id = Oid::from_str(&tip).unwrap();
+        let list = objects(&repo, &[tip_id], &[Oid::from_str(&base).unwrap()]).unwrap();
+        let ids: HashSet<String> = list.iter().map(|(id, _)| id.to_string()).collect();
+        // 4 commits; trees: root ×4 (change, big, side, merge), a ×2, a/b ×1; blobs:
+        // f3, big, side.
+        assert_eq!(list.len(), 4 + 7 + 3, "{list:?}");
+        let had = git(&work, &["rev-parse", &format!("{base}:a/b/f4.txt")]);
+        assert!(!ids.contains(&had), "an unchanged file is not sent");
+
+        let file = tempfile::tempfile().unwrap();
+        let written = write(&repo, &list, file.try_clone().unwrap()).unwrap();
+        assert_eq!(written.objects as usize, list.len());
+        assert_eq!(file.metadata().unwrap().len(), written.bytes);
+        let mut file = file;
+        std::io::Seek::rewind(&mut file).unwrap();
+        let mut child = Command::new("git")
+            .arg("-C")
+            .arg(&remote)
+            .args(["index-pack", "--stdin", "--strict"])
+            .stdin(Stdio::from(file))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(child.success());
+        child = Command::new("git")
+            .arg("-C")
+            .arg(&remote)
+            .args(["update-ref", "refs/heads/main", &tip])
+            .status()
+            .unwrap();
+        assert!(child.success());
+        git(&remote, &["fsck", "--strict", "--no-dangling"]);
+        assert_eq!(
+            git(&remote, &["rev-parse", "main:a/big.bin"]),
+            git(&work, &["rev-parse", "HEAD:a/big.bin"])
+        );
+        assert_eq!(
+            git(&remote, &["cat-file", "-s", "main:a/big.bin"]),
+            big.len().to_string()
+        );
+    }
+
+    #[test]
+    fn entry_headers_are_git_varints() {
+        let mut v = Vec::new();
+        entry_header(&mut v, ObjectType::Blob, 15).unwrap();
+        assert_eq!(v, [0x3f]);
+        v.clear();
+        entry_header(&mut v, ObjectType::Commit, 16).unwrap();
+        assert_eq!(v, [0x90, 0x01]);
+        v.clear();
+        entry_header(&mut v, ObjectType::Tree, 500 << 20).unwrap();
+        // 500 MiB = 0x1F400000: the low nibble 0, then 0x1F40000 seven bits at a time.
+        assert_eq!(v, [0xa0, 0x80, 0x80, 0xd0, 0x0f]);
+    }
+}
