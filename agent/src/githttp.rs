@@ -63,11 +63,15 @@ pub struct AdvertisedRef {
 /// `save::push_bases`).
 pub type RefFilter = Box<dyn Fn(&[AdvertisedRef]) -> Vec<AdvertisedRef>>;
 
-/// Given the new ids of a push's commands, the pack to send (a file and its length),
-/// or `None` to send libgit2's. Asked only when libgit2's pack is empty: the ref
-/// filter showed it the pushed tips as objects the server has, so that it would not
-/// read (and hold) every object it sends (see `save::pack`).
-pub type PackSource = Box<dyn Fn(&[git2::Oid]) -> io::Result<Option<(std::fs::File, u64)>>>;
+/// Given the new ids of a push's commands, the pack to send, read into the request as
+/// it is made (sent chunked), or `None` to send libgit2's. Asked only when libgit2's
+/// pack is empty (the ref filter showed it the pushed tips as objects the server has,
+/// so that it would not read and hold every object it sends; see `save::pack`), and
+/// again for each retry of the request. The reader is read on the pushing thread.
+pub type PackSource = Box<dyn Fn(&[git2::Oid]) -> io::Result<Option<PackBody>>>;
+
+/// A pack made while it is read.
+pub type PackBody = Box<dyn Read + Send>;
 
 thread_local! {
     static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
@@ -401,17 +405,37 @@ impl SmartSubtransport for HttpTransport {
     }
 }
 
-/// A request body: what libgit2 wrote before its first read (then, for a push whose
-/// pack the scope makes, the pack's file after it).
+/// A request body: what libgit2 wrote before its first read (for a push whose pack the
+/// scope makes, the commands, then that pack).
 #[derive(Default)]
 struct Body {
     memory: Vec<u8>,
     file: Option<std::fs::File>,
     len: u64,
+    /// The scope makes the pack after `memory`: the push's new ids, and the first
+    /// pack made (a retry asks for another).
+    pack: Option<(Vec<git2::Oid>, Option<PackBody>)>,
+    /// Bytes of the scope's pack read into requests so far.
+    pack_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The length of an empty version 2 pack: its header and its SHA-1.
 const EMPTY_PACK_LEN: usize = 12 + 20;
+
+/// A reader that counts what is read from it.
+struct Counted<R> {
+    inner: R,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
 
 impl Body {
     fn write(&mut self, data: &[u8]) -> io::Result<()> {
@@ -429,13 +453,32 @@ impl Body {
         Ok(())
     }
 
-    fn request_body(&self) -> io::Result<reqwest::blocking::Body> {
+    fn request_body(&mut self) -> io::Result<reqwest::blocking::Body> {
+        if let Some((news, first)) = self.pack.as_mut() {
+            let pack = match first.take() {
+                Some(p) => p,
+                None => CONTEXT
+                    .with(
+                        |c| match c.borrow().as_ref().and_then(|c| c.pack.as_ref()) {
+                            Some(source) => source(news),
+                            None => Ok(None),
+                        },
+                    )?
+                    .ok_or_else(|| other("the push's pack cannot be made again for a retry"))?,
+            };
+            self.pack_sent
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let head = io::Cursor::new(self.memory.clone());
+            return Ok(reqwest::blocking::Body::new(head.chain(Counted {
+                inner: pack,
+                count: self.pack_sent.clone(),
+            })));
+        }
         Ok(match &self.file {
             Some(f) => {
                 let mut f = f.try_clone()?;
                 f.rewind()?;
-                let head = io::Cursor::new(self.memory.clone());
-                reqwest::blocking::Body::sized(head.chain(f), self.len)
+                reqwest::blocking::Body::sized(f, self.len)
             }
             None => reqwest::blocking::Body::from(self.memory.clone()),
         })
@@ -485,12 +528,17 @@ impl Body {
                 None => Ok(None),
             },
         )?;
-        if let Some((file, len)) = made {
+        if let Some(pack) = made {
             self.memory.truncate(at);
-            self.len = at as u64 + len;
-            self.file = Some(file);
+            self.len = at as u64;
+            self.pack = Some((news, Some(pack)));
         }
         Ok(())
+    }
+
+    /// Bytes sent (or being sent) by the last request.
+    fn sent(&self) -> u64 {
+        self.len + self.pack_sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -624,7 +672,7 @@ impl Stream {
                 )));
             }
             if !self.ls && self.service == "receive-pack" {
-                crate::metrics::pushed_bytes(self.body.len);
+                crate::metrics::pushed_bytes(self.body.sent());
             }
             if let Some(note) = &self.redirected {
                 let landed = resp.url().as_str();
@@ -849,6 +897,38 @@ impl Write for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// libgit2's push body when its pack is empty: the commands' new ids are found and
+    /// the pack's place; a pack with objects in it, or a delete only, is left alone.
+    #[test]
+    fn an_empty_push_pack_is_recognised_and_nothing_else() {
+        let old = "1".repeat(40);
+        let new = "2".repeat(40);
+        let cmd = pkt(&format!(
+            "{old} {new} refs/heads/x\0report-status side-band-64k\n"
+        ));
+        let cmd2 = pkt(&format!("{} {new} refs/heads/y\n", "0".repeat(40)));
+        let delete = pkt(&format!("{old} {} refs/heads/z\n", "0".repeat(40)));
+        let mut empty = b"PACK\0\0\0\x02\0\0\0\0".to_vec();
+        empty.extend_from_slice(&[7u8; 20]);
+        let mut full = b"PACK\0\0\0\x02\0\0\0\x01".to_vec();
+        full.extend_from_slice(&[7u8; 20]);
+        let body = |parts: &[&[u8]]| Body {
+            memory: parts.concat(),
+            ..Body::default()
+        };
+        let head = format!("{cmd}{cmd2}0000");
+        let (news, at) = body(&[head.as_bytes(), &empty]).empty_push().unwrap();
+        assert_eq!(news, vec![git2::Oid::from_str(&new).unwrap(); 2]);
+        assert_eq!(at, head.len());
+        assert!(body(&[head.as_bytes(), &full]).empty_push().is_none());
+        assert!(
+            body(&[format!("{delete}0000").as_bytes(), &empty])
+                .empty_push()
+                .is_none()
+        );
+        assert!(body(&[b"garbage"]).empty_push().is_none());
+    }
 
     #[test]
     fn userinfo_is_never_part_of_the_request_url() {

@@ -81,19 +81,16 @@ pub(crate) fn for_push(
         };
         let t = std::time::Instant::now();
         let fail =
-            |e: super::pack::PackError| std::io::Error::other(format!("building the pack: {e}"));
+            |e: super::pack::PackError| std::io::Error::other(format!("making the pack: {e}"));
         let repo = Repository::open(&repo_dir).map_err(|e| fail(e.into()))?;
         let objects = super::pack::objects(&repo, tips, &had).map_err(|e| fail(e.into()))?;
-        let file = tempfile::tempfile_in(repo.commondir().join("objects"))
-            .or_else(|_| tempfile::tempfile())?;
-        let written = super::pack::write(&repo, &objects, file.try_clone()?).map_err(fail)?;
         tracing::debug!(
-            objects = written.objects,
-            bytes = written.bytes,
+            objects = objects.len(),
             took_ms = t.elapsed().as_millis() as u64,
-            "push pack"
+            "push pack: objects found"
         );
-        Ok(Some((file, written.bytes)))
+        let pack = super::pack::PackReader::new(repo, objects).map_err(fail)?;
+        Ok(Some(Box::new(pack) as crate::githttp::PackBody))
     });
     (filter, source)
 }

@@ -7,10 +7,12 @@
 //! killer picks. [`write`] streams instead: the objects a push must send are found from
 //! the commits alone, by comparing each new commit's tree with its parents' (entries
 //! the same at the same path are never opened, so the cost follows the change, not the
-//! repository), and written one after the other into a file as a version 2 pack with no
-//! deltas; a large blob is read from its loose object through an inflating reader and
-//! deflated again a buffer at a time. The push's memory stays a few buffers, whatever
-//! the size of the files.
+//! repository), and made one after the other as a version 2 pack with no deltas while
+//! the HTTP client reads it into the request ([`PackReader`]); a large blob is read
+//! from its loose object through an inflating reader and deflated again a buffer at a
+//! time (at zlib's fastest level, or stored when a sample does not shrink:
+//! `objects::level_for`). The push's memory stays a few buffers, whatever the size of the files, and
+//! the server unpacks while the pack is still being made.
 //!
 //! The HTTP transport ([`crate::githttp`]) sends this pack in place of libgit2's, which
 //! is empty because the push shows libgit2 the new tips as objects the server has
@@ -25,7 +27,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::path::PathBuf;
 
 use flate2::Compression;
@@ -33,6 +35,8 @@ use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
 use git2::{ObjectType, Oid, Repository, Tree};
 use sha1::{Digest, Sha1};
+
+use super::objects::{level_for, read_full};
 
 /// Blobs this large are streamed (and deflated at zlib's fastest level, as git stores
 /// loose objects): the same bound as the save's own streaming of large files.
@@ -129,67 +133,196 @@ fn add_tree(
     Ok(())
 }
 
-/// Write a pack of `objects` of `repo` to `out`; returns what it holds.
-pub(crate) fn write(
-    repo: &Repository,
-    objects: &[(Oid, ObjectType)],
-    out: File,
-) -> Result<Written, PackError> {
-    let count = u32::try_from(objects.len())
-        .map_err(|_| PackError::Other("more than 2^32 objects to push".into()))?;
-    let odb = repo.odb()?;
-    let loose_dir = repo.commondir().join("objects");
-    let mut w = Hashing {
-        out: BufWriter::with_capacity(CHUNK, out),
-        hash: Sha1::new(),
-        bytes: 0,
-    };
-    w.write_all(b"PACK")?;
-    w.write_all(&2u32.to_be_bytes())?;
-    w.write_all(&count.to_be_bytes())?;
-    for (id, _) in objects {
-        let (size, kind) = odb.read_header(*id)?;
-        if kind == ObjectType::Blob && size >= STREAM_AT {
-            write_large_blob(&odb, &loose_dir, *id, size, &mut w)?;
-        } else {
-            let obj = odb.read(*id)?;
-            entry_header(&mut w, obj.kind(), obj.len())?;
-            let mut z = ZlibEncoder::new(&mut w, Compression::default());
-            z.write_all(obj.data())?;
-            z.finish()?;
-        }
-    }
-    let digest = w.hash.finalize();
-    let mut out = w.out;
-    out.write_all(&digest)?;
-    out.flush()?;
-    Ok(Written {
-        objects: count,
-        bytes: w.bytes + digest.len() as u64,
-    })
+/// A version 2 pack of `objects`, produced as it is read: the HTTP transport reads it
+/// straight into the request body, so the pack is made while the server receives it
+/// and never held in memory or on disk whole. Reads run on the caller's thread (as the
+/// repository's owner, see `fsids`).
+pub(crate) struct PackReader {
+    repo: Repository,
+    loose_dir: PathBuf,
+    objects: std::vec::IntoIter<(Oid, ObjectType)>,
+    /// Bytes made and not yet read, from `at`.
+    out: Vec<u8>,
+    at: usize,
+    /// The SHA-1 of everything so far; `None` once the trailer is out.
+    hash: Option<Sha1>,
+    large: Option<Large>,
+    buf: Vec<u8>,
+    written: Written,
 }
 
-/// A large blob, inflated from its loose object and deflated into the pack a buffer at
-/// a time; read whole only when it is not loose.
-fn write_large_blob(
-    odb: &git2::Odb<'_>,
+/// A large blob being moved: inflated from its loose object, deflated into the pack.
+struct Large {
+    id: Oid,
+    src: ZlibDecoder<BufReader<File>>,
+    z: ZlibEncoder<Vec<u8>>,
+    left: u64,
+    size: usize,
+}
+
+impl PackReader {
+    pub(crate) fn new(
+        repo: Repository,
+        objects: Vec<(Oid, ObjectType)>,
+    ) -> Result<PackReader, PackError> {
+        let count = u32::try_from(objects.len())
+            .map_err(|_| PackError::Other("more than 2^32 objects to push".into()))?;
+        let loose_dir = repo.commondir().join("objects");
+        let mut r = PackReader {
+            repo,
+            loose_dir,
+            objects: objects.into_iter(),
+            out: Vec::with_capacity(CHUNK),
+            at: 0,
+            hash: Some(Sha1::new()),
+            large: None,
+            buf: Vec::new(),
+            written: Written {
+                objects: count,
+                bytes: 0,
+            },
+        };
+        r.emit(b"PACK");
+        r.emit(&2u32.to_be_bytes());
+        r.emit(&count.to_be_bytes());
+        Ok(r)
+    }
+
+    /// What the pack holds and how much of it has been made so far.
+    #[cfg(test)]
+    pub(crate) fn written(&self) -> Written {
+        self.written
+    }
+
+    fn emit(&mut self, data: &[u8]) {
+        if let Some(h) = self.hash.as_mut() {
+            h.update(data);
+        }
+        self.written.bytes += data.len() as u64;
+        self.out.extend_from_slice(data);
+    }
+
+    /// Make the next bytes of the pack; false once it is all out.
+    fn make(&mut self) -> Result<bool, PackError> {
+        if let Some(mut l) = self.large.take() {
+            if self.buf.len() != CHUNK {
+                self.buf = vec![0; CHUNK];
+            }
+            let want = CHUNK.min(l.left as usize);
+            let n = if want == 0 {
+                0
+            } else {
+                l.src.read(&mut self.buf[..want])?
+            };
+            if n > 0 {
+                l.z.write_all(&self.buf[..n])?;
+                l.left -= n as u64;
+                let made = std::mem::take(l.z.get_mut());
+                self.emit(&made);
+                self.large = Some(l);
+                return Ok(true);
+            }
+            if l.left != 0 || l.src.read(&mut [0u8; 1])? != 0 {
+                return Err(PackError::Object(
+                    l.id,
+                    format!(
+                        "holds a different number of bytes than its header's {}",
+                        l.size
+                    ),
+                ));
+            }
+            let rest = l.z.finish()?;
+            self.emit(&rest);
+            return Ok(true);
+        }
+        if let Some((id, _)) = self.objects.next() {
+            self.object(id)?;
+            return Ok(true);
+        }
+        if let Some(h) = self.hash.take() {
+            let digest = h.finalize();
+            self.written.bytes += digest.len() as u64;
+            self.out.extend_from_slice(&digest);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// One object: whole when small, or the start of a large blob's stream.
+    fn object(&mut self, id: Oid) -> Result<(), PackError> {
+        let (entry, large) = self.entry(id)?;
+        self.emit(&entry);
+        self.large = large;
+        Ok(())
+    }
+
+    /// An object's pack entry, or the header of one and the stream of the rest.
+    fn entry(&self, id: Oid) -> Result<(Vec<u8>, Option<Large>), PackError> {
+        let odb = self.repo.odb()?;
+        let (size, kind) = odb.read_header(id)?;
+        let mut entry = Vec::new();
+        if kind == ObjectType::Blob
+            && size >= STREAM_AT
+            && let Some(src) = loose_blob(&self.loose_dir, id, size)?
+        {
+            entry_header(&mut entry, kind, size)?;
+            let mut src = src;
+            let mut sample = vec![0u8; CHUNK.min(size)];
+            let n = read_full(&mut src, &mut sample)?;
+            let mut z = ZlibEncoder::new(Vec::with_capacity(CHUNK), level_for(&sample[..n]));
+            z.write_all(&sample[..n])?;
+            let large = Large {
+                id,
+                src,
+                z,
+                left: (size - n) as u64,
+                size,
+            };
+            return Ok((entry, Some(large)));
+        }
+        // Small, or a large blob that is not loose: read whole.
+        let obj = odb.read(id)?;
+        entry_header(&mut entry, obj.kind(), obj.len())?;
+        let level = if obj.len() >= STREAM_AT {
+            level_for(&obj.data()[..CHUNK.min(obj.len())])
+        } else {
+            Compression::default()
+        };
+        let mut z = ZlibEncoder::new(entry, level);
+        z.write_all(obj.data())?;
+        Ok((z.finish()?, None))
+    }
+}
+
+impl Read for PackReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.out.len() {
+            self.out.clear();
+            self.at = 0;
+            if !self.make().map_err(io::Error::other)? {
+                return Ok(0);
+            }
+        }
+        let n = buf.len().min(self.out.len() - self.at);
+        buf[..n].copy_from_slice(&self.out[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// The loose object of blob `id` (`size` bytes), positioned after its `blob <size>\0`
+/// header; `None` when it is not loose.
+fn loose_blob(
     loose_dir: &std::path::Path,
     id: Oid,
     size: usize,
-    w: &mut Hashing,
-) -> Result<(), PackError> {
+) -> Result<Option<ZlibDecoder<BufReader<File>>>, PackError> {
     let hex = id.to_string();
     let path: PathBuf = loose_dir.join(&hex[..2]).join(&hex[2..]);
     let Ok(file) = File::open(&path) else {
-        let obj = odb.read(id)?;
-        entry_header(w, ObjectType::Blob, obj.len())?;
-        let mut z = ZlibEncoder::new(w, Compression::fast());
-        z.write_all(obj.data())?;
-        z.finish()?;
-        return Ok(());
+        return Ok(None);
     };
     let mut src = ZlibDecoder::new(BufReader::with_capacity(CHUNK, file));
-    // The loose object's header: `blob <size>\0`.
     let mut head = Vec::with_capacity(32);
     let mut b = [0u8; 1];
     loop {
@@ -209,17 +342,7 @@ fn write_large_blob(
             format!("its header says {:?}", String::from_utf8_lossy(&head)),
         ));
     }
-    entry_header(w, ObjectType::Blob, size)?;
-    let mut z = ZlibEncoder::new(w, Compression::fast());
-    let copied = io::copy(&mut (&mut src).take(size as u64), &mut z)?;
-    if copied != size as u64 || src.read(&mut b)? != 0 {
-        return Err(PackError::Object(
-            id,
-            format!("holds a different number of bytes than its header's {size}"),
-        ));
-    }
-    z.finish()?;
-    Ok(())
+    Ok(Some(src))
 }
 
 /// A pack entry's header: the type and the size, seven bits at a time.
@@ -242,26 +365,6 @@ fn entry_header(w: &mut impl Write, kind: ObjectType, size: usize) -> io::Result
     }
     head.push(byte);
     w.write_all(&head)
-}
-
-/// The pack file, its SHA-1 kept as it is written (git's pack trailer).
-struct Hashing {
-    out: BufWriter<File>,
-    hash: Sha1,
-    bytes: u64,
-}
-
-impl Write for Hashing {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.out.write(data)?;
-        self.hash.update(&data[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
-    }
 }
 
 /// Why a pack could not be written.
@@ -356,11 +459,20 @@ mod tests {
         let had = git(&work, &["rev-parse", &format!("{base}:a/b/f4.txt")]);
         assert!(!ids.contains(&had), "an unchanged file is not sent");
 
-        let file = tempfile::tempfile().unwrap();
-        let written = write(&repo, &list, file.try_clone().unwrap()).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        let mut pack = PackReader::new(Repository::open(&work).unwrap(), list.clone()).unwrap();
+        // Read in odd-sized pieces, as the HTTP client does.
+        let mut piece = vec![0u8; 8191];
+        loop {
+            let n = pack.read(&mut piece).unwrap();
+            if n == 0 {
+                break;
+            }
+            file.write_all(&piece[..n]).unwrap();
+        }
+        let written = pack.written();
         assert_eq!(written.objects as usize, list.len());
         assert_eq!(file.metadata().unwrap().len(), written.bytes);
-        let mut file = file;
         std::io::Seek::rewind(&mut file).unwrap();
         let mut child = Command::new("git")
             .arg("-C")
