@@ -26,8 +26,8 @@
 //! file no filter applies to (no `text`/`eol`/`filter` attribute, no `core.autocrlf`
 //! conversion) is written by [`write_large_loose`]: one read of the file that hashes
 //! and deflates it, at zlib's fastest level as git stores loose objects, or stored
-//! without compression when a sample of it does not shrink (deflating random bytes runs
-//! at ~40 MB/s here and gains nothing; see [`level_for`]). One that needs a filter goes
+//! without compression when a sample of it does not shrink (deflating random bytes takes
+//! as long as deflating text and gains nothing; see [`level_for`]). One that needs a filter goes
 //! through libgit2 (`blob_path`) on a second handle of the repository.
 
 use std::ffi::{CString, c_char, c_int, c_void};
