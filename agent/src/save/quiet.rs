@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use agent_proto::save::{RepoOutcome, SaveResult};
 
 use super::worktree::{MAX_TOUCHED, WorktreeTree};
-use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::event::{AccessKind, AccessMode, EventKind, EventKindMask};
 use notify::{RecursiveMode, Watcher};
 
 /// How long a "nothing changed" record is trusted before the repository is looked at.
@@ -385,7 +385,12 @@ pub fn is_settled(outcome: &RepoOutcome) -> bool {
 impl Quiet {
     fn make_watcher(&self) -> Result<Watching, String> {
         let (state, synced) = (self.state.clone(), self.synced.clone());
-        let config = notify::Config::default().with_follow_symlinks(false);
+        // No access events but a write's close: a full look reads every file it cannot
+        // trust, and an `IN_OPEN` for each would flood the queue (16 384 events by
+        // default) with events that change nothing.
+        let config = notify::Config::default()
+            .with_follow_symlinks(false)
+            .with_event_kinds(EventKindMask::CORE | EventKindMask::ACCESS_CLOSE);
         let mut watcher = notify::RecommendedWatcher::new(
             move |ev: notify::Result<notify::Event>| on_event(&state, &synced, ev),
             config,
@@ -795,6 +800,39 @@ mod tests {
             }),
             other => panic!("expected a limited look, got {other:?}"),
         }
+    }
+
+    /// A full look reads every file whose stat data it cannot trust (refresh.rs): those
+    /// reads must not reach the watcher, or a large worktree's first look would fill the
+    /// kernel's event queue and the dirty set would lose track of every repository.
+    #[test]
+    fn reads_of_more_files_than_the_event_queue_holds_lose_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = std::fs::canonicalize(tmp.path()).unwrap().join("r");
+        std::fs::create_dir_all(&repo).unwrap();
+        std::fs::write(repo.join("a.txt"), "a").unwrap();
+        git(&repo, &["init", "-q"]);
+        let q = Quiet::new();
+        let (_, t) = q.look(&repo);
+        q.settle(&repo, t.unwrap(), &settled(&repo), Some(tree()));
+        let queue: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(16384);
+        {
+            // The handler held up (a busy machine): nothing drains the queue meanwhile.
+            let _held_up = lock(&q.state);
+            for _ in 0..queue + 1000 {
+                std::io::Read::read(
+                    &mut std::fs::File::open(repo.join("a.txt")).unwrap(),
+                    &mut [0u8; 4],
+                )
+                .unwrap();
+            }
+        }
+        assert!(q.sync(), "the marker's event never came");
+        assert_eq!(lock(&q.state).lost, 0, "events were lost");
+        assert!(q.known(&repo).is_some(), "reads ended the quiet");
     }
 
     #[test]

@@ -157,12 +157,14 @@ pub(crate) fn worktree_tree(
     }
     // A full look: files whose stat data is stale but whose bytes are the index's are
     // made to look unmodified first (refresh.rs), so libgit2 does not hash them again.
-    let written = std::fs::metadata(repo.path().join("index"))
-        .and_then(|m| m.modified())
-        .ok();
     let t0 = std::time::Instant::now();
     let mut fresh = match only {
-        None => super::refresh::refreshed_index(&index, &workdir, written, SystemTime::now())?,
+        None => {
+            let written = std::fs::metadata(repo.path().join("index"))
+                .and_then(|m| m.modified())
+                .ok();
+            super::refresh::refreshed_index(&index, &workdir, written, SystemTime::now())?
+        }
         Some(_) => None,
     };
     let t1 = std::time::Instant::now();
