@@ -25,8 +25,8 @@
 //! in the last [`SETTLE`] is left to libgit2 (it hashes it again): its timestamp may
 //! not tell a write made after ours from one before.
 
-use std::ffi::{CStr, CString};
-use std::io::Read;
+use std::ffi::CStr;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -153,16 +153,21 @@ impl Refreshed {
 /// Refresh the stat data of `entries` in place (see [`refreshed_index`]).
 fn refresh_part(entries: &mut [IndexEntry], dir: &std::fs::File, when: &When) -> Refreshed {
     let mut out = Refreshed::default();
-    let mut buf = Vec::new();
+    let (mut buf, mut name) = (Vec::new(), Vec::new());
     for e in entries {
         let stage = (e.flags >> 12) & 0x3;
         if stage != 0 || e.flags_extended & SKIP_OR_INTENT != 0 {
             continue;
         }
-        let Ok(rel) = CString::new(e.path.clone()) else {
+        // The path with its NUL, in a buffer kept for the whole part: no allocation per
+        // file.
+        name.clear();
+        name.extend_from_slice(&e.path);
+        name.push(0);
+        let Ok(rel) = CStr::from_bytes_with_nul(&name) else {
             continue;
         };
-        let Ok(st) = fstatat(dir, rel.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) else {
+        let Ok(st) = fstatat(dir, rel, AtFlags::AT_SYMLINK_NOFOLLOW) else {
             continue;
         };
         let mtime = index_time(st.st_mtime, st.st_mtime_nsec);
@@ -181,7 +186,7 @@ fn refresh_part(entries: &mut [IndexEntry], dir: &std::fs::File, when: &When) ->
         let mut verified = false;
         if regular && (!matches || racy) && changed < when.settled {
             out.hashed += 1;
-            if hash_at(dir, &rel, st.st_size as u64, &mut buf).is_some_and(|id| id == e.id) {
+            if hash_at(dir, rel, st.st_size as u64, &mut buf).is_some_and(|id| id == e.id) {
                 out.fresh += 1;
                 verified = true;
                 e.mtime = mtime;
@@ -213,7 +218,11 @@ fn hash_at(dir: &std::fs::File, rel: &CStr, len: u64, buf: &mut Vec<u8>) -> Opti
     .ok()?;
     let mut f = std::fs::File::from(fd);
     let mut h = Sha1::new();
-    h.update(format!("blob {len}\0").as_bytes());
+    let mut head = [0u8; 32];
+    let mut w = std::io::Cursor::new(&mut head[..]);
+    write!(w, "blob {len}\0").ok()?;
+    let n = w.position() as usize;
+    h.update(&head[..n]);
     // Read in pieces of at most SMALL bytes: a large file is never whole in memory.
     buf.resize(len.min(SMALL) as usize, 0);
     let mut left = len;
