@@ -2,7 +2,8 @@
 //! history and thousands of tags, a 100 000-file repository (time, peak memory, and the
 //! daemon's anonymous memory 10 s after the save), a 500 MiB new file, and the health of
 //! the user's repository after many saves. `BENCH_ONLY=scale` runs this section alone,
-//! `BENCH_SCALE=refs,memory,large,packs` picks its parts.
+//! `BENCH_SCALE=refs,memory,large,packs` picks its parts, `BENCH_FILES=10000,100000` the
+//! sizes of the many-files part.
 //!
 //! wsagent: a fresh release daemon per run, `wsagent save` timed, its `VmHWM` after the
 //! save as the peak. git: the same change in an identical clone, `git add -A && git
@@ -358,13 +359,28 @@ fn rss_anon(pid: u32) -> f64 {
     mib(pid, "RssAnon")
 }
 
-/// A 100 000-file repository, five changed and one new: time and peak beside git's, and
-/// the daemon's anonymous memory before the save and 10 s after it.
+/// Repositories of 10 000, 100 000 and 300 000 files (`BENCH_FILES=100000,…` picks; a
+/// quick run does 100 000 only), five changed and one new: time and peak beside git's,
+/// and the daemon's anonymous memory before the save and 10 s after it.
 fn memory(s: &Settings, rows: &mut Vec<Row>) {
-    let files: usize = std::env::var("BENCH_FILES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let sizes: Vec<usize> = match std::env::var("BENCH_FILES") {
+        Ok(v) => v
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("BENCH_FILES: numbers, comma-separated")
+            })
+            .collect(),
+        Err(_) if s.quick => vec![100_000],
+        Err(_) => vec![10_000, 100_000, 300_000],
+    };
+    for files in sizes {
+        memory_at(s, rows, files);
+    }
+}
+
+fn memory_at(s: &Settings, rows: &mut Vec<Row>, files: usize) {
     note(format!("scale: a {files}-file repository"));
     let fx = Fixture::build(
         "big",
@@ -394,7 +410,9 @@ fn memory(s: &Settings, rows: &mut Vec<Row>) {
     );
     let (mut w, mut wp, mut g, mut gp) = Default::default();
     let (mut idle, mut after) = (Stats::default(), Stats::default());
-    for r in 0..s.runs.min(3) {
+    // 300 000 files take minutes a run (mostly restoring the templates).
+    let runs = if files > 100_000 { 1 } else { s.runs.min(3) };
+    for r in 0..runs {
         note(format!("memory run {}", r + 1));
         fx.reset();
         let d = fx.start();
