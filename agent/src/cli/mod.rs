@@ -481,9 +481,8 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
 /// 128 KiB: left dynamic, freeing one large block (a save's list of 100 000 index
 /// entries) raises the trim threshold to twice its size, and the free top of a thread
 /// arena's heap below that is never given back (`malloc_trim` does not trim a thread
-/// arena's top): measured as 14.6 MiB kept 10 s after a 100 000-file save, 0.4 MiB with
-/// fixed thresholds at 30 000 files (`scripts/bench`, scale section). Called before any
-/// thread is started.
+/// arena's top). Measured by `scripts/bench`'s scale section ("RssAnon 10 s after that
+/// save"; bench/results.md). Called before any thread is started.
 fn tune_malloc() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; no thread exists yet.

@@ -98,14 +98,14 @@ fn refreshed_in_parts(
     let mut out = Refreshed::default();
     std::thread::scope(|s| {
         let mut parts = entries.chunks_mut(per_thread.max(1));
-        // The first part on this thread, the others each on a helper of its own (on this
-        // thread too when no thread can be made).
+        // The first part on this thread, the others each on a helper of its own.
         let first = parts.next();
         let mut helpers = Vec::new();
         for part in parts {
             let dir = &dir;
             let work = move || refresh_part(part, dir, &when);
-            // A part whose thread cannot be made is done after the first.
+            // A part whose thread cannot be made keeps its stale stat data: libgit2's
+            // status hashes those files, as it did before the refresh existed.
             helpers.push(
                 std::thread::Builder::new()
                     .name("wsagent-refresh".into())
