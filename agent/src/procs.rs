@@ -17,6 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -262,10 +263,29 @@ pub fn spawn(spec: Spec) -> io::Result<Child> {
     let run_as = spec.run_as.clone();
     let new_group = spec.new_group;
     let ctty = spec.controlling_tty;
-    // SAFETY: the closure only makes async-signal-safe system calls (setsid, setpgid,
-    // ioctl, setgroups, setgid, setuid, sigprocmask) on values prepared before the fork.
+    let oom = child_oom_bytes();
+    // SAFETY: the closure only makes async-signal-safe system calls (open, write, close,
+    // setsid, setpgid, ioctl, setgroups, setgid, setuid, sigprocmask) on values prepared
+    // before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // Before the user's ids are taken: written by root, it is also the floor
+            // the child cannot go below.
+            if let Some((buf, len)) = &oom {
+                let fd = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let n = libc::write(fd, buf.as_ptr().cast(), *len);
+                let err = io::Error::last_os_error();
+                libc::close(fd);
+                if n != *len as isize {
+                    return Err(err);
+                }
+            }
             // Signal handlers are reset by exec, but the mask is inherited: clear it.
             let empty = nix::sys::signal::SigSet::empty();
             let _ = nix::sys::signal::pthread_sigmask(
@@ -318,6 +338,87 @@ pub fn spawn(spec: Spec) -> io::Result<Child> {
     })
 }
 
+/// The kernel's range of `oom_score_adj`.
+const OOM_MIN: i32 = -1000;
+const OOM_MAX: i32 = 1000;
+/// How far below its children the daemon sits (each point is a thousandth of the
+/// memory the OOM killer weighs, the container's limit in a memory cgroup): a save's
+/// memory is bounded, so the daemon is picked only if it held half the limit more than
+/// the largest child.
+const OOM_GAP: i32 = 500;
+/// No `oom_score_adj` is written for a child.
+const OOM_KEEP: i32 = i32::MIN;
+/// The `oom_score_adj` every child is given before it runs (`OOM_KEEP`: none).
+static CHILD_OOM: AtomicI32 = AtomicI32::new(OOM_KEEP);
+
+/// What [`shield_from_oom`] did: the value the daemon was started with, its own now, and
+/// its children's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OomScores {
+    pub inherited: i32,
+    pub daemon: i32,
+    pub children: i32,
+}
+
+/// Make the daemon the last process of the container the OOM killer picks. As PID 1 its
+/// death ends the container and every process in it, so any child is the better
+/// victim. With `CAP_SYS_RESOURCE` the daemon lowers its own `oom_score_adj` by
+/// [`OOM_GAP`] and gives every child the value it was started with (what Kubernetes or
+/// Docker chose for the container); a child running as a user cannot go below it
+/// (the kernel's floor follows the value written with the capability). Without the
+/// capability (Docker's and Kubernetes' default set) the daemon can only raise: every
+/// child is given the inherited value plus the gap, at most 1000.
+pub fn shield_from_oom() -> io::Result<OomScores> {
+    let path = "/proc/self/oom_score_adj";
+    let inherited: i32 = std::fs::read_to_string(path)?
+        .trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
+    let scores = oom_scores(inherited, |v| std::fs::write(path, v.to_string()).is_ok());
+    if scores.children != scores.daemon {
+        CHILD_OOM.store(scores.children, Ordering::Relaxed);
+    }
+    Ok(scores)
+}
+
+/// The decision of [`shield_from_oom`]: `lower(v)` sets the daemon's own value and says
+/// whether the kernel allowed it.
+fn oom_scores(inherited: i32, lower: impl FnOnce(i32) -> bool) -> OomScores {
+    let keep = OomScores {
+        inherited,
+        daemon: inherited,
+        children: inherited,
+    };
+    if inherited <= OOM_MIN {
+        // Already never picked: nothing to order.
+        return keep;
+    }
+    // -1000 would make the daemon unkillable, even if it leaked.
+    let low = (inherited - OOM_GAP).max(OOM_MIN + 1);
+    if low < inherited && lower(low) {
+        return OomScores {
+            daemon: low,
+            ..keep
+        };
+    }
+    OomScores {
+        children: (inherited + OOM_GAP).min(OOM_MAX),
+        ..keep
+    }
+}
+
+/// The child's `oom_score_adj` as the bytes to write, formatted before the fork.
+fn child_oom_bytes() -> Option<([u8; 8], usize)> {
+    let v = CHILD_OOM.load(Ordering::Relaxed);
+    if v == OOM_KEEP {
+        return None;
+    }
+    let text = v.to_string();
+    let mut buf = [0u8; 8];
+    buf[..text.len()].copy_from_slice(text.as_bytes());
+    Some((buf, text.len()))
+}
+
 /// Become a child subreaper so orphans of our descendants are re-parented to us
 /// (only needed when we are not PID 1).
 pub fn become_subreaper() -> io::Result<()> {
@@ -365,6 +466,37 @@ pub fn which(program: &str, path: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The daemon goes 500 below its children: itself when the kernel lets it lower
+    /// its value (never to -1000, which no OOM kill could reach), else the children go
+    /// up, at most to 1000; a daemon already at -1000 changes nothing.
+    #[test]
+    fn the_daemon_sits_below_its_children_for_the_oom_killer() {
+        let s = |inherited, allowed: bool| {
+            let mut asked = None;
+            let r = oom_scores(inherited, |v| {
+                asked = Some(v);
+                allowed
+            });
+            (r.daemon, r.children, asked)
+        };
+        assert_eq!(s(0, true), (-500, 0, Some(-500)));
+        assert_eq!(s(100, true), (-400, 100, Some(-400)));
+        assert_eq!(s(-997, true), (-999, -997, Some(-999)), "Guaranteed QoS");
+        assert_eq!(s(0, false), (0, 500, Some(-500)));
+        assert_eq!(s(999, false), (999, 1000, Some(499)), "Burstable QoS");
+        assert_eq!(
+            s(1000, false),
+            (1000, 1000, Some(500)),
+            "BestEffort: nothing to gain"
+        );
+        assert_eq!(s(-1000, true), (-1000, -1000, None));
+        assert_eq!(
+            s(-999, true),
+            (-999, -499, None),
+            "cannot go lower: children go up"
+        );
+    }
 
     #[test]
     fn signal_names_parse_in_all_spellings() {

@@ -448,6 +448,19 @@ fn run_daemon(config_file: Option<PathBuf>, socket: Option<PathBuf>) -> ExitCode
         &loaded.config.daemon.log_level,
         &loaded.config.state_dir(&home),
     );
+    match crate::procs::shield_from_oom() {
+        Ok(s) if s.daemon < s.children || s.inherited <= -1000 => tracing::info!(
+            inherited = s.inherited,
+            daemon = s.daemon,
+            children = s.children,
+            "oom_score_adj: the OOM killer picks a child before the daemon"
+        ),
+        Ok(s) => tracing::warn!(
+            oom_score_adj = s.daemon,
+            "cannot put the daemon below its children for the OOM killer (no CAP_SYS_RESOURCE and the value is already 1000)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or set oom_score_adj"),
+    }
     // Blocking threads (a save's commits, file reads) end 1 s after their last task
     // instead of tokio's 10 s: an idle daemon holds no thread, and a thread's stack goes
     // back to the kernel when it ends (issue 16, "memory").

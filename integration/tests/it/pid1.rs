@@ -250,3 +250,111 @@ fn usr2_forwarded_and_quit_stops(pid1: bool) {
     );
     assert!(d.stderr().contains("service s: stopped"), "{}", d.stderr());
 }
+
+/// The OOM killer picks a child before the daemon, whose death would end the container.
+/// Without `CAP_SYS_RESOURCE` (Docker's and Kubernetes' default set, and this machine's
+/// root) the daemon cannot go below the value it was started with: every child goes
+/// 500 above it instead. With the capability the daemon goes 500 below and every child
+/// gets that value back; a service running as a user cannot go below it.
+#[test]
+fn the_oom_killer_picks_a_child_before_the_daemon() {
+    if !require_root("services as another user need root") {
+        return;
+    }
+    let adj = |pid: u32| -> i32 {
+        std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // The value the container was started with: 100, set by the wrapper before the exec.
+    let start_at_100 = |drop_cap: bool| -> Vec<String> {
+        let mut w: Vec<String> = Vec::new();
+        if drop_cap {
+            w.extend(["setpriv", "--bounding-set", "-sys_resource"].map(String::from));
+        }
+        w.extend(
+            [
+                "sh",
+                "-c",
+                "echo 100 > /proc/self/oom_score_adj && exec \"$@\"",
+                "sh",
+            ]
+            .map(String::from),
+        );
+        w
+    };
+
+    let ws = Workspace::new();
+    let mut d = Daemon::start_wrapped(
+        &ws,
+        &config("[services.root]\ncommand = [\"sleep\", \"1000\"]\n"),
+        &start_at_100(true),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    assert_eq!(adj(d.pid()), 100, "{}", d.report());
+    let root = d
+        .wait_service("root", |s| s.pid.is_some(), SHORT)
+        .pid
+        .unwrap();
+    assert_eq!(
+        adj(root),
+        600,
+        "without the capability the children go above"
+    );
+    assert!(
+        d.stderr()
+            .contains("oom_score_adj: the OOM killer picks a child before the daemon"),
+        "{}",
+        d.stderr()
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success(), "{}", d.report());
+
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    // CAP_SYS_RESOURCE is capability 24.
+    if eff & (1 << 24) == 0 {
+        eprintln!(
+            "SKIP the daemon lowering itself: this root has no CAP_SYS_RESOURCE (the decision is unit-tested in procs)"
+        );
+        return;
+    }
+    let ws = Workspace::new();
+    let mut d = Daemon::start_wrapped(
+        &ws,
+        &config(
+            r#"
+[services.root]
+command = ["sleep", "1000"]
+
+[services.user]
+user = "nobody"
+shell = "if echo 99 > /proc/self/oom_score_adj 2>/dev/null; then r=lowered; else r=refused; fi; echo \"user: $(cat /proc/self/oom_score_adj) $r\"; exec sleep 1000"
+"#,
+        ),
+        &start_at_100(false),
+    );
+    d.wait_lifecycle(Lifecycle::Ready, SHORT);
+    assert_eq!(adj(d.pid()), -400, "{}", d.report());
+    let root = d
+        .wait_service("root", |s| s.pid.is_some(), SHORT)
+        .pid
+        .unwrap();
+    assert_eq!(adj(root), 100, "a child gets the container's value back");
+    wait_until(SHORT, "the user service's report", || {
+        d.service_log("user").contains("user: ")
+    });
+    assert!(
+        d.service_log("user").contains("user: 100 refused"),
+        "a user's service cannot go below the container's value: {}",
+        d.service_log("user")
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait_exit(SHORT).success(), "{}", d.report());
+}
