@@ -65,6 +65,13 @@ unsafe extern "C" {
         flags: u32,
     ) -> c_int;
     fn git_filter_list_free(filters: *mut c_void);
+    // `sys/config.h`, likewise.
+    fn git_config_backend_from_string(
+        out: *mut *mut libgit2_sys::git_config_backend,
+        cfg: *const c_char,
+        len: usize,
+        opts: *mut c_void,
+    ) -> c_int;
 }
 
 /// libgit2's `GIT_FILTER_TO_ODB`.
@@ -107,17 +114,59 @@ impl<'o, 'r> Staged<'o, 'r> {
     }
 
     /// The blob of the file at `path` (`len` bytes): staged, or streamed straight to
-    /// disk when large.
-    pub fn blob_from_file(&mut self, path: &Path, len: u64) -> Result<Oid, git2::Error> {
+    /// disk when large. `plain`: no attribute or config can apply a filter to it (see
+    /// [`Plain`]), so its bytes are its blob and libgit2's lookup is skipped.
+    pub fn blob_from_file(
+        &mut self,
+        path: &Path,
+        len: u64,
+        plain: bool,
+    ) -> Result<Oid, git2::Error> {
+        let io = |e: std::io::Error| git2::Error::from_str(&format!("{}: {e}", path.display()));
         if len >= LARGE_BLOB {
-            if self.no_filter(path) == Some(true) {
+            if plain || self.no_filter(path) == Some(true) {
                 return write_large_loose(&self.repo.commondir().join("objects"), path, len)
-                    .map_err(|e| git2::Error::from_str(&format!("{}: {e}", path.display())));
+                    .map_err(io);
             }
             return self.direct()?.blob_path(path);
         }
-        let id = self.repo.blob_path(path)?;
+        let id = if plain {
+            // As libgit2 reads it: the bytes there are now, whatever the size said.
+            let bytes = std::fs::read(path).map_err(io)?;
+            self.stage(git2::ObjectType::Blob, &bytes)?
+        } else {
+            self.repo.blob_path(path)?
+        };
         self.bytes += len;
+        Ok(id)
+    }
+
+    /// Stage an object. libgit2's own write (`git_odb_write`) first looks for the object
+    /// in every backend and, not finding it (a new object never is found), rereads the
+    /// pack directory before it looks again: a directory listing per new object, a
+    /// twentieth of a small save's CPU time. Here the look does not reread the directory
+    /// (a pack made by someone else an instant ago only means a copy more), and a new
+    /// object goes straight to the memory backend. One found is written the usual way,
+    /// which freshens its file as git does.
+    fn stage(&mut self, kind: git2::ObjectType, data: &[u8]) -> Result<Oid, git2::Error> {
+        let id = Oid::hash_object(kind, data)?;
+        if self.odb.exists_ext(id, git2::OdbLookupFlags::NO_REFRESH) {
+            return self.odb.write(kind, data);
+        }
+        let backend = self.mem.raw();
+        // SAFETY: the backend is alive (borrowed from the odb for 'o); its `write` is
+        // set by libgit2's mempack constructor.
+        let write = unsafe { (*backend).write }
+            .ok_or_else(|| git2::Error::from_str("the memory backend does not write"))?;
+        // SAFETY: a live backend, a valid id and a buffer of `data.len()` bytes, which the
+        // backend copies.
+        check(write(
+            backend,
+            id.raw(),
+            data.as_ptr().cast(),
+            data.len(),
+            kind.raw(),
+        ))?;
         Ok(id)
     }
 
@@ -185,7 +234,7 @@ impl<'o, 'r> Staged<'o, 'r> {
         }
         let mut buf = git2::Buf::new();
         {
-            let mut pb = self.repo.packbuilder()?;
+            let mut pb = packbuilder_without_deltas(self.repo)?;
             // SAFETY: both pointers are live libgit2 objects owned by `self.mem` and
             // `pb`; the call only inserts the backend's object ids into the builder.
             check(unsafe { git_mempack_write_thin_pack(self.mem.raw().cast(), pb.raw().cast()) })?;
@@ -241,7 +290,174 @@ impl Staged<'_, '_> {
     }
 }
 
-/// The object ids listed by a pack index (version 2).
+/// Which files of a worktree go into their blobs byte for byte, told without asking
+/// libgit2, whose filter lookup for each file (every `.gitattributes` on its way, each
+/// path made canonical with `realpath`) was a fifth of a small save's CPU time. A file
+/// is plain when nothing could give it a filter: no attributes file outside the
+/// worktree (`core.attributesFile` or the user's `~/.config/git/attributes`, the
+/// system's `gitattributes`, the repository's `info/attributes`), no `core.autocrlf`,
+/// and no `.gitattributes` in its directory or any above it, on disk or in the index
+/// (git reads both when it adds a file). Anything else, or anything that cannot be
+/// told, goes through libgit2 as before.
+pub(crate) struct Plain<'i> {
+    workdir: std::path::PathBuf,
+    index: &'i git2::Index,
+    /// Some source outside the worktree could apply a filter to any file.
+    anywhere: bool,
+    /// Directories (relative to the worktree, `""` for its top) that have a
+    /// `.gitattributes`.
+    dirs: std::collections::HashMap<std::path::PathBuf, bool>,
+}
+
+impl<'i> Plain<'i> {
+    pub fn new(repo: &Repository, workdir: &Path, index: &'i git2::Index) -> Plain<'i> {
+        Plain {
+            workdir: workdir.to_path_buf(),
+            index,
+            anywhere: filters_from_outside(repo),
+            dirs: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Whether the file at `full` (in the worktree) is plain.
+    pub fn is_plain(&mut self, full: &Path) -> bool {
+        if self.anywhere {
+            return false;
+        }
+        let Ok(rel) = full.strip_prefix(&self.workdir) else {
+            return false;
+        };
+        let mut dir = rel.parent();
+        while let Some(d) = dir {
+            if self.has_attributes(d) {
+                return false;
+            }
+            dir = d.parent();
+        }
+        true
+    }
+
+    fn has_attributes(&mut self, dir: &Path) -> bool {
+        if let Some(&has) = self.dirs.get(dir) {
+            return has;
+        }
+        let file = dir.join(".gitattributes");
+        let has = match std::fs::symlink_metadata(self.workdir.join(&file)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.index.get_path(&file, 0).is_some()
+            }
+            // There, or cannot be told.
+            _ => true,
+        };
+        self.dirs.insert(dir.to_path_buf(), has);
+        has
+    }
+}
+
+/// Whether a filter could come from outside the worktree (see [`Plain`]).
+fn filters_from_outside(repo: &Repository) -> bool {
+    let Ok(cfg) = repo.config().and_then(|mut c| c.snapshot()) else {
+        return true;
+    };
+    match cfg.get_string("core.autocrlf") {
+        Ok(v)
+            if !matches!(
+                v.to_ascii_lowercase().as_str(),
+                "false" | "no" | "off" | "0"
+            ) =>
+        {
+            return true;
+        }
+        Err(e) if e.code() != git2::ErrorCode::NotFound => return true,
+        _ => {}
+    }
+    let there = |p: &Path| !matches!(std::fs::symlink_metadata(p), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+    match cfg.get_path("core.attributesfile") {
+        Ok(p) if there(&p) => return true,
+        Ok(_) => {}
+        Err(e) if e.code() != git2::ErrorCode::NotFound => return true,
+        // libgit2's default: `attributes` in its XDG directory.
+        Err(_) => {
+            if search_path_has(git2::ConfigLevel::XDG, "attributes", there) {
+                return true;
+            }
+        }
+    }
+    if search_path_has(git2::ConfigLevel::System, "gitattributes", there) {
+        return true;
+    }
+    there(&repo.path().join("info/attributes")) || there(&repo.commondir().join("info/attributes"))
+}
+
+/// Whether `name` is in one of libgit2's search directories of `level` (`None`: cannot
+/// be told, counted as there).
+fn search_path_has(level: git2::ConfigLevel, name: &str, there: impl Fn(&Path) -> bool) -> bool {
+    // SAFETY: reads a process-wide libgit2 setting.
+    let Ok(dirs) = (unsafe { git2::opts::get_search_path(level) }) else {
+        return true;
+    };
+    let dirs = std::ffi::OsStr::from_bytes(dirs.as_bytes());
+    std::env::split_paths(dirs).any(|d| !d.as_os_str().is_empty() && there(&d.join(name)))
+}
+
+/// A pack builder of `repo` that looks for no deltas. A save's new objects are changed
+/// files and their trees, which rarely delta against each other, and the search was
+/// a third of a small save's CPU time (libgit2 tries every object of 50 bytes or more
+/// against the ten before it). libgit2 has no switch for it; its threshold above which
+/// an object is not deltified is read from the repository's config at the builder's
+/// creation (from `pack.deltaCacheSize`, a slip of libgit2's: git's `bigFileThreshold`),
+/// so the builder is made while the repository handle sees a config of one in-memory
+/// entry setting it to 0. The handle's own config is put back at once; the
+/// repository's files are never touched.
+fn packbuilder_without_deltas(repo: &Repository) -> Result<git2::PackBuilder<'_>, git2::Error> {
+    const NO_DELTAS: &str = "[pack]\n\tdeltaCacheSize = 0\n";
+    let own = repo.config()?;
+    let mut raw = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; the new config is owned by `plain` from here on.
+    check(unsafe { libgit2_sys::git_config_new(&mut raw) })?;
+    // SAFETY: `raw` is the live config just made.
+    let plain = unsafe { git2::Config::from_raw(raw) };
+    let mut backend = std::ptr::null_mut();
+    // SAFETY: the text and its length describe a live string; a valid out-pointer.
+    check(unsafe {
+        git_config_backend_from_string(
+            &mut backend,
+            NO_DELTAS.as_ptr().cast(),
+            NO_DELTAS.len(),
+            std::ptr::null_mut(),
+        )
+    })?;
+    // SAFETY: live config, backend and repository; on success the config owns the
+    // backend, on failure it is freed here, through its own free function.
+    let added = unsafe {
+        libgit2_sys::git_config_add_backend(
+            plain.raw(),
+            backend,
+            libgit2_sys::GIT_CONFIG_LEVEL_APP,
+            repo.raw(),
+            0,
+        )
+    };
+    if added < 0 {
+        // SAFETY: the backend was not taken by the config; `free` is set by its
+        // constructor.
+        unsafe {
+            if let Some(free) = (*backend).free {
+                free(backend);
+            }
+        }
+        return Err(git2::Error::last_error(added));
+    }
+    // SAFETY: both configs are live; the repository takes its own reference to each.
+    check(unsafe { libgit2_sys::git_repository_set_config(repo.raw(), plain.raw()) })?;
+    let pb = repo.packbuilder();
+    // SAFETY: as above; this puts back the config the handle had.
+    let back = check(unsafe { libgit2_sys::git_repository_set_config(repo.raw(), own.raw()) });
+    let pb = pb?;
+    back?;
+    Ok(pb)
+}
+
 /// How to deflate bytes like `sample`: zlib's fastest level, or no compression at all
 /// when the sample does not shrink by a tenth (already compressed or random data).
 pub(crate) fn level_for(sample: &[u8]) -> Compression {
@@ -331,6 +547,7 @@ pub(crate) fn write_large_loose(objects: &Path, path: &Path, len: u64) -> std::i
     }
 }
 
+/// The object ids listed by a pack index (version 2).
 fn idx_ids(idx: &[u8]) -> Option<Vec<Oid>> {
     if idx.get(..8)? != b"\xfftOc\0\0\0\x02" {
         return None;
@@ -405,10 +622,12 @@ mod tests {
         let mut tb = repo.treebuilder(None).unwrap();
         for i in 0..20 {
             let p = dir.path().join(format!("f{i}"));
-            let id = staged.blob_from_file(&p, 7).unwrap();
+            let id = staged.blob_from_file(&p, 7, false).unwrap();
             tb.insert(format!("f{i}"), id, 0o100644).unwrap();
         }
-        let same = staged.blob_from_file(&dir.path().join("same"), 13).unwrap();
+        let same = staged
+            .blob_from_file(&dir.path().join("same"), 13, false)
+            .unwrap();
         assert_eq!(same, existing);
         tb.insert("same", same, 0o100644).unwrap();
         let tree = tb.write().unwrap();
@@ -449,6 +668,126 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "file 7\n");
     }
 
+    /// A file is plain only when no `.gitattributes` above it (on disk or in the index),
+    /// no `info/attributes` and no `core.autocrlf` could give it a filter; a plain file's
+    /// blob is what git makes of it.
+    #[test]
+    fn plain_files_are_told_from_every_source_of_attributes() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        let repo = Repository::init(w).unwrap();
+        std::fs::create_dir_all(w.join("a/b")).unwrap();
+        std::fs::create_dir_all(w.join("i")).unwrap();
+        for f in ["top.txt", "a/b/c.txt", "i/d.txt"] {
+            std::fs::write(w.join(f), "crlf\r\nline\r\n").unwrap();
+        }
+        let index = repo.index().unwrap();
+        let plain = |index: &git2::Index, f: &str| Plain::new(&repo, w, index).is_plain(&w.join(f));
+        assert!(plain(&index, "top.txt") && plain(&index, "a/b/c.txt") && plain(&index, "i/d.txt"));
+
+        // The blob of a plain file is git's.
+        let odb = repo.odb().unwrap();
+        let mut staged = Staged::attach(&repo, &odb).unwrap();
+        let id = staged
+            .blob_from_file(&w.join("a/b/c.txt"), 12, true)
+            .unwrap();
+        staged.flush().unwrap();
+        drop(staged);
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(w)
+            .args(["hash-object", "a/b/c.txt"])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id.to_string());
+
+        // On disk, two levels up.
+        std::fs::write(w.join("a/.gitattributes"), "*.txt text eol=lf\n").unwrap();
+        assert!(!plain(&index, "a/b/c.txt"));
+        assert!(plain(&index, "top.txt") && plain(&index, "i/d.txt"));
+        // In the index only (deleted from disk, not yet from the index).
+        let mut index = repo.index().unwrap();
+        let entry = git2::IndexEntry {
+            ctime: git2::IndexTime::new(0, 0),
+            mtime: git2::IndexTime::new(0, 0),
+            dev: 0,
+            ino: 0,
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            file_size: 0,
+            id: Oid::ZERO_SHA1,
+            flags: 0,
+            flags_extended: 0,
+            path: b"i/.gitattributes".to_vec(),
+        };
+        index.add_frombuffer(&entry, b"*.txt text\n").unwrap();
+        assert!(!plain(&index, "i/d.txt"));
+        assert!(plain(&index, "top.txt"));
+        // Outside the worktree: the repository's info/attributes, core.autocrlf.
+        std::fs::create_dir_all(w.join(".git/info")).unwrap();
+        std::fs::write(w.join(".git/info/attributes"), "*.txt text\n").unwrap();
+        assert!(!plain(&index, "top.txt"));
+        std::fs::remove_file(w.join(".git/info/attributes")).unwrap();
+        assert!(plain(&index, "top.txt"));
+        repo.config()
+            .unwrap()
+            .set_str("core.autocrlf", "input")
+            .unwrap();
+        assert!(!plain(&index, "top.txt"));
+        repo.config()
+            .unwrap()
+            .set_bool("core.autocrlf", false)
+            .unwrap();
+        assert!(plain(&index, "top.txt"));
+    }
+
+    /// Similar files, which libgit2 would store as deltas of each other, go into the
+    /// pack whole, and the repository handle keeps its own config.
+    #[test]
+    fn a_flush_looks_for_no_deltas_and_the_handle_keeps_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(dir.path()).unwrap();
+        repo.config().unwrap().set_str("user.name", "Own").unwrap();
+        let page: String = (0..100)
+            .map(|l| format!("line {l} of a long file\n"))
+            .collect();
+        let odb = repo.odb().unwrap();
+        let mut staged = Staged::attach(&repo, &odb).unwrap();
+        staged.unpack_limit = 10;
+        for i in 0..20 {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, format!("{page}only in file {i}\n")).unwrap();
+            let len = std::fs::metadata(&p).unwrap().len();
+            staged.blob_from_file(&p, len, true).unwrap();
+        }
+        assert_eq!(staged.flush().unwrap(), 20);
+        let cfg = repo.config().unwrap().snapshot().unwrap();
+        assert_eq!(cfg.get_string("user.name").unwrap(), "Own");
+        assert!(cfg.get_i64("pack.deltacachesize").is_err());
+        drop(staged);
+
+        let pack = packs(&repo)
+            .into_iter()
+            .find(|f| f.ends_with(".idx"))
+            .unwrap();
+        let out = std::process::Command::new("git")
+            .arg("verify-pack")
+            .arg("-v")
+            .arg(repo.path().join("objects/pack").join(pack))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        // A delta's line names its base: seven fields instead of five.
+        let blobs: Vec<&str> = text.lines().filter(|l| l.contains(" blob ")).collect();
+        assert_eq!(blobs.len(), 20, "{text}");
+        assert!(
+            blobs.iter().all(|l| l.split_whitespace().count() == 5),
+            "no blob is a delta: {text}"
+        );
+    }
+
     #[test]
     fn a_few_objects_are_written_loose_not_as_a_pack_of_their_own() {
         let dir = tempfile::tempdir().unwrap();
@@ -459,7 +798,7 @@ mod tests {
         for i in 0..5 {
             let p = dir.path().join(format!("f{i}"));
             std::fs::write(&p, format!("small {i}\n")).unwrap();
-            ids.push(staged.blob_from_file(&p, 8).unwrap());
+            ids.push(staged.blob_from_file(&p, 8, false).unwrap());
         }
         let mut tb = repo.treebuilder(None).unwrap();
         for (i, id) in ids.iter().enumerate() {
@@ -537,7 +876,7 @@ mod tests {
         let mut staged = Staged::attach(&repo, &odb).unwrap();
         for name in ["random.bin", "text.txt", "crlf.txt"] {
             let id = staged
-                .blob_from_file(&dir.path().join(name), n as u64)
+                .blob_from_file(&dir.path().join(name), n as u64, false)
                 .unwrap();
             assert_eq!(id.to_string(), git(&["hash-object", name]), "{name}");
             assert_eq!(git(&["cat-file", "-t", &id.to_string()]), "blob");
@@ -570,7 +909,7 @@ mod tests {
         std::fs::write(&big, vec![b'x'; LARGE_BLOB as usize]).unwrap();
         let odb = repo.odb().unwrap();
         let mut staged = Staged::attach(&repo, &odb).unwrap();
-        let id = staged.blob_from_file(&big, LARGE_BLOB).unwrap();
+        let id = staged.blob_from_file(&big, LARGE_BLOB, false).unwrap();
         assert_eq!(staged.pending(), 0, "a large blob is not held in memory");
         assert_eq!(loose_count(&repo), 1);
         assert!(repo.find_blob(id).is_ok());
@@ -581,13 +920,13 @@ mod tests {
         for i in 0..4u8 {
             let p = dir.path().join(format!("m{i}"));
             std::fs::write(&p, vec![b'a' + i; 24]).unwrap();
-            staged.blob_from_file(&p, 24).unwrap();
+            staged.blob_from_file(&p, 24, false).unwrap();
             staged.flush_if_full().unwrap();
         }
         assert_eq!(staged.pending(), 4, "under the bound: still staged");
         let p = dir.path().join("m4");
         std::fs::write(&p, vec![b'z'; 24]).unwrap();
-        staged.blob_from_file(&p, 24).unwrap();
+        staged.blob_from_file(&p, 24, false).unwrap();
         staged.flush_if_full().unwrap();
         assert_eq!(staged.pending(), 0, "past the bound: flushed");
         assert_eq!(loose_count(&repo), 1, "only the large blob is loose");

@@ -730,8 +730,19 @@ pub(crate) fn ref_suffixes(
         let Ok(repo) = Repository::open(&f.path) else {
             continue;
         };
-        let Ok((branch, head)) = head_info(&repo) else {
-            continue;
+        // The commit of HEAD names only a detached HEAD's ref: on a branch, reading it
+        // (a pack index mapped and unmapped per repository) is not needed.
+        let on_branch = repo
+            .head()
+            .ok()
+            .filter(|r| r.is_branch())
+            .and_then(|r| r.shorthand().ok().map(str::to_string));
+        let (branch, head) = match on_branch {
+            Some(b) => (Some(b), None),
+            None => match head_info(&repo) {
+                Ok(h) => h,
+                Err(_) => continue,
+            },
         };
         let rebased = rebase_head_name(&repo);
         let branch = branch.or(rebased);

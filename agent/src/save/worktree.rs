@@ -24,7 +24,7 @@ use std::time::SystemTime;
 
 use git2::{IndexEntry, IndexTime, Oid, Repository, Status, StatusOptions};
 
-use super::objects::Staged;
+use super::objects::{Plain, Staged};
 
 const MODE_FILE: u32 = 0o100644;
 const MODE_EXEC: u32 = 0o100755;
@@ -181,6 +181,7 @@ pub(crate) fn worktree_tree(
         entries = index.len(),
         "looked at the worktree"
     );
+    let mut plain = Plain::new(repo, &workdir, &index);
     let mut left_out = Vec::new();
     let mut changed = 0;
     // The paths whose entry differs from the index's.
@@ -206,7 +207,7 @@ pub(crate) fn worktree_tree(
             let full = workdir.join(OsStr::from_bytes(&path));
             let tracked = entries.get(&path).copied();
             touched.push(path.clone());
-            match blob_from_disk(repo, staged, &full, tracked, max_file_size) {
+            match blob_from_disk(repo, staged, &mut plain, &full, tracked, max_file_size) {
                 Ok(Some(entry)) => {
                     entries.insert(path, entry);
                 }
@@ -233,7 +234,14 @@ pub(crate) fn worktree_tree(
 
     for (path, tracked) in present_skip_worktree(&index, &workdir) {
         let full = workdir.join(OsStr::from_bytes(&path));
-        match blob_from_disk(repo, staged, &full, Some(tracked), max_file_size) {
+        match blob_from_disk(
+            repo,
+            staged,
+            &mut plain,
+            &full,
+            Some(tracked),
+            max_file_size,
+        ) {
             Ok(Some(entry)) if entry != tracked => {
                 changed += 1;
                 entries.insert(path.clone(), entry);
@@ -390,6 +398,7 @@ fn short_status(st: Status) -> String {
 fn blob_from_disk(
     repo: &Repository,
     staged: &mut Staged<'_, '_>,
+    plain: &mut Plain<'_>,
     full: &Path,
     tracked: Option<(u32, Oid)>,
     max_file_size: u64,
@@ -430,7 +439,7 @@ fn blob_from_disk(
         ));
     }
     let id = staged
-        .blob_from_file(full, md.len())
+        .blob_from_file(full, md.len(), plain.is_plain(full))
         .map_err(|e| format!("unreadable: {}", e.message()))?;
     let mode = if md.permissions().mode() & 0o111 != 0 {
         MODE_EXEC
@@ -532,5 +541,60 @@ pub(super) mod tests {
         std::fs::write(dir.join("b/c/3"), "unseen").unwrap();
         let blind = look(dir, Some(&[b"top".to_vec()]));
         assert_ne!(blind.tree, look(dir, None).tree);
+    }
+
+    /// Files under a `.gitattributes` or with `core.autocrlf` set get git's filters; the
+    /// others keep their bytes: the look's tree is the one `git add -A` gives.
+    #[test]
+    fn the_tree_is_gits_with_and_without_attributes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        for d in ["sub/deep", "other"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let files = ["top.txt", "sub/a.txt", "sub/deep/b.txt", "other/c.txt"];
+        for f in files {
+            std::fs::write(dir.join(f), "base\n").unwrap();
+        }
+        std::fs::write(dir.join("sub/.gitattributes"), "*.txt text eol=lf\n").unwrap();
+        git(dir, &["init", "-q"]);
+        git(dir, &["add", "-A"]);
+        git(dir, &["commit", "-qm", "base"]);
+        let crlf = "changed\r\nwith crlf\r\n";
+        for f in files.iter().chain(&["new.txt", "sub/deep/new.txt"]) {
+            std::fs::write(dir.join(f), crlf).unwrap();
+        }
+        let gits_tree = |dir: &Path| {
+            git(dir, &["add", "-A"]);
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .arg("write-tree")
+                .output()
+                .unwrap();
+            git(dir, &["reset", "-q"]);
+            Oid::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+        };
+        let ours = look(dir, None).tree;
+        assert_eq!(ours, gits_tree(dir));
+        let repo = Repository::open(dir).unwrap();
+        let blob = |path: &str| {
+            let t = repo.find_tree(ours).unwrap();
+            let id = t.get_path(Path::new(path)).unwrap().id();
+            repo.find_blob(id).unwrap().content().to_vec()
+        };
+        assert_eq!(blob("sub/deep/b.txt"), b"changed\nwith crlf\n", "filtered");
+        assert_eq!(blob("other/c.txt"), crlf.as_bytes(), "kept as it is");
+
+        // core.autocrlf applies everywhere.
+        git(dir, &["config", "core.autocrlf", "input"]);
+        let ours = look(dir, None).tree;
+        assert_eq!(ours, gits_tree(dir));
+        let t = repo.find_tree(ours).unwrap();
+        let id = t.get_path(Path::new("other/c.txt")).unwrap().id();
+        assert_eq!(
+            repo.find_blob(id).unwrap().content(),
+            b"changed\nwith crlf\n"
+        );
     }
 }
