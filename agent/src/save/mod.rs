@@ -292,7 +292,7 @@ async fn save_all_counted(
                 .cloned()
                 .collect::<Vec<_>>(),
         );
-        let suffixes = repo::ref_suffixes(&everyone, &template, &workspace);
+        let suffixes = repo::RefSuffixes::new(everyone, template, workspace);
         (
             found,
             (
@@ -423,6 +423,8 @@ async fn save_all_counted(
         cells: std::sync::Mutex::new(BTreeMap::new()),
     });
     let mut tasks = Vec::new();
+    // Repositories a checkpoint answered for from the dirty set, without opening them.
+    let unopened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut below = futures::future::ready(()).boxed().shared();
     let levels: BTreeSet<usize> = found.iter().map(|f| f.level).collect();
     for level in levels.into_iter().rev() {
@@ -441,6 +443,7 @@ async fn save_all_counted(
             let (journal, dry_run) = (journal.clone(), req.dry_run);
             let low = quiet;
             let dirty_set = dirty_set.clone().filter(|_| !f.bare);
+            let unopened = unopened.clone();
             tasks.push(async move {
                 let _ = tokio::time::timeout_at(deadline, wait).await;
                 // How to look at the worktree: the dirty set may know its tree, or the
@@ -454,11 +457,27 @@ async fn save_all_counted(
                     }
                     None => (quiet::Look::Full, None),
                 };
-                let (path, was_known) = (f.path.clone(), matches!(look, quiet::Look::Known(_)));
-                let mut prepared = commit_one(ctx, f, &commit_slots, deadline, look).await;
-                let _ = tx.send(());
-                let tree = prepared.worktree.take();
-                let mut o = push_one(prepared, &push_slots, &creds, deadline, low).await;
+                let (path, was_known) = (f.path.clone(), matches!(look, quiet::Look::Known(..)));
+                let known = match &look {
+                    quiet::Look::Known(tree, settled) if low => {
+                        repo::known_outcome(&ctx, &f.path, tree, *settled)
+                    }
+                    _ => None,
+                };
+                let (mut o, tree) = match known {
+                    Some(o) => {
+                        let _ = tx.send(());
+                        unopened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        (o, None)
+                    }
+                    None => {
+                        let mut prepared = commit_one(ctx, f, &commit_slots, deadline, look).await;
+                        let _ = tx.send(());
+                        let tree = prepared.worktree.take();
+                        let o = push_one(prepared, &push_slots, &creds, deadline, low).await;
+                        (o, tree)
+                    }
+                };
                 if let Some(q) = &dirty_set {
                     match ticket {
                         Some(t) => q.settle(&path, t, &o, tree),
@@ -511,6 +530,7 @@ async fn save_all_counted(
     outcomes.extend(unsearched);
     tracing::info!(
         repos = outcomes.len(),
+        unopened = unopened.load(std::sync::atomic::Ordering::Relaxed),
         took_ms = started.elapsed().as_millis() as u64,
         "git work saved"
     );

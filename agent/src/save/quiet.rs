@@ -122,6 +122,8 @@ struct Settled {
     /// base's): what [`TRUST_FOR`] counts from.
     full_at: Instant,
     tree: WorktreeTree,
+    /// What that save ended with (clean, unchanged or pushed).
+    result: SaveResult,
 }
 
 /// How a save looks at a repository's worktree ([`Quiet::look`]).
@@ -129,8 +131,9 @@ struct Settled {
 pub enum Look {
     /// Every path (libgit2's status of the whole worktree).
     Full,
-    /// Not at all: its tree is this, as the last settled look found it.
-    Known(WorktreeTree),
+    /// Not at all: its tree is this, as the last settled look found it, and that save
+    /// ended so.
+    Known(WorktreeTree, SaveResult),
     /// Only these paths (files or directories, relative to the worktree): no other path
     /// can differ from the index.
     Only(Vec<Vec<u8>>),
@@ -153,12 +156,12 @@ impl Quiet {
     /// The worktree's tree as the last settled save of the repository at `repo` found
     /// it, when nothing it depends on changed since that save began, it is watched, and
     /// the record is recent.
-    pub fn known(&self, repo: &Path) -> Option<WorktreeTree> {
+    pub fn known(&self, repo: &Path) -> Option<(WorktreeTree, SaveResult)> {
         let st = lock(&self.state);
         let e = st.repos.get(repo)?;
         let s = e.settled.as_ref()?;
         (e.watched && s.from == e.changes && s.full_at.elapsed() < TRUST_FOR)
-            .then(|| s.tree.clone())
+            .then(|| (s.tree.clone(), s.result))
     }
 
     /// For the discovery walk: the repositories found inside the worktree `repo` when
@@ -216,8 +219,8 @@ impl Quiet {
     pub fn look(&self, repo: &Path) -> (Look, Option<Ticket>) {
         // Every change made before this look must be counted first.
         let synced = self.sync();
-        if synced && let Some(k) = self.known(repo) {
-            return (Look::Known(k), None);
+        if synced && let Some((tree, result)) = self.known(repo) {
+            return (Look::Known(tree, result), None);
         }
         let (ticket, changed, prev) = self.begin(repo);
         let only = match (prev, changed.filter(|_| synced)) {
@@ -333,6 +336,7 @@ impl Quiet {
                 from: ticket.0,
                 full_at: ticket.1,
                 tree,
+                result: outcome.result,
             });
         }
     }
@@ -691,7 +695,7 @@ mod tests {
         assert!(q.known(&repo).is_none());
         let t = q.begin(&repo).0;
         q.settle(&repo, t, &settled(&repo), Some(tree()));
-        assert_eq!(q.known(&repo).unwrap().tree, tree().tree);
+        assert_eq!(q.known(&repo).unwrap().0.tree, tree().tree);
 
         // A write deep in the worktree ends it.
         std::fs::write(repo.join("src/deep/a.txt"), "b").unwrap();
@@ -743,7 +747,7 @@ mod tests {
         let mut before = tree();
         before.touched = Some(vec![b"was-dirty".to_vec()]);
         q.settle(&repo, t.unwrap(), &settled(&repo), Some(before.clone()));
-        assert!(matches!(q.look(&repo).0, Look::Known(_)));
+        assert!(matches!(q.look(&repo).0, Look::Known(..)));
 
         std::fs::write(repo.join("a/new"), "n").unwrap();
         wait_until("the write seen", || q.known(&repo).is_none());

@@ -48,12 +48,79 @@ pub(crate) struct Ctx {
     pub dry_run: bool,
     /// Repositories whose snapshot ref would collide with another's on the same remote
     /// (two clones on one branch): a suffix that keeps them apart ([`ref_suffixes`]).
-    pub ref_suffix: BTreeMap<PathBuf, String>,
+    pub ref_suffix: RefSuffixes,
     /// What each repository's saves pushed, per remote ref (the journal): the lease.
     pub last_pushed: BTreeMap<String, BTreeMap<String, Oid>>,
     /// The user who asked (through the local API) for this save of what they named:
     /// the work is done with that user's permissions ([`AsOwner::of_repo`]).
     pub act_as: Option<super::fsids::Ids>,
+}
+
+/// [`ref_suffixes`] of every repository found, worked out when a save first needs one:
+/// a checkpoint that finds every repository known unchanged opens none of them.
+pub(crate) struct RefSuffixes {
+    everyone: Vec<Found>,
+    template: String,
+    workspace: String,
+    map: std::sync::OnceLock<BTreeMap<PathBuf, String>>,
+}
+
+impl RefSuffixes {
+    pub fn new(everyone: Vec<Found>, template: String, workspace: String) -> RefSuffixes {
+        RefSuffixes {
+            everyone,
+            template,
+            workspace,
+            map: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The suffix of the repository at `path` (blocking; called with the daemon's own
+    /// ids: it opens every repository).
+    pub fn of(&self, path: &Path) -> String {
+        self.map
+            .get_or_init(|| ref_suffixes(&self.everyone, &self.template, &self.workspace))
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// A checkpoint's outcome for a repository the dirty set knows unchanged since its last
+/// settled save (`settled`: how that save ended), without opening it. Nothing a look
+/// depends on changed since (the worktree, HEAD, the index, local branches, config), so
+/// it would find this same tree on the same HEAD, and a checkpoint sends nothing for
+/// it. `None` when the journal does not say that save pushed this tree: the repository
+/// is then prepared as usual.
+pub(crate) fn known_outcome(
+    ctx: &Ctx,
+    path: &Path,
+    tree: &WorktreeTree,
+    settled: SaveResult,
+) -> Option<RepoOutcome> {
+    let mut o = super::outcome_base(path, ctx.mode, ctx.reason);
+    o.tree = Some(tree.tree.to_string());
+    o.left_out = tree.left_out.clone();
+    match settled {
+        SaveResult::Clean => {
+            o.result = SaveResult::Clean;
+            Some(o)
+        }
+        SaveResult::Pushed | SaveResult::Unchanged => {
+            let prev = ctx.previous.get(&o.repo)?;
+            if prev.tree != o.tree || !prev.pushed || prev.error.is_some() {
+                return None;
+            }
+            o.result = SaveResult::Unchanged;
+            o.commit = prev.commit.clone();
+            o.r#ref = prev.r#ref.clone();
+            o.remote = prev.remote.clone();
+            o.head = prev.head.clone();
+            o.pushed = true;
+            Some(o)
+        }
+        _ => None,
+    }
 }
 
 /// Errors of the local half of a save.
@@ -217,6 +284,8 @@ fn prepare_inner(
         .as_deref()
         .and_then(|b| get(&format!("branch.{b}.merge")));
     drop(config);
+    // With the daemon's ids: the first to ask opens every repository found.
+    let suffix = ctx.ref_suffix.of(&found.path);
 
     let _owner = AsOwner::of_repo(&repo, ctx.act_as.as_ref());
     _owner.check_reachable(repo.commondir())?;
@@ -238,7 +307,6 @@ fn prepare_inner(
     if head.is_some() && branch.is_none() {
         add_note(outcome, "detached HEAD");
     }
-    let suffix = ctx.ref_suffix.get(&found.path).cloned().unwrap_or_default();
     let extra = match &remote {
         // The branch being rebased is HEAD's work: it is in the snapshot.
         Some((name, _)) => other_unpushed_branches(
@@ -327,7 +395,7 @@ fn prepare_inner(
     let odb = repo.odb().map_err(worktree_err)?;
     let mut staged = Staged::attach(&repo, &odb).map_err(worktree_err)?;
     let wt = match look {
-        Look::Known(known) => known,
+        Look::Known(known, _) => known,
         Look::Only(paths) => worktree_tree(&repo, &mut staged, ctx.max_file_size, Some(&paths))
             .map_err(worktree_err)?,
         Look::Full => {

@@ -621,15 +621,22 @@ fn checkpoints_push_changes_while_running_and_an_idle_interval_sends_nothing() {
     let now = worktree_files(&repo);
     wait_until(SHORT, "a checkpoint to push the work", || on_server(&now));
 
-    // Idle: three more checkpoints find nothing to do and send nothing.
+    // Idle: three more checkpoints find nothing to do and send nothing, and answer
+    // from the dirty set without even opening the repository.
     wait_until(SHORT, "the start's check of the remotes", || {
         d.stderr().contains("checked the remotes")
     });
     server.clear_requests();
     let done = |d: &Daemon| d.stderr().matches("checkpoint done").count();
-    let before = done(&d);
+    let unopened = |d: &Daemon| d.stderr().matches("unopened=1 ").count();
+    let (before, unopened_before) = (done(&d), unopened(&d));
     wait_until(SHORT, "three idle checkpoints", || done(&d) >= before + 3);
     assert_eq!(server.requests().len(), 0, "{:?}", server.requests());
+    assert!(
+        unopened(&d) >= unopened_before + 2,
+        "idle checkpoints open the repository: {}",
+        d.stderr()
+    );
 
     std::fs::write(
         repo.join("later.txt"),
