@@ -270,20 +270,16 @@ pub fn spawn(spec: Spec) -> io::Result<Child> {
     unsafe {
         cmd.pre_exec(move || {
             // Before the user's ids are taken: written by root, it is also the floor
-            // the child cannot go below.
+            // the child cannot go below. Best effort: a service never fails to start
+            // over it (a read-only /proc, say).
             if let Some((buf, len)) = &oom {
                 let fd = libc::open(
                     c"/proc/self/oom_score_adj".as_ptr(),
                     libc::O_WRONLY | libc::O_CLOEXEC,
                 );
-                if fd < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let n = libc::write(fd, buf.as_ptr().cast(), *len);
-                let err = io::Error::last_os_error();
-                libc::close(fd);
-                if n != *len as isize {
-                    return Err(err);
+                if fd >= 0 {
+                    let _ = libc::write(fd, buf.as_ptr().cast(), *len);
+                    libc::close(fd);
                 }
             }
             // Signal handlers are reset by exec, but the mask is inherited: clear it.

@@ -501,6 +501,10 @@ impl SaveFixture {
             integration::wait::wait_until(T_LONG, "a checkpoint after the save", || {
                 checkpoints() > first
             });
+        } else {
+            // As long as the first checkpoint takes to come: the save's own tail (its
+            // threads ending, the events of what it wrote) is not the idle daemon's.
+            std::thread::sleep(Duration::from_secs(10));
         }
         let c0 = cpu_time(d.pid());
         let n0 = checkpoints();
