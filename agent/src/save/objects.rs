@@ -581,8 +581,21 @@ fn pack_error(dir: &Path, e: git2::Error) -> git2::Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// `n` bytes deflate cannot shrink (xorshift64 from `seed`).
+    pub(crate) fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
 
     fn loose_count(repo: &Repository) -> usize {
         let objects = repo.path().join("objects");
@@ -854,16 +867,7 @@ mod tests {
             String::from_utf8(out.stdout).unwrap().trim().to_string()
         };
         let n = LARGE_BLOB as usize + 4321;
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let random: Vec<u8> = (0..n)
-            .map(|_| {
-                // xorshift64: bytes deflate cannot shrink.
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let random = random_bytes(n, 0x2545_F491_4F6C_DD1D);
         let text: Vec<u8> = (0..n).map(|i| b"line of text\r\n"[i % 14]).collect();
         std::fs::write(dir.path().join("random.bin"), &random).unwrap();
         std::fs::write(dir.path().join("text.txt"), &text).unwrap();

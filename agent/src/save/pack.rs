@@ -532,17 +532,9 @@ mod tests {
     /// little they shrink: each stream inflates back to its bytes.
     #[test]
     fn one_deflate_state_makes_every_small_objects_stream() {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let random: Vec<u8> = (0..200_000)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
+        let random = crate::save::objects::tests::random_bytes(200_000, 0x9E37_79B9_7F4A_7C15);
         let text = b"a line of text\n".repeat(5000);
-        let mut z = flate2::Compress::new(Compression::default(), true);
+        let mut z = flate2::Compress::new(Compression::fast(), true);
         for data in [&random[..], &b""[..], &text[..], &random[..7], &text[..]] {
             let mut out = b"head".to_vec();
             deflate_into(&mut z, data, &mut out).unwrap();
