@@ -143,8 +143,8 @@ impl<'o, 'r> Staged<'o, 'r> {
 
     /// Stage an object. libgit2's own write (`git_odb_write`) first looks for the object
     /// in every backend and, not finding it (a new object never is found), rereads the
-    /// pack directory before it looks again: a directory listing per new object, a
-    /// twentieth of a small save's CPU time. Here the look does not reread the directory
+    /// pack directory before it looks again: a directory listing per new object (see the
+    /// session 10 profile in bench/results.md). Here the look does not reread the directory
     /// (a pack made by someone else an instant ago only means a copy more), and a new
     /// object goes straight to the memory backend. One found is written the usual way,
     /// which freshens its file as git does.
@@ -291,8 +291,8 @@ impl Staged<'_, '_> {
 }
 
 /// Which files of a worktree go into their blobs byte for byte, told without asking
-/// libgit2, whose filter lookup for each file (every `.gitattributes` on its way, each
-/// path made canonical with `realpath`) was a fifth of a small save's CPU time. A file
+/// libgit2, whose filter lookup for each file reads every `.gitattributes` on its way
+/// and makes each path canonical with `realpath` (the profile: bench/results.md). A file
 /// is plain when nothing could give it a filter: no attributes file outside the
 /// worktree (`core.attributesFile` or the user's `~/.config/git/attributes`, the
 /// system's `gitattributes`, the repository's `info/attributes`), no `core.autocrlf`,
@@ -389,8 +389,8 @@ fn filters_from_outside(repo: &Repository) -> bool {
     there(&repo.path().join("info/attributes")) || there(&repo.commondir().join("info/attributes"))
 }
 
-/// Whether `name` is in one of libgit2's search directories of `level` (`None`: cannot
-/// be told, counted as there).
+/// Whether `name` is in one of libgit2's search directories of `level` (true when the
+/// directories cannot be told).
 fn search_path_has(level: git2::ConfigLevel, name: &str, there: impl Fn(&Path) -> bool) -> bool {
     // SAFETY: reads a process-wide libgit2 setting.
     let Ok(dirs) = (unsafe { git2::opts::get_search_path(level) }) else {
@@ -401,9 +401,9 @@ fn search_path_has(level: git2::ConfigLevel, name: &str, there: impl Fn(&Path) -
 }
 
 /// A pack builder of `repo` that looks for no deltas. A save's new objects are changed
-/// files and their trees, which rarely delta against each other, and the search was
-/// a third of a small save's CPU time (libgit2 tries every object of 50 bytes or more
-/// against the ten before it). libgit2 has no switch for it; its threshold above which
+/// files and their trees, which rarely delta against each other, and the search tries
+/// every object of 50 bytes or more against the ten before it (the cost: the CPU per
+/// repository row of scripts/bench, bench/results.md). libgit2 has no switch for it; its threshold above which
 /// an object is not deltified is read from the repository's config at the builder's
 /// creation (from `pack.deltaCacheSize`, a slip of libgit2's: git's `bigFileThreshold`),
 /// so the builder is made while the repository handle sees a config of one in-memory

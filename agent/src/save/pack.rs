@@ -149,7 +149,7 @@ pub(crate) struct PackReader {
     large: Option<Large>,
     buf: Vec<u8>,
     /// One deflate state for every small object, reset between them: made anew for each,
-    /// its allocation (a quarter MiB, an mmap and munmap) cost more than deflating it.
+    /// its allocation is an mmap and a munmap per object (glibc's fixed mmap threshold).
     /// zlib's fastest level, as git stores loose objects: a save's pack is a few changed
     /// files, sent once, and the remote stores it as it likes.
     small: flate2::Compress,
