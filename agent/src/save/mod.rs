@@ -24,6 +24,7 @@ pub mod journal;
 mod lease;
 mod objects;
 mod pack;
+mod packfile;
 pub mod quiet;
 mod refresh;
 pub mod remote_check;

@@ -41,6 +41,8 @@ use sha1::{Digest, Sha1};
 
 use git2::{Binding, Mempack, Odb, Oid, Repository};
 
+use super::packfile::PackFile;
+
 /// Above every built-in backend (loose 1, packs 2): writes go to memory.
 const PRIORITY: i32 = 1000;
 /// Blobs from files this large go straight to disk, streamed, as loose objects (and are
@@ -102,10 +104,12 @@ pub(crate) struct Staged<'o, 'r> {
 impl<'o, 'r> Staged<'o, 'r> {
     /// Route `repo`'s object writes through memory. `odb` must be `repo.odb()`.
     pub fn attach(repo: &'r Repository, odb: &'o Odb<'r>) -> Result<Self, git2::Error> {
+        let mem = odb.add_new_mempack_backend(PRIORITY)?;
+        record_writes(mem.raw())?;
         Ok(Staged {
             repo,
             odb,
-            mem: odb.add_new_mempack_backend(PRIORITY)?,
+            mem,
             bytes: 0,
             flush_at: FLUSH_AT,
             unpack_limit: UNPACK_LIMIT,
@@ -232,6 +236,23 @@ impl<'o, 'r> Staged<'o, 'r> {
         if n == 0 {
             return Ok(0);
         }
+        let ids = recorded(self.mem.raw());
+        if ids.len() == n {
+            if n < self.unpack_limit {
+                self.write_loose(&ids)?;
+            } else {
+                self.write_pack(&ids)?;
+            }
+            self.reset()?;
+            return Ok(n);
+        }
+        // Every write to the memory backend is recorded, so this is not expected;
+        // libgit2's pack of them loses nothing.
+        tracing::debug!(
+            staged = n,
+            recorded = ids.len(),
+            "staged objects packed by libgit2"
+        );
         let mut buf = git2::Buf::new();
         {
             let mut pb = packbuilder_without_deltas(self.repo)?;
@@ -239,12 +260,6 @@ impl<'o, 'r> Staged<'o, 'r> {
             // `pb`; the call only inserts the backend's object ids into the builder.
             check(unsafe { git_mempack_write_thin_pack(self.mem.raw().cast(), pb.raw().cast()) })?;
             pb.write_buf(&mut buf)?;
-        }
-        if n < self.unpack_limit {
-            self.write_loose(&buf)?;
-            self.mem.reset()?;
-            self.bytes = 0;
-            return Ok(n);
         }
         let pack_dir = self.repo.commondir().join("objects/pack");
         let mut w = self
@@ -257,36 +272,174 @@ impl<'o, 'r> Staged<'o, 'r> {
         }
         w.commit().map_err(|e| pack_error(&pack_dir, e))?;
         drop(w);
-        self.mem.reset()?;
-        self.bytes = 0;
+        self.reset()?;
         Ok(n)
+    }
+
+    /// Empty the memory backend and what was recorded of it.
+    fn reset(&mut self) -> Result<(), git2::Error> {
+        self.mem.reset()?;
+        forget_writes(self.mem.raw(), true);
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+impl Drop for Staged<'_, '_> {
+    fn drop(&mut self) {
+        forget_writes(self.mem.raw(), false);
     }
 }
 
 impl Staged<'_, '_> {
-    /// Write the objects of `pack` (the staged objects, packed) loose: the pack is
-    /// indexed in a temporary directory for their ids, each is read from memory and
-    /// written through the repository's own (loose) backend.
-    fn write_loose(&mut self, pack: &[u8]) -> Result<(), git2::Error> {
+    /// Write the staged objects `ids` loose through a loose-object backend of the
+    /// repository's object directory (as libgit2 makes its own: default compression,
+    /// `core.fsyncObjectFiles`). None of them is on disk (a staged object never is), so
+    /// the database's write, which looks for each one and rereads the pack directory
+    /// first, is not needed.
+    fn write_loose(&self, ids: &[Oid]) -> Result<(), git2::Error> {
         let objects = self.repo.commondir().join("objects");
-        let io = |e: std::io::Error| pack_error(&objects, git2::Error::from_str(&e.to_string()));
-        let tmp = tempfile::tempdir().map_err(io)?;
-        let mut indexer = git2::Indexer::new(None, tmp.path(), 0o600, false)?;
-        indexer.write_all(pack).map_err(io)?;
-        let name = indexer.commit()?;
-        let idx = std::fs::read(tmp.path().join(format!("pack-{name}.idx"))).map_err(io)?;
-        let ids = idx_ids(&idx).ok_or_else(|| {
-            git2::Error::from_str("the index of the staged objects is not a pack index v2")
-        })?;
-        let odb = self.odb;
-        let direct = self.direct()?.odb()?;
+        let fsync = self.fsync_objects();
+        let dir = CString::new(objects.as_os_str().as_bytes())
+            .map_err(|_| git2::Error::from_str("the objects directory's path has a NUL"))?;
+        let mut raw: *mut libgit2_sys::git_odb_backend = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer and `dir` a C string; the backend made is
+        // freed by `Loose`'s drop.
+        check(unsafe {
+            libgit2_sys::git_odb_backend_loose(&mut raw, dir.as_ptr(), -1, c_int::from(fsync), 0, 0)
+        })
+        .map_err(|e| pack_error(&objects, e))?;
+        let loose = Loose(raw);
+        // SAFETY: a live backend made just above; libgit2's loose backend sets `write`.
+        let write = unsafe { (*loose.0).write }
+            .ok_or_else(|| git2::Error::from_str("the loose backend does not write"))?;
         for id in ids {
-            let obj = odb.read(id)?;
-            direct
-                .write(obj.kind(), obj.data())
-                .map_err(|e| pack_error(&objects, e))?;
+            let obj = self.odb.read(*id)?;
+            let data = obj.data();
+            check(write(
+                loose.0,
+                id.raw(),
+                data.as_ptr().cast(),
+                data.len(),
+                obj.kind().raw(),
+            ))
+            .map_err(|e| pack_error(&objects, e))?;
         }
         Ok(())
+    }
+}
+
+impl Staged<'_, '_> {
+    /// Write the staged objects `ids` as one pack and its index ([`PackFile`]), then
+    /// make the database see the new pack.
+    fn write_pack(&self, ids: &[Oid]) -> Result<(), git2::Error> {
+        let pack_dir = self.repo.commondir().join("objects/pack");
+        let io = |e: std::io::Error| pack_error(&pack_dir, git2::Error::from_str(&e.to_string()));
+        let count = u32::try_from(ids.len())
+            .map_err(|_| git2::Error::from_str("too many objects for one pack"))?;
+        let mut pack = PackFile::new(count);
+        for id in ids {
+            let obj = self.odb.read(*id)?;
+            pack.add(*id, obj.kind(), obj.data()).map_err(io)?;
+        }
+        pack.finish(&pack_dir, self.fsync_objects()).map_err(io)?;
+        self.odb.refresh()
+    }
+
+    /// `core.fsyncObjectFiles`, as libgit2 reads it for its own object writes.
+    fn fsync_objects(&self) -> bool {
+        self.repo
+            .config()
+            .and_then(|c| c.get_bool("core.fsyncObjectFiles"))
+            .unwrap_or(false)
+    }
+}
+
+/// A loose-object backend not added to any database, freed on drop.
+struct Loose(*mut libgit2_sys::git_odb_backend);
+
+impl Drop for Loose {
+    fn drop(&mut self) {
+        // SAFETY: made by git_odb_backend_loose, owned by no database, freed once.
+        if let Some(free) = unsafe { (*self.0).free } {
+            free(self.0);
+        }
+    }
+}
+
+type BackendWrite = extern "C" fn(
+    *mut libgit2_sys::git_odb_backend,
+    *const libgit2_sys::git_oid,
+    *const c_void,
+    usize,
+    libgit2_sys::git_object_t,
+) -> c_int;
+
+/// The memory backend's own write (the same function for every one).
+static MEMPACK_WRITE: std::sync::OnceLock<BackendWrite> = std::sync::OnceLock::new();
+/// The ids written to each live memory backend (by its address) since it was last
+/// emptied: libgit2 lists a memory backend's objects only as a pack.
+static WRITTEN: std::sync::Mutex<std::collections::BTreeMap<usize, Vec<Oid>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn written() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<usize, Vec<Oid>>> {
+    WRITTEN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Make the memory backend `mem` record the id of every object written to it.
+fn record_writes(mem: *mut libgit2_sys::git_odb_backend) -> Result<(), git2::Error> {
+    // SAFETY: a live backend just made by libgit2's mempack constructor, which sets its
+    // `write`; nothing else uses it yet.
+    let own = unsafe { (*mem).write }
+        .ok_or_else(|| git2::Error::from_str("the memory backend does not write"))?;
+    if *MEMPACK_WRITE.get_or_init(|| own) as usize != own as usize {
+        // Not the write known: not recorded (its flushes are packs).
+        return Ok(());
+    }
+    written().insert(mem as usize, Vec::new());
+    // SAFETY: as above; the function set has the same signature and calls `own`.
+    unsafe { (*mem).write = Some(recording_write) };
+    Ok(())
+}
+
+extern "C" fn recording_write(
+    backend: *mut libgit2_sys::git_odb_backend,
+    oid: *const libgit2_sys::git_oid,
+    data: *const c_void,
+    len: usize,
+    kind: libgit2_sys::git_object_t,
+) -> c_int {
+    let Some(own) = MEMPACK_WRITE.get() else {
+        return -1;
+    };
+    let code = own(backend, oid, data, len, kind);
+    if code >= 0 {
+        // SAFETY: libgit2 passes a valid object id.
+        let id = unsafe { Oid::from_raw(oid) };
+        if let Some(ids) = written().get_mut(&(backend as usize)) {
+            ids.push(id);
+        }
+    }
+    code
+}
+
+/// The distinct ids written to `mem` since it was last emptied.
+fn recorded(mem: *mut libgit2_sys::git_odb_backend) -> Vec<Oid> {
+    let mut ids = written().get(&(mem as usize)).cloned().unwrap_or_default();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Forget what `mem` recorded: emptied (`keep`: it goes on recording) or dropped.
+fn forget_writes(mem: *mut libgit2_sys::git_odb_backend, keep: bool) {
+    let mut w = written();
+    if keep {
+        if let Some(ids) = w.get_mut(&(mem as usize)) {
+            ids.clear();
+        }
+    } else {
+        w.remove(&(mem as usize));
     }
 }
 
@@ -547,16 +700,6 @@ pub(crate) fn write_large_loose(objects: &Path, path: &Path, len: u64) -> std::i
     }
 }
 
-/// The object ids listed by a pack index (version 2).
-fn idx_ids(idx: &[u8]) -> Option<Vec<Oid>> {
-    if idx.get(..8)? != b"\xfftOc\0\0\0\x02" {
-        return None;
-    }
-    let n = u32::from_be_bytes(idx.get(8 + 255 * 4..8 + 256 * 4)?.try_into().ok()?) as usize;
-    let ids = idx.get(8 + 1024..8 + 1024 + n * 20)?;
-    ids.chunks(20).map(|c| Oid::from_bytes(c).ok()).collect()
-}
-
 /// An error writing the pack into `dir`, named as the user would: a full disk is
 /// "no space left on device", with the directory.
 fn pack_error(dir: &Path, e: git2::Error) -> git2::Error {
@@ -656,6 +799,11 @@ pub(crate) mod tests {
         let p = packs(&repo);
         assert_eq!(p.len(), 2, "one .pack and its .idx: {p:?}");
         assert!(p.iter().any(|f| f.ends_with(".pack")) && p.iter().any(|f| f.ends_with(".idx")));
+        assert_eq!(
+            repo.find_tree(tree).unwrap().len(),
+            21,
+            "the same handle reads it"
+        );
         drop(staged);
         drop(odb);
         drop(repo);
@@ -824,12 +972,40 @@ pub(crate) mod tests {
         assert_eq!(staged.pending(), 0);
         assert!(packs(&repo).is_empty(), "no pack for six objects");
         assert_eq!(loose_count(&repo), 6);
+
+        // Another repository's staged objects, alive meanwhile, are its own.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Repository::init(other_dir.path()).unwrap();
+        let other_odb = other.odb().unwrap();
+        let mut other_staged = Staged::attach(&other, &other_odb).unwrap();
+        std::fs::write(other_dir.path().join("o"), "other\n").unwrap();
+        other_staged
+            .blob_from_file(&other_dir.path().join("o"), 6, false)
+            .unwrap();
+
+        // A second flush writes what was staged since the first: a blob, and the
+        // commit libgit2 itself wrote.
+        let p = dir.path().join("late");
+        std::fs::write(&p, "late\n").unwrap();
+        staged.blob_from_file(&p, 5, false).unwrap();
+        let sig = git2::Signature::now("t", "t@example.com").unwrap();
+        let commit = repo
+            .commit(None, &sig, &sig, "m", &repo.find_tree(tree).unwrap(), &[])
+            .unwrap();
+        assert_eq!(staged.pending(), 2);
+        assert_eq!(staged.flush().unwrap(), 2);
+        assert_eq!(loose_count(&repo), 8);
+        assert!(packs(&repo).is_empty(), "every write was recorded: no pack");
+        assert_eq!(loose_count(&other), 0, "the other's object stays staged");
+        assert_eq!(other_staged.flush().unwrap(), 1);
+        assert_eq!(loose_count(&other), 1);
+        assert!(packs(&other).is_empty());
         drop(staged);
         drop(odb);
         drop(repo);
         let out = std::process::Command::new("git")
             .args(["-C", &dir.path().display().to_string(), "fsck", "--strict"])
-            .arg(tree.to_string())
+            .arg(commit.to_string())
             .output()
             .unwrap();
         assert!(

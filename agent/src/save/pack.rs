@@ -37,6 +37,7 @@ use git2::{ObjectType, Oid, Repository, Tree};
 use sha1::{Digest, Sha1};
 
 use super::objects::{level_for, read_full};
+use super::packfile::{deflate_into, entry_header};
 
 /// Blobs this large are streamed (and deflated at zlib's fastest level, as git stores
 /// loose objects): the same bound as the save's own streaming of large files.
@@ -316,27 +317,6 @@ impl Read for PackReader {
     }
 }
 
-/// Append the zlib stream of `data` to `out`, with `z` (reset first).
-fn deflate_into(z: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-    z.reset();
-    loop {
-        // Room for the stream of what is left (it hardly ever grows by more than a
-        // tenth) and zlib's framing.
-        let left = data.len() - z.total_in() as usize;
-        out.reserve(left + left / 8 + 64);
-        let done = z
-            .compress_vec(
-                &data[z.total_in() as usize..],
-                out,
-                flate2::FlushCompress::Finish,
-            )
-            .map_err(io::Error::other)?;
-        if done == flate2::Status::StreamEnd {
-            return Ok(());
-        }
-    }
-}
-
 /// The loose object of blob `id` (`size` bytes), positioned after its `blob <size>\0`
 /// header; `None` when it is not loose.
 fn loose_blob(
@@ -370,28 +350,6 @@ fn loose_blob(
         ));
     }
     Ok(Some(src))
-}
-
-/// A pack entry's header: the type and the size, seven bits at a time.
-fn entry_header(w: &mut impl Write, kind: ObjectType, size: usize) -> io::Result<()> {
-    let t: u8 = match kind {
-        ObjectType::Commit => 1,
-        ObjectType::Tree => 2,
-        ObjectType::Blob => 3,
-        ObjectType::Tag => 4,
-        other => return Err(io::Error::other(format!("cannot pack a {other} object"))),
-    };
-    let mut size = size as u64;
-    let mut head = Vec::with_capacity(10);
-    let mut byte = (t << 4) | (size & 0x0f) as u8;
-    size >>= 4;
-    while size > 0 {
-        head.push(byte | 0x80);
-        byte = (size & 0x7f) as u8;
-        size >>= 7;
-    }
-    head.push(byte);
-    w.write_all(&head)
 }
 
 /// Why a pack could not be written.
@@ -526,36 +484,5 @@ mod tests {
             git(&remote, &["cat-file", "-s", "main:a/big.bin"]),
             big.len().to_string()
         );
-    }
-
-    /// One deflate state serves object after object, whatever their size and however
-    /// little they shrink: each stream inflates back to its bytes.
-    #[test]
-    fn one_deflate_state_makes_every_small_objects_stream() {
-        let random = crate::save::objects::tests::random_bytes(200_000, 0x9E37_79B9_7F4A_7C15);
-        let text = b"a line of text\n".repeat(5000);
-        let mut z = flate2::Compress::new(Compression::fast(), true);
-        for data in [&random[..], &b""[..], &text[..], &random[..7], &text[..]] {
-            let mut out = b"head".to_vec();
-            deflate_into(&mut z, data, &mut out).unwrap();
-            assert_eq!(&out[..4], b"head");
-            let mut back = Vec::new();
-            ZlibDecoder::new(&out[4..]).read_to_end(&mut back).unwrap();
-            assert_eq!(back, data);
-        }
-    }
-
-    #[test]
-    fn entry_headers_are_git_varints() {
-        let mut v = Vec::new();
-        entry_header(&mut v, ObjectType::Blob, 15).unwrap();
-        assert_eq!(v, [0x3f]);
-        v.clear();
-        entry_header(&mut v, ObjectType::Commit, 16).unwrap();
-        assert_eq!(v, [0x90, 0x01]);
-        v.clear();
-        entry_header(&mut v, ObjectType::Tree, 500 << 20).unwrap();
-        // 500 MiB = 0x1F400000: the low nibble 0, then 0x1F40000 seven bits at a time.
-        assert_eq!(v, [0xa0, 0x80, 0x80, 0xd0, 0x0f]);
     }
 }

@@ -31,7 +31,7 @@
 //!
 //! Events tell the daemon which paths changed, nothing more: no file is read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -68,6 +68,10 @@ struct Watching {
     watcher: notify::RecommendedWatcher,
     marker: tempfile::TempDir,
     next: u64,
+    /// The roots ever given to the watcher: only those are unwatched before a new
+    /// watch (notify looks through every watch it has to unwatch a path, even one it
+    /// never watched).
+    given: std::collections::HashSet<PathBuf>,
 }
 
 /// How long [`Quiet::sync`] waits for its marker before it gives up (then: a full look).
@@ -87,6 +91,10 @@ impl Default for Quiet {
 #[derive(Default)]
 struct State {
     repos: BTreeMap<PathBuf, Entry>,
+    /// Each watched root and the repositories (keys of `repos`) it belongs to: an
+    /// event finds its repositories through its path's ancestors, not by a pass over
+    /// every repository.
+    by_root: HashMap<PathBuf, Vec<PathBuf>>,
     /// Where the saves' own local refs live (`refs/heads/wip/`): their writes are not
     /// the user's changes.
     own_refs: String,
@@ -293,17 +301,21 @@ impl Quiet {
             let roots = roots_of(repo);
             let ok = roots.as_ref().is_ok_and(|r| self.watch(r));
             let mut st = lock(&self.state);
-            if let Some(e) = st.repos.get_mut(repo) {
+            let moved = st.repos.get_mut(repo).map(|e| {
                 e.watched = ok;
                 e.failed_at = (!ok).then(Instant::now);
-                if let Ok(r) = roots {
-                    e.roots = r;
-                }
                 // What happened before the watch began is not known: look.
                 e.changes += 1;
                 e.paths = None;
                 e.settled = None;
                 e.nested = None;
+                match roots {
+                    Ok(r) => (std::mem::replace(&mut e.roots, r), e.roots.clone()),
+                    Err(_) => (Vec::new(), e.roots.clone()),
+                }
+            });
+            if let Some((old, new)) = moved {
+                st.index_roots(repo, &old, &new);
             }
             if !ok {
                 tracing::debug!(repo = %repo.display(), "not watched: every save looks at it");
@@ -360,12 +372,14 @@ impl Quiet {
                 }
             }
         }
-        let Some(Watching { watcher, .. }) = w.as_mut() else {
+        let Some(Watching { watcher, given, .. }) = w.as_mut() else {
             return false;
         };
         for r in roots {
             // A root watched before (then deleted, or lost to an overflow) is watched anew.
-            let _ = watcher.unwatch(r);
+            if !given.insert(r.clone()) {
+                let _ = watcher.unwatch(r);
+            }
             if let Err(e) = watcher.watch(r, RecursiveMode::Recursive) {
                 tracing::debug!(path = %r.display(), error = %e, "cannot watch");
                 let _ = watcher.unwatch(r);
@@ -412,6 +426,7 @@ impl Quiet {
             watcher,
             marker,
             next: 0,
+            given: Default::default(),
         })
     }
 }
@@ -530,6 +545,39 @@ fn note_path(e: &mut Entry, path: &Path, gitdirs: &[PathBuf]) {
     }
 }
 
+impl State {
+    /// Move `repo` from the roots `old` to the roots `new` in [`State::by_root`].
+    fn index_roots(&mut self, repo: &Path, old: &[PathBuf], new: &[PathBuf]) {
+        for r in old {
+            if let Some(keys) = self.by_root.get_mut(r) {
+                keys.retain(|k| k != repo);
+                if keys.is_empty() {
+                    self.by_root.remove(r);
+                }
+            }
+        }
+        for r in new {
+            let keys = self.by_root.entry(r.clone()).or_default();
+            if !keys.iter().any(|k| k == repo) {
+                keys.push(repo.to_path_buf());
+            }
+        }
+    }
+
+    /// The repositories one of whose roots is `paths`' own or an ancestor's.
+    fn repos_under(&self, paths: &[PathBuf]) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = Vec::new();
+        for a in paths.iter().flat_map(|p| p.ancestors()) {
+            for k in self.by_root.get(a).into_iter().flatten() {
+                if !found.contains(k) {
+                    found.push(k.clone());
+                }
+            }
+        }
+        found
+    }
+}
+
 fn on_event(state: &Mutex<State>, synced: &Condvar, ev: notify::Result<notify::Event>) {
     let mut st = lock(state);
     let ev = match ev {
@@ -562,7 +610,10 @@ fn on_event(state: &Mutex<State>, synced: &Condvar, ev: notify::Result<notify::E
         return;
     }
     let own_refs = std::mem::take(&mut st.own_refs);
-    for e in st.repos.values_mut() {
+    for key in st.repos_under(&ev.paths) {
+        let Some(e) = st.repos.get_mut(&key) else {
+            continue;
+        };
         let gitdirs: Vec<&Path> = e.roots.iter().skip(1).map(PathBuf::as_path).collect();
         let hit = ev.paths.iter().any(|p| {
             e.roots.iter().any(|r| p.starts_with(r)) && path_matters(p, &gitdirs, &own_refs)
@@ -636,6 +687,31 @@ mod tests {
             &outside,
             ""
         ));
+    }
+
+    #[test]
+    fn an_event_reaches_every_repository_whose_root_holds_it_and_no_other() {
+        let mut st = State::default();
+        let pb = |s: &str| PathBuf::from(s);
+        let (outer, inner) = (Path::new("/w/a"), Path::new("/w/a/sub"));
+        st.index_roots(outer, &[], &[pb("/w/a"), pb("/g/a")]);
+        st.index_roots(inner, &[], &[pb("/w/a/sub")]);
+        st.index_roots(Path::new("/w/ab"), &[], &[pb("/w/ab")]);
+        let under = |st: &State, p: &str| st.repos_under(&[pb(p)]);
+        assert_eq!(under(&st, "/w/a/sub/x/y"), [pb("/w/a/sub"), pb("/w/a")]);
+        assert_eq!(under(&st, "/g/a/HEAD"), [pb("/w/a")]);
+        assert_eq!(under(&st, "/w/a"), [pb("/w/a")], "the root itself");
+        assert!(under(&st, "/w/b/x").is_empty());
+        assert!(under(&st, "/g").is_empty(), "a root's parent is not in it");
+        // Watched anew without its outside git directory.
+        st.index_roots(outer, &[pb("/w/a"), pb("/g/a")], &[pb("/w/a")]);
+        assert!(under(&st, "/g/a/HEAD").is_empty());
+        assert!(!st.by_root.contains_key(Path::new("/g/a")));
+        assert_eq!(
+            st.repos_under(&[pb("/w/ab/f"), pb("/w/a/f")]),
+            [pb("/w/ab"), pb("/w/a")],
+            "a rename's two paths"
+        );
     }
 
     #[test]
