@@ -126,6 +126,12 @@ impl Fixture {
     fn reset(&self) {
         restore(&self.tpl.join("projects"), &self.ws.home().join("projects"));
         restore(&self.tpl.join("gitclone"), &self.ws.path().join("gitclone"));
+        self.reset_server();
+    }
+
+    /// The server's repositories and the daemon's state as the template has them; the
+    /// two clones are left for [`Fixture::restore_again`].
+    fn reset_server(&self) {
         restore(&self.tpl.join("srv"), &self.ws.path().join("srv"));
         let state = self.ws.state_dir();
         let _ = std::fs::remove_dir_all(&state);
@@ -428,11 +434,9 @@ fn memory_at(s: &Settings, rows: &mut Vec<Row>, files: usize) {
     );
     let (mut w, mut wp, mut g, mut gp) = Default::default();
     let (mut idle, mut after) = (Stats::default(), Stats::default());
-    // 300 000 files take minutes a run (mostly restoring the templates).
-    let runs = if files > 100_000 { 1 } else { s.runs.min(3) };
-    for r in 0..runs {
+    for r in 0..s.runs.min(3) {
         note(format!("memory run {}", r + 1));
-        fx.reset();
+        fx.reset_server();
         fx.restore_again("projects");
         let d = fx.start();
         std::thread::sleep(Duration::from_secs(2));
@@ -443,6 +447,10 @@ fn memory_at(s: &Settings, rows: &mut Vec<Row>, files: usize) {
         idle.push(before);
         after.push(rss_anon(d.pid()) - before);
         stop(d);
+        // As old as wsagent's copy was at its save (restored, then the daemon's start
+        // and 2 s).
+        fx.restore_again("gitclone");
+        std::thread::sleep(Duration::from_secs(2));
         let (t, p) = fx.git_save(s);
         Stats::push(&mut g, t);
         Stats::push(&mut gp, p);
@@ -531,6 +539,87 @@ fn large(s: &Settings, rows: &mut Vec<Row>) {
             .baseline("git (largest process)", gp)
             .target("≤ 64 MiB", format!("{} MiB", num(pm)), pm <= 64.0),
     );
+    large_at_once(rows, mb);
+}
+
+/// Four repositories, each with a new random file of a quarter of `mb`, saved at once
+/// (`save.parallelism` 8, the default, so all four at the same time): the daemon's peak.
+fn large_at_once(rows: &mut Vec<Row>, mb: u64) {
+    const N: usize = 4;
+    let each = (mb / N as u64).max(1);
+    note(format!(
+        "scale: {N} new {each} MiB files in {N} repositories at once"
+    ));
+    let ws = workspace();
+    let server = GitServer::start(ws.path().join("srv"), TOKEN).expect("git server");
+    let mut users = Vec::new();
+    for i in 0..N {
+        let name = format!("large{i}");
+        let bare = server.create_bare(&format!("{name}.git")).expect("bare");
+        history(&bare, 10, 20, 100);
+        let user = ws.home().join("projects").join(&name);
+        sh(Command::new("git")
+            .args(["clone", "-q"])
+            .arg(&bare)
+            .arg(&user));
+        git(
+            &user,
+            &[
+                "remote",
+                "set-url",
+                "origin",
+                &server.url(&format!("{name}.git")),
+            ],
+        );
+        sh(Command::new("dd")
+            .arg("if=/dev/urandom")
+            .arg(format!("of={}", user.join("big.bin").display()))
+            .args(["bs=1M", &format!("count={each}"), "status=none"]));
+        git(&user, &["status", "--porcelain"]);
+        users.push((bare, user));
+    }
+    cache_token(&ws.home());
+    sh(&mut Command::new("sync"));
+    let cfg = format!(
+        "{NO_DEFAULTS}\n{}\n[save]\ncheckpoint = \"off\"\nparallelism = 8\nmax_file_size = {}\n[shutdown]\nbudget = \"10m\"\n",
+        provider_for(&server),
+        (each + 100) << 20
+    );
+    let mut d = Daemon::start(&ws, &cfg);
+    d.wait_lifecycle(Lifecycle::Ready, T_LONG);
+    let out = ws
+        .command(integration::wsagent_bin())
+        .arg("save")
+        .output()
+        .expect("wsagent save");
+    assert!(
+        out.status.success(),
+        "wsagent save failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.report()
+    );
+    let mut peak = Stats::default();
+    peak.push(mib(d.pid(), "VmHWM"));
+    stop(d);
+    for (bare, user) in &users {
+        assert_eq!(
+            git(bare, &["rev-parse", &format!("{SNAP_REF}:big.bin")]),
+            git(user, &["hash-object", "big.bin"]),
+            "{} was not saved whole",
+            user.display()
+        );
+    }
+    let pm = peak.median();
+    rows.push(
+        Row::new(
+            format!(
+                "save, {N} repositories with a new {each} MiB random file each, at once: peak RSS"
+            ),
+            "MiB",
+            peak,
+        )
+        .target("≤ 64 MiB", format!("{} MiB", num(pm)), pm <= 64.0),
+    );
 }
 
 /// (packs, loose objects) of a repository, from `git count-objects -v`.
@@ -555,6 +644,10 @@ fn packs(s: &Settings, rows: &mut Vec<Row>) {
     note(format!("scale: {n} saves of one change each"));
     let fx = Fixture::build("health", |bare| history(bare, 10, 20, 100), |_| {});
     fx.reset();
+    let (status_before, log_before) = (
+        timed_runs(&fx.user(), &["status", "--porcelain"]),
+        timed_runs(&fx.user(), &["log", "--oneline"]),
+    );
     let d = fx.start();
     let t = Instant::now();
     for i in 0..n {
@@ -569,6 +662,10 @@ fn packs(s: &Settings, rows: &mut Vec<Row>) {
         git(&fx.gitclone(), &["commit", "-q", "-a", "-m", "edit"]);
     }
     let git_each = t.elapsed().as_secs_f64() / n as f64;
+    let (status_after, log_after) = (
+        timed_runs(&fx.user(), &["status", "--porcelain"]),
+        timed_runs(&fx.user(), &["log", "--oneline"]),
+    );
     let (wp, wl) = object_counts(&fx.user());
     let (gp, gl) = object_counts(&fx.gitclone());
     let fsck = Command::new("git")
@@ -599,6 +696,36 @@ fn packs(s: &Settings, rows: &mut Vec<Row>) {
             wp <= gp + 1 && fsck.status.success(),
         ),
     );
+    for (what, before, after) in [
+        ("git status", status_before, status_after),
+        ("git log", log_before, log_after),
+    ] {
+        let ratio = after.median() / before.median();
+        rows.push(
+            Row::new(
+                format!("… the user's `{what}` after those saves"),
+                "ms",
+                after,
+            )
+            .baseline("the same before them", before)
+            .target(
+                "≤ 1.2× before",
+                format!("{}× before", num(ratio)),
+                ratio <= 1.2,
+            ),
+        );
+    }
+}
+
+/// Eleven runs of a git command in `dir`: milliseconds each.
+fn timed_runs(dir: &Path, args: &[&str]) -> Stats {
+    let mut st = Stats::default();
+    for _ in 0..11 {
+        let t = Instant::now();
+        git(dir, args);
+        st.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    st
 }
 
 /// Remove a scratch directory, trying again while something still writes into it;
