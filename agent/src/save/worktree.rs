@@ -4,9 +4,12 @@
 //!
 //! The tree starts from the index entries (so unmodified tracked files cost nothing),
 //! then every path the status reports as changed, untracked or conflicted is read from
-//! disk into a blob; deleted ones are dropped. The result goes through an in-memory
-//! [`git2::Index`] that is never written. Paths are bytes end to end, so non-UTF-8 file
-//! names are saved exactly.
+//! disk into a blob; deleted ones are dropped. Only the changed paths are looked up in
+//! the index, and the tree is written from the repository's index itself with those
+//! entries changed in memory (its cached trees stand for every untouched directory),
+//! then put back; it is never written to disk. With conflicts, every entry goes into a
+//! fresh in-memory [`git2::Index`] instead. Paths are bytes end to end, so non-UTF-8
+//! file names are saved exactly.
 //!
 //! Entries marked skip-worktree (a sparse checkout's files outside its cone, or
 //! `git update-index --skip-worktree`) are not on disk on purpose: libgit2's status
@@ -36,23 +39,39 @@ const SKIP_WORKTREE: u16 = 1 << 14;
 /// The paths of the index's skip-worktree entries that are not on disk (under
 /// `workdir`): those keep their index version.
 pub(crate) fn skip_worktree_paths(index: &git2::Index, workdir: &Path) -> BTreeSet<Vec<u8>> {
-    index
-        .iter()
-        .filter(|e| e.flags_extended & SKIP_WORKTREE != 0)
-        .map(|e| e.path)
-        .filter(|p| std::fs::symlink_metadata(workdir.join(OsStr::from_bytes(p))).is_err())
-        .collect()
+    sparse_entries(index, workdir).0
 }
 
 /// The index's skip-worktree entries that are on disk anyway, with their index
 /// (mode, id): libgit2's status never looks at them.
 fn present_skip_worktree(index: &git2::Index, workdir: &Path) -> Vec<(Vec<u8>, (u32, Oid))> {
-    index
-        .iter()
-        .filter(|e| e.flags_extended & SKIP_WORKTREE != 0 && (e.flags >> 12) & 0x3 == 0)
-        .filter(|e| std::fs::symlink_metadata(workdir.join(OsStr::from_bytes(&e.path))).is_ok())
-        .map(|e| (e.path, (e.mode, e.id)))
-        .collect()
+    sparse_entries(index, workdir).1
+}
+
+/// Both at once, in one pass over the index: (the skip-worktree paths not on disk,
+/// the stage-0 skip-worktree entries on disk anyway).
+type Sparse = (BTreeSet<Vec<u8>>, Vec<(Vec<u8>, (u32, Oid))>);
+fn sparse_entries(index: &git2::Index, workdir: &Path) -> Sparse {
+    let (mut absent, mut present) = (BTreeSet::new(), Vec::new());
+    for e in index.iter() {
+        if e.flags_extended & SKIP_WORKTREE == 0 {
+            continue;
+        }
+        if std::fs::symlink_metadata(workdir.join(OsStr::from_bytes(&e.path))).is_err() {
+            absent.insert(e.path);
+        } else if (e.flags >> 12) & 0x3 == 0 {
+            present.push((e.path, (e.mode, e.id)));
+        }
+    }
+    (absent, present)
+}
+
+/// The (mode, id) `index` has for `path`: its stage 0, else its first conflict stage.
+fn tracked_in(index: &git2::Index, path: &[u8]) -> Option<(u32, Oid)> {
+    let p = Path::new(OsStr::from_bytes(path));
+    (0..=3)
+        .find_map(|stage| index.get_path(p, stage))
+        .map(|e| (e.mode, e.id))
 }
 
 /// Mark `paths` skip-worktree again in `index` (after `read_tree`, which drops the
@@ -122,22 +141,20 @@ pub(crate) fn worktree_tree(
         .workdir()
         .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?
         .to_path_buf();
-    let mut entries: BTreeMap<Vec<u8>, (u32, Oid)> = BTreeMap::new();
-    // Read-only use of the repository's index: it is never written here (its tree goes
-    // to the object database through `staged`, like every object of a save).
+    // What differs from the index: each path's new (mode, id), `None` when it is gone.
+    // Everything else is the index's; its entries are looked up one by one, never
+    // copied out whole (a look at a few paths of a big repository costs those paths).
+    let mut updates: BTreeMap<Vec<u8>, Option<(u32, Oid)>> = BTreeMap::new();
+    // The repository's index, never written here (its tree goes to the object database
+    // through `staged`, like every object of a save); changed in memory only below,
+    // and put back.
     let mut index = repo.index()?;
-    let skipped = skip_worktree_paths(&index, &workdir);
+    let (skipped, present) = sparse_entries(&index, &workdir);
     let index_tree = if index.has_conflicts() {
         None
     } else {
         index.write_tree_to(repo).ok()
     };
-    for e in index.iter() {
-        let stage = (e.flags >> 12) & 0x3;
-        if stage == 0 || !entries.contains_key(&e.path) {
-            entries.insert(e.path.clone(), (e.mode, e.id));
-        }
-    }
 
     let mut opts = StatusOptions::new();
     opts.include_untracked(true)
@@ -205,34 +222,26 @@ pub(crate) fn worktree_tree(
         if st.intersects(from_disk) {
             changed += 1;
             let full = workdir.join(OsStr::from_bytes(&path));
-            let tracked = entries.get(&path).copied();
+            let tracked = tracked_in(&index, &path);
             touched.push(path.clone());
             match blob_from_disk(repo, staged, &mut plain, &full, tracked, max_file_size) {
-                Ok(Some(entry)) => {
-                    entries.insert(path, entry);
+                Ok(entry) => {
+                    updates.insert(path, entry);
                 }
-                Ok(None) => {
-                    entries.remove(&path);
-                }
-                Err(why) => {
-                    left_out.push(format!("{}: {why}", String::from_utf8_lossy(&path)));
-                    // A tracked file keeps its last staged version; an untracked one
-                    // is left out.
-                    if tracked.is_none() {
-                        entries.remove(&path);
-                    }
-                }
+                // A tracked file keeps its last staged version; an untracked one is
+                // left out.
+                Err(why) => left_out.push(format!("{}: {why}", String::from_utf8_lossy(&path))),
             }
             // Bounded memory: big batches of new content reach the disk as they grow.
             staged.flush_if_full()?;
         } else if st.contains(Status::WT_DELETED) {
             changed += 1;
-            entries.remove(&path);
+            updates.insert(path.clone(), None);
             touched.push(path);
         }
     }
 
-    for (path, tracked) in present_skip_worktree(&index, &workdir) {
+    for (path, tracked) in present {
         let full = workdir.join(OsStr::from_bytes(&path));
         match blob_from_disk(
             repo,
@@ -244,7 +253,7 @@ pub(crate) fn worktree_tree(
         ) {
             Ok(Some(entry)) if entry != tracked => {
                 changed += 1;
-                entries.insert(path.clone(), entry);
+                updates.insert(path.clone(), Some(entry));
                 touched.push(path);
             }
             Ok(_) => {}
@@ -267,34 +276,49 @@ pub(crate) fn worktree_tree(
             touched: kept(&touched),
         });
     }
-    // A few changes in a big repository: a copy of the index with just those entries
+    // Changes on an index without conflicts: the index itself with just those entries
     // changed keeps its cached trees for every untouched directory, so only the changed
-    // directories' trees are written (as `git write-tree` after `git add` does).
-    if index_tree.is_some()
-        && let Ok(mut copy) = git2::Index::open(&repo.path().join("index"))
-    {
-        for path in &touched {
-            match entries.get(path) {
-                Some((mode, id)) => copy.add(&entry(path.clone(), *mode, *id))?,
-                None => {
-                    let _ = copy.remove_path(Path::new(OsStr::from_bytes(path)));
-                }
+    // directories' trees are written (as `git write-tree` after `git add` does); then
+    // its entries are put back as they were. A new path that meets an entry as file
+    // against directory makes libgit2 drop that entry: it is gone from the disk too, so
+    // it is among the updates (removed anyway), and putting the old entries back drops
+    // the new path in turn.
+    let tree = if index_tree.is_some() {
+        let before: Vec<(&Vec<u8>, Option<IndexEntry>)> = updates
+            .keys()
+            .map(|p| (p, index.get_path(Path::new(OsStr::from_bytes(p)), 0)))
+            .collect();
+        let tree = apply(&mut index, &updates).and_then(|()| index.write_tree_to(repo));
+        for (path, old) in before {
+            let p = Path::new(OsStr::from_bytes(path));
+            match old {
+                Some(e) => index.add(&e)?,
+                None if index.get_path(p, 0).is_some() => index.remove_path(p)?,
+                None => {}
             }
         }
-        let tree = copy.write_tree_to(repo)?;
-        return Ok(WorktreeTree {
-            tree,
-            left_out,
-            changed,
-            index_tree,
-            touched: kept(&touched),
-        });
-    }
-    let mut mem = git2::Index::new()?;
-    for (path, (mode, id)) in entries {
-        mem.add(&entry(path, mode, id))?;
-    }
-    let tree = mem.write_tree_to(repo)?;
+        tree?
+    } else {
+        // Conflicts (or a file against a directory): every entry into a fresh index.
+        let mut entries: BTreeMap<Vec<u8>, (u32, Oid)> = BTreeMap::new();
+        for e in index.iter() {
+            let stage = (e.flags >> 12) & 0x3;
+            if stage == 0 || !entries.contains_key(&e.path) {
+                entries.insert(e.path, (e.mode, e.id));
+            }
+        }
+        for (path, new) in updates {
+            match new {
+                Some(e) => entries.insert(path, e),
+                None => entries.remove(&path),
+            };
+        }
+        let mut mem = git2::Index::new()?;
+        for (path, (mode, id)) in entries {
+            mem.add(&entry(path, mode, id))?;
+        }
+        mem.write_tree_to(repo)?
+    };
     Ok(WorktreeTree {
         tree,
         left_out,
@@ -302,6 +326,22 @@ pub(crate) fn worktree_tree(
         index_tree,
         touched: kept(&touched),
     })
+}
+
+/// Put `updates` into `index`: each path's new entry, or none.
+fn apply(
+    index: &mut git2::Index,
+    updates: &BTreeMap<Vec<u8>, Option<(u32, Oid)>>,
+) -> Result<(), git2::Error> {
+    for (path, new) in updates {
+        let p = Path::new(OsStr::from_bytes(path));
+        match new {
+            Some((mode, id)) => index.add(&entry(path.clone(), *mode, *id))?,
+            None if index.get_path(p, 0).is_some() => index.remove_path(p)?,
+            None => {}
+        }
+    }
+    Ok(())
 }
 
 /// An index entry for a tree only: no stat data.
@@ -595,6 +635,94 @@ pub(super) mod tests {
         assert_eq!(
             repo.find_blob(id).unwrap().content(),
             b"changed\nwith crlf\n"
+        );
+    }
+
+    /// The tree is written from the repository's own index with the changed entries
+    /// changed in memory: whatever changed (a file edited, deleted or new, a file that
+    /// became a directory, a directory that became a file), the tree is `git add -A`'s,
+    /// and afterwards the handle's index holds exactly the entries of the index file.
+    #[test]
+    fn the_index_changed_for_the_tree_is_put_back_even_across_a_file_and_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("repo");
+        for d in ["d", "keep", "other"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        for f in ["f", "d/x", "d/y", "keep/k", "keep/gone", "other/o"] {
+            std::fs::write(dir.join(f), f).unwrap();
+        }
+        git(&dir, &["init", "-q"]);
+        git(&dir, &["add", "-A"]);
+        git(&dir, &["commit", "-qm", "base"]);
+        // libgit2 marks every entry it adds up to date (`GIT_INDEX_ENTRY_UPTODATE`, in
+        // memory only: it spares the entry the racy-clean check when the index is
+        // written, and is never written itself).
+        const UPTODATE: u16 = 1 << 2;
+        type Entry = (Vec<u8>, u32, Oid, u16, u16, u32, (i32, u32));
+        let entries = |index: &git2::Index| -> Vec<Entry> {
+            index
+                .iter()
+                .map(|e| {
+                    let mtime = (e.mtime.seconds(), e.mtime.nanoseconds());
+                    let flags = e.flags_extended & !UPTODATE;
+                    (e.path, e.mode, e.id, e.flags, flags, e.file_size, mtime)
+                })
+                .collect()
+        };
+        let gits_tree = |name: &str| {
+            let copy = tmp.path().join(name);
+            let out = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&dir)
+                .arg(&copy)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            git(&copy, &["add", "-A"]);
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(&copy)
+                .arg("write-tree")
+                .output()
+                .unwrap();
+            Oid::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+        };
+        let check = |round: &str, only: &[&str]| {
+            let want = gits_tree(round);
+            let only: Vec<Vec<u8>> = only.iter().map(|p| p.as_bytes().to_vec()).collect();
+            for only in [None, Some(&only[..])] {
+                let repo = Repository::open(&dir).unwrap();
+                let odb = repo.odb().unwrap();
+                let mut staged = Staged::attach(&repo, &odb).unwrap();
+                let wt = worktree_tree(&repo, &mut staged, u64::MAX, only).unwrap();
+                staged.flush().unwrap();
+                assert_eq!(wt.tree, want, "{round}, only {only:?}: not git's tree");
+                let on_disk = git2::Index::open(&dir.join(".git/index")).unwrap();
+                assert_eq!(
+                    entries(&repo.index().unwrap()),
+                    entries(&on_disk),
+                    "{round}, only {only:?}: the index in memory was not put back"
+                );
+                assert_ne!(wt.index_tree, Some(wt.tree), "{round}: the index's tree");
+            }
+        };
+
+        // Edited, deleted and new files under kept directories.
+        std::fs::write(dir.join("keep/k"), "edited").unwrap();
+        std::fs::remove_file(dir.join("keep/gone")).unwrap();
+        std::fs::write(dir.join("keep/new"), "new").unwrap();
+        check("in place", &["keep/k", "keep/gone", "keep/new"]);
+
+        // A file turned into a directory and a directory into a file.
+        std::fs::remove_file(dir.join("f")).unwrap();
+        std::fs::create_dir(dir.join("f")).unwrap();
+        std::fs::write(dir.join("f/inner"), "inner").unwrap();
+        std::fs::remove_dir_all(dir.join("d")).unwrap();
+        std::fs::write(dir.join("d"), "now a file").unwrap();
+        check(
+            "file and directory",
+            &["keep/k", "keep/gone", "keep/new", "f", "d"],
         );
     }
 }

@@ -475,8 +475,9 @@ impl SaveFixture {
 
     /// The daemon's CPU over `window` while it checkpoints every `every` (or, `"off"`,
     /// not at all) a workspace whose repositories are all saved and untouched: (% of one
-    /// core, its `RssAnon` MiB and `Pss` MiB at the end, checkpoints that ran).
-    fn idle_checkpoints(&self, every: &str, window: Duration) -> (f64, f64, f64, usize) {
+    /// core, its `RssAnon` MiB and `Pss` MiB at the end, checkpoints that ran, its
+    /// `RssAnon` MiB before the save).
+    fn idle_checkpoints(&self, every: &str, window: Duration) -> (f64, f64, f64, usize, f64) {
         self.reset();
         let cfg = format!(
             "{NO_DEFAULTS}\n{}\n[save]\ncheckpoint = \"{every}\"\n",
@@ -487,6 +488,8 @@ impl SaveFixture {
         let debug = ["env".to_string(), "WSAGENT_LOG_LEVEL=debug".to_string()];
         let mut d = Daemon::start_wrapped(&self.ws, &cfg, &debug);
         d.wait_lifecycle(Lifecycle::Ready, T_LONG);
+        std::thread::sleep(Duration::from_secs(2));
+        let before = vm_kib(d.pid(), "RssAnon").unwrap_or(0) as f64 / 1024.0;
         let out = self
             .ws
             .command(integration::wsagent_bin())
@@ -522,6 +525,7 @@ impl SaveFixture {
             anon,
             pss,
             ran,
+            before,
         )
     }
 
@@ -689,9 +693,9 @@ fn stop_save(s: &Settings, rows: &mut Vec<Row>) -> Curve {
             fx.server.set_latency(Duration::ZERO);
             let window = Duration::from_secs(if s.quick { 20 } else { 60 });
             note(format!("idle checkpoints: {n} repositories, {window:?}"));
-            let (pct, anon, pss, ran) = fx.idle_checkpoints("10s", window);
+            let (pct, anon, pss, ran, before) = fx.idle_checkpoints("10s", window);
             // The same workspace with checkpoints off: what the daemon costs between them.
-            let (off, _, _, _) = fx.idle_checkpoints("off", window);
+            let (off, _, _, _, _) = fx.idle_checkpoints("off", window);
             // One checkpoint's CPU, and the hour at the default interval (10 min): the
             // background plus six checkpoints.
             let each = (pct - off).max(0.0) / 100.0 * window.as_secs_f64() / ran.max(1) as f64;
@@ -708,11 +712,12 @@ fn stop_save(s: &Settings, rows: &mut Vec<Row>) -> Curve {
                 .target(
                     "≤ 0.1 % of a core at the default 10 min",
                     format!(
-                        "{}% ({} ms a checkpoint, {}% with checkpoints off); RssAnon {} MiB, Pss {} MiB",
+                        "{}% ({} ms a checkpoint, {}% with checkpoints off); RssAnon {} MiB ({} MiB before the save), Pss {} MiB",
                         num(hourly),
                         num(each * 1000.0),
                         num(off),
                         num(anon),
+                        num(before),
                         num(pss)
                     ),
                     hourly <= 0.1,
@@ -1546,7 +1551,7 @@ fn run_all(out: &Path, svg: &Path) {
 
 const NOTES: &str = "## How each figure is measured\n\n\
 - **stop-save**: N repositories under `~/projects`, each with 50 modified and 50 new files, restored from a template before every run, pushed to the harness's smart-HTTP git server (token auth; the latency switch delays every HTTP request). wsagent: a fresh release daemon, then the wall time of `wsagent save` (what Coder's shutdown_script runs; the snapshot refs are checked on the server). Shell loop: `bench/shutdown-loop.sh` (serial `git add -A; git commit; set-url with token; git push; set-url back`). Bare push: `git push` of the same work already committed (N = 1). 200 repositories: wsagent only (the shell loop would take minutes a run), against the default 25 s stop budget. *CPU per repository*: the daemon's CPU time (user + system, `/proc/PID/stat`) during the save, divided by N.\n\
-- **idle with checkpoints**: the 50-repository workspace after one `wsagent save` (all pushed, the dirty set watching them), nothing changing, `save.checkpoint = \"10s\"`; after the first checkpoint, the daemon's CPU time over the window (each checkpoint counted from its `checkpoint done` line: this daemon logs at level debug), and its `RssAnon` and `Pss` at the end. Then the same with `save.checkpoint = \"off\"` (the daemon between checkpoints). The target is judged at the default interval (10 min): the CPU with checkpoints off plus six checkpoints an hour, each costing the difference over the window divided by the checkpoints that ran.\n\
+- **idle with checkpoints**: the 50-repository workspace after one `wsagent save` (all pushed, the dirty set watching them), nothing changing, `save.checkpoint = \"10s\"`; after the first checkpoint, the daemon's CPU time over the window (each checkpoint counted from its `checkpoint done` line: this daemon logs at level debug), and its `RssAnon` and `Pss` at the end (beside its `RssAnon` 2 s after it was ready, before the save). Then the same with `save.checkpoint = \"off\"` (the daemon between checkpoints). The target is judged at the default interval (10 min): the CPU with checkpoints off plus six checkpoints an hour, each costing the difference over the window divided by the checkpoints that ran.\n\
 - **idle memory**: `RssAnon` (anonymous resident memory: heap, stacks; what no other process shares) of the supervisor process itself (log level `info`, the default), the larger of two samples 3 s and 8 s after its three `sleep infinity` services are up, idle (tini: `tini -g -- sh -c 'sleep infinity & … wait'`; supervisord: three `[program:]`s; both sampled 3 s after start). Beside it, wsagent's `Pss` (`/proc/PID/smaps_rollup`: its share of every page it maps, the binary's pages included) and, where the bench can make a memory cgroup for it, that cgroup's usage (`memory.current`, or v1's `memory.usage_in_bytes`), which also counts page cache it caused. Nothing is trimmed or unmapped to lower these figures.\n\
 - **binary size**: the binary measured everywhere in this table: what `scripts/build-static` builds (the one the images ship), stripped.\n\
 - **exec → ready**: from spawning `wsagent run` to its `lifecycle ready` log line, three `sleep infinity` services without health checks (healthy once running). tini: from spawn to the `ready` line of the shell that started the same three sleeps; the target is wsagent's time minus tini's.\n\
