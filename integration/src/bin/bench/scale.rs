@@ -74,19 +74,7 @@ impl Fixture {
         fill(&bare);
         let user = ws.home().join("projects").join(name);
         std::fs::create_dir_all(user.parent().unwrap()).unwrap();
-        sh(Command::new("git")
-            .args(["clone", "-q"])
-            .arg(&bare)
-            .arg(&user));
-        git(
-            &user,
-            &[
-                "remote",
-                "set-url",
-                "origin",
-                &server.url(&format!("{name}.git")),
-            ],
-        );
+        clone_from(&server, &bare, &user, name);
         change(&user);
         // The index's stat data fresh, as in a workspace in use.
         git(&user, &["status", "--porcelain"]);
@@ -248,6 +236,32 @@ impl Fixture {
             "wsagent's snapshot and git's commit differ"
         );
     }
+}
+
+/// The user's clone of the server's `<name>.git` (`bare`) at `user`, its origin the
+/// server's URL.
+fn clone_from(server: &GitServer, bare: &Path, user: &Path, name: &str) {
+    sh(Command::new("git")
+        .args(["clone", "-q"])
+        .arg(bare)
+        .arg(user));
+    git(
+        user,
+        &[
+            "remote",
+            "set-url",
+            "origin",
+            &server.url(&format!("{name}.git")),
+        ],
+    );
+}
+
+/// A file of `mib` MiB of random bytes.
+fn random_file(path: &Path, mib: u64) {
+    sh(Command::new("dd")
+        .arg("if=/dev/urandom")
+        .arg(format!("of={}", path.display()))
+        .args(["bs=1M", &format!("count={mib}"), "status=none"]));
 }
 
 /// Commits made by `git fast-import` into `bare`: `commits` commits on main over
@@ -502,10 +516,7 @@ fn large(s: &Settings, rows: &mut Vec<Row>) {
         "large",
         |bare| history(bare, 10, 20, 100),
         |dir| {
-            sh(Command::new("dd")
-                .arg("if=/dev/urandom")
-                .arg(format!("of={}", dir.join("big.bin").display()))
-                .args(["bs=1M", &format!("count={mb}"), "status=none"]));
+            random_file(&dir.join("big.bin"), mb);
         },
     );
     // git takes about a minute for 500 MiB here: more than the default stop budget
@@ -558,23 +569,8 @@ fn large_at_once(rows: &mut Vec<Row>, mb: u64) {
         let bare = server.create_bare(&format!("{name}.git")).expect("bare");
         history(&bare, 10, 20, 100);
         let user = ws.home().join("projects").join(&name);
-        sh(Command::new("git")
-            .args(["clone", "-q"])
-            .arg(&bare)
-            .arg(&user));
-        git(
-            &user,
-            &[
-                "remote",
-                "set-url",
-                "origin",
-                &server.url(&format!("{name}.git")),
-            ],
-        );
-        sh(Command::new("dd")
-            .arg("if=/dev/urandom")
-            .arg(format!("of={}", user.join("big.bin").display()))
-            .args(["bs=1M", &format!("count={each}"), "status=none"]));
+        clone_from(&server, &bare, &user, &name);
+        random_file(&user.join("big.bin"), each);
         git(&user, &["status", "--porcelain"]);
         users.push((bare, user));
     }
@@ -717,10 +713,11 @@ fn packs(s: &Settings, rows: &mut Vec<Row>) {
     }
 }
 
-/// Eleven runs of a git command in `dir`: milliseconds each.
+/// Thirty-one runs of a git command in `dir`: milliseconds each (commands of a few
+/// milliseconds: the median of many).
 fn timed_runs(dir: &Path, args: &[&str]) -> Stats {
     let mut st = Stats::default();
-    for _ in 0..11 {
+    for _ in 0..31 {
         let t = Instant::now();
         git(dir, args);
         st.push(t.elapsed().as_secs_f64() * 1000.0);
