@@ -299,7 +299,8 @@ pub(crate) fn worktree_tree(
         }
         tree?
     } else {
-        // Conflicts (or a file against a directory): every entry into a fresh index.
+        // Conflicts (or an index whose tree could not be written): every entry into a
+        // fresh index.
         let mut entries: BTreeMap<Vec<u8>, (u32, Oid)> = BTreeMap::new();
         for e in index.iter() {
             let stage = (e.flags >> 12) & 0x3;
