@@ -42,14 +42,9 @@ pub(crate) fn skip_worktree_paths(index: &git2::Index, workdir: &Path) -> BTreeS
     sparse_entries(index, workdir).0
 }
 
-/// The index's skip-worktree entries that are on disk anyway, with their index
-/// (mode, id): libgit2's status never looks at them.
-fn present_skip_worktree(index: &git2::Index, workdir: &Path) -> Vec<(Vec<u8>, (u32, Oid))> {
-    sparse_entries(index, workdir).1
-}
-
-/// Both at once, in one pass over the index: (the skip-worktree paths not on disk,
-/// the stage-0 skip-worktree entries on disk anyway).
+/// In one pass over the index: (the skip-worktree paths not on disk, which keep their
+/// index version; the stage-0 skip-worktree entries on disk anyway, with their index
+/// (mode, id), which libgit2's status never looks at).
 type Sparse = (BTreeSet<Vec<u8>>, Vec<(Vec<u8>, (u32, Oid))>);
 fn sparse_entries(index: &git2::Index, workdir: &Path) -> Sparse {
     let (mut absent, mut present) = (BTreeSet::new(), Vec::new());
@@ -376,9 +371,9 @@ pub fn pending_changes(repo: &Repository) -> Result<Vec<String>, git2::Error> {
         .workdir()
         .ok_or_else(|| git2::Error::from_str("bare repository has no worktree"))?;
     let index = repo.index()?;
-    let skipped = skip_worktree_paths(&index, workdir);
+    let (skipped, present) = sparse_entries(&index, workdir);
     // Skip-worktree files on disk anyway: changed when their bytes differ (not written).
-    let mut out: Vec<String> = present_skip_worktree(&index, workdir)
+    let mut out: Vec<String> = present
         .into_iter()
         .filter(|(path, (_, id))| {
             let full = workdir.join(OsStr::from_bytes(path));
